@@ -1,0 +1,16 @@
+"""gft_kernels: fused, memory-lean kernels for the Group Fine-Tuning (GFT) loss.
+
+Public API (see DESIGN §2)::
+
+    from gft_kernels import (gft_loss, fused_linear_gft_loss, group_advantages,
+                             GFTLoss, FusedLinearGFTLoss, GFTStats)
+"""
+
+from gft_kernels.advantages import group_advantages
+from gft_kernels.loss import gft_loss
+from gft_kernels.modules import GFTLoss
+from gft_kernels.stats import GFTStats
+
+__version__ = "0.1.0"
+
+__all__ = ["gft_loss", "group_advantages", "GFTLoss", "GFTStats", "__version__"]

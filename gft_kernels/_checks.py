@@ -1,0 +1,134 @@
+"""Argument checks shared by every public entry point.
+
+Every check runs once, in Python, before any kernel launches, and raises a ValueError or
+TypeError naming the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+    "sum",
+    "none",
+)
+SEQ_MODES = ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(
+    name: str, value: object, dims: Sequence[int], dtypes: Sequence[torch.dtype] = FLOAT_DTYPES
+) -> torch.Tensor:
+    value = check_tensor(name, value)
+    if value.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name}: expected a {want} tensor, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        want = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {want}, got {value.dtype}")
+    return value
+
+
+def check_nonempty(name: str, value: torch.Tensor, what: str) -> None:
+    if value.numel() == 0:
+        raise ValueError(f"{name}: expected at least one {what}, got shape {tuple(value.shape)}")
+
+
+def check_scalar(
+    name: str, value: object, *, minimum: float, inclusive: bool, allow_inf: bool = False
+) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name}: expected a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if value < minimum or (value == minimum and not inclusive):
+        bound = f">= {minimum}" if inclusive else f"> {minimum}"
+        raise ValueError(f"{name}: expected a value {bound}, got {value}")
+    return value
+
+
+def check_mode(loss_agg_mode: object, token_dims: int) -> str:
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(
+            f"loss_agg_mode: expected one of {', '.join(LOSS_AGG_MODES)}, got {loss_agg_mode!r}"
+        )
+    if loss_agg_mode in SEQ_MODES and token_dims != 2:
+        raise ValueError(
+            f"loss_agg_mode: {loss_agg_mode!r} needs (B, T)-shaped tokens (3-D logits or "
+            f"hidden), got {token_dims}-D targets; use 'token-mean' or reshape to (B, T, ...)"
+        )
+    return loss_agg_mode
+
+
+def check_token_inputs(
+    targets: object,
+    advantages: object,
+    mask: Optional[object],
+    token_shape: torch.Size,
+    vocab_size: int,
+    ignore_index: int,
+    device: torch.device,
+) -> None:
+    """Check targets/advantages/mask against the leading (token) shape of the input."""
+    targets = check_tensor("targets", targets)
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"targets: expected an integer tensor (int64), got {targets.dtype}")
+    if tuple(targets.shape) != tuple(token_shape):
+        raise ValueError(
+            f"targets: expected shape {tuple(token_shape)} (the leading dims of the input), "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.device != device:
+        raise ValueError(f"targets: expected device {device}, got {targets.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        value = targets[bad].flatten()[0].item()
+        raise ValueError(
+            f"targets: expected values in [0, {vocab_size}) or ignore_index={ignore_index}, "
+            f"got {value}"
+        )
+
+    advantages = check_tensor("advantages", advantages)
+    if not advantages.dtype.is_floating_point:
+        raise TypeError(f"advantages: expected a floating tensor, got {advantages.dtype}")
+    per_seq = len(token_shape) == 2 and tuple(advantages.shape) == (token_shape[0],)
+    if not per_seq and tuple(advantages.shape) != tuple(token_shape):
+        want = f"({token_shape[0]},) or {tuple(token_shape)}" if len(token_shape) == 2 else (
+            f"{tuple(token_shape)}"
+        )
+        raise ValueError(f"advantages: expected shape {want}, got {tuple(advantages.shape)}")
+    if advantages.device != device:
+        raise ValueError(f"advantages: expected device {device}, got {advantages.device}")
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages: expected finite values, got NaN or inf")
+
+    if mask is not None:
+        mask = check_tensor("mask", mask)
+        if tuple(mask.shape) != tuple(token_shape):
+            raise ValueError(
+                f"mask: expected shape {tuple(token_shape)}, got {tuple(mask.shape)}"
+            )
+        if mask.device != device:
+            raise ValueError(f"mask: expected device {device}, got {mask.device}")
+        if mask.dtype.is_floating_point and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask: expected 0/1 values, got other values")

@@ -1,0 +1,53 @@
+"""``nn.Module`` wrappers that hold the loss keywords."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from gft_kernels.loss import gft_loss
+
+
+class GFTLoss(nn.Module):
+    """Module form of :func:`gft_kernels.gft_loss`; keywords are fixed at construction.
+
+    ``forward(logits, targets, advantages, mask=None, **overrides)`` accepts the same
+    per-call keywords (e.g. ``num_tokens``) to override the stored ones.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float = 0.1,
+        temperature: float = 1.0,
+        loss_agg_mode: str = "token-mean",
+        ignore_index: int = -100,
+        return_stats: bool = False,
+        backend: str = "auto",
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(
+            tau=tau,
+            temperature=temperature,
+            loss_agg_mode=loss_agg_mode,
+            ignore_index=ignore_index,
+            return_stats=return_stats,
+            backend=backend,
+            inplace_backward=inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        **overrides: Any,
+    ):
+        return gft_loss(logits, targets, advantages, mask, **{**self.kwargs, **overrides})

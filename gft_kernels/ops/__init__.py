@@ -1,0 +1,1 @@
+"""Triton kernels. Importing this package imports triton; import it lazily."""

@@ -1,0 +1,175 @@
+"""Triton row kernels of the GFT loss: one chunked pass over the vocabulary each way.
+
+Forward (:func:`row_stats`): one streaming pass per row keeps an online max and rescales
+three accumulators on every new max: the exp-sum at temperature T, the exp-sum at
+temperature 1 (the DCR probability is read from the raw logits) and, when asked, the
+entropy numerator ``sum e * (x - max_x)``. Only O(rows) statistics leave the kernel.
+
+Backward (:func:`row_grad`): one read of the row and one write of
+``coef * (softmax(z / T) - onehot(y))``. Rows whose coefficient is 0 (masked, zero
+advantage, rectified to 0) only write zeros and never read the logits.
+
+Both kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# A block covers 16 KiB of fp32 per program step on GPU; the interpreter on CPU runs
+# blocks as numpy arrays and is fastest with the same size.
+MAX_BLOCK_V = 4096
+
+
+def block_size_for(n_cols: int, max_block: int = MAX_BLOCK_V) -> int:
+    return min(triton.next_power_of_2(max(n_cols, 1)), max_block)
+
+
+def _num_warps(block_v: int) -> int:
+    return 16 if block_v >= 4096 else (8 if block_v >= 1024 else 4)
+
+
+@triton.jit
+def _row_stats_kernel(
+    logits_ptr,
+    stride_row,
+    lse_t_ptr,
+    lse_1_ptr,
+    entropy_ptr,
+    n_cols,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    row_max = -float("inf")
+    sum_1 = 0.0
+    sum_t = 0.0
+    ent_acc = 0.0  # sum e_t * (x - max_x), x = z / T
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        z = tl.load(row_ptr + offs, mask=offs < n_cols, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(z, axis=0))
+        # Shift by 0 while everything seen is -inf so that exp() gives 0, not NaN.
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        rescale_1 = tl.exp(row_max - shift)
+        delta_t = (row_max - shift) * inv_temperature
+        rescale_t = tl.exp(delta_t)
+        e_1 = tl.exp(z - shift)
+        x = (z - shift) * inv_temperature
+        e_t = tl.exp(x)
+        if WITH_ENTROPY:
+            # U' = r * (U + delta * S) re-centres the entropy numerator on the new max;
+            # with no finite value seen yet S = 0 and delta is -inf, so the term is 0.
+            carried = tl.where(sum_t > 0.0, ent_acc + delta_t * sum_t, 0.0)
+            ent_acc = rescale_t * carried + tl.sum(tl.where(e_t > 0.0, e_t * x, 0.0), axis=0)
+        sum_1 = sum_1 * rescale_1 + tl.sum(e_1, axis=0)
+        sum_t = sum_t * rescale_t + tl.sum(e_t, axis=0)
+        row_max = new_max
+    shift = tl.where(row_max == -float("inf"), 0.0, row_max)
+    log_sum_t = tl.log(sum_t)
+    tl.store(lse_t_ptr + row, shift * inv_temperature + log_sum_t)
+    tl.store(lse_1_ptr + row, shift + tl.log(sum_1))
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, log_sum_t - ent_acc / sum_t)
+
+
+@triton.jit
+def _row_grad_kernel(
+    logits_ptr,
+    stride_row,
+    grad_ptr,
+    stride_grad_row,
+    targets_ptr,
+    lse_t_ptr,
+    coef_ptr,
+    n_cols,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    grad_row_ptr = grad_ptr + row * stride_grad_row
+    cols = tl.arange(0, BLOCK_V)
+    coef = tl.load(coef_ptr + row).to(tl.float32)
+    if coef == 0.0:
+        zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + cols
+            tl.store(grad_row_ptr + offs, zeros.to(grad_ptr.dtype.element_ty), mask=offs < n_cols)
+    else:
+        target = tl.load(targets_ptr + row)
+        lse_t = tl.load(lse_t_ptr + row).to(tl.float32)
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + cols
+            valid = offs < n_cols
+            z = tl.load(row_ptr + offs, mask=valid, other=-float("inf")).to(tl.float32)
+            g = coef * tl.exp(z * inv_temperature - lse_t)
+            g = tl.where(offs == target, g - coef, g)
+            tl.store(grad_row_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+def row_stats(
+    logits: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    block_v: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Row statistics of ``(N, V)`` logits (last dim contiguous): fp32 ``(N,)`` each.
+
+    Returns ``(lse_t, lse_1, entropy)``; ``entropy`` is None unless requested.
+    """
+    n_rows, n_cols = logits.shape
+    block = block_v or block_size_for(n_cols)
+    lse_t = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse_1 = torch.empty_like(lse_t)
+    entropy = torch.empty_like(lse_t) if with_entropy else None
+    if n_rows:
+        _row_stats_kernel[(n_rows,)](
+            logits,
+            logits.stride(0),
+            lse_t,
+            lse_1,
+            entropy if with_entropy else lse_t,
+            n_cols,
+            1.0 / temperature,
+            BLOCK_V=block,
+            WITH_ENTROPY=with_entropy,
+            num_warps=_num_warps(block),
+        )
+    return lse_t, lse_1, entropy
+
+
+def row_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse_t: torch.Tensor,
+    coef: torch.Tensor,
+    temperature: float,
+    out: torch.Tensor,
+    block_v: Optional[int] = None,
+) -> torch.Tensor:
+    """Write ``coef * (softmax(z / T) - onehot(targets))`` into ``out`` (may alias logits)."""
+    n_rows, n_cols = logits.shape
+    block = block_v or block_size_for(n_cols)
+    if n_rows:
+        _row_grad_kernel[(n_rows,)](
+            logits,
+            logits.stride(0),
+            out,
+            out.stride(0),
+            targets,
+            lse_t,
+            coef.to(torch.float32),
+            n_cols,
+            1.0 / temperature,
+            BLOCK_V=block,
+            num_warps=_num_warps(block),
+        )
+    return out
