@@ -73,7 +73,8 @@ def check_mode(loss_agg_mode: object, token_dims: int) -> str:
     if loss_agg_mode in SEQ_MODES and token_dims != 2:
         raise ValueError(
             f"loss_agg_mode: {loss_agg_mode!r} needs (B, T)-shaped tokens (3-D logits or "
-            f"hidden), got {token_dims}-D targets; use 'token-mean' or reshape to (B, T, ...)"
+            f"hidden), got {token_dims + 1}-D input ({token_dims}-D targets); use 'token-mean' "
+            "or reshape to (B, T, ...)"
         )
     return loss_agg_mode
 

@@ -1,0 +1,542 @@
+// Native CPU row kernels of the GFT loss (backend="cpu").
+//
+// The same two primitives as gft_kernels/cpu/torch_rows.py (the portable spec):
+//
+//   row_stats(logits (N, V), T, with_entropy) -> (lse_t, lse_1, entropy)
+//       lse_t = logsumexp(z / T), lse_1 = logsumexp(z), entropy of softmax(z / T).
+//   row_grad(logits (N, V), targets (N,), lse_t (N,), coef (N,), T, out (N, V)) -> out
+//       out = coef * (softmax(z / T) - onehot(targets)); out may alias logits.
+//
+// Design:
+// * Rows are split across threads with at::parallel_for (honours torch.set_num_threads).
+// * row_stats streams each row once, in L1-sized blocks: a max pass over the block, then an
+//   exp pass over the same (now cache-hot) block. When the running max grows, the three
+//   per-row accumulators (exp-sum at T, exp-sum at 1, entropy numerator) are rescaled once
+//   per block instead of once per element.
+// * row_grad reads and writes each row once; rows with coef == 0 are only zero-filled.
+// * fp32 / bf16 / fp16 inputs accumulate in fp32 within a block and in fp64 across blocks;
+//   fp64 inputs use a scalar fp64 path (gradcheck).
+// * The vector path is AVX2+FMA+F16C, compiled through function target attributes and
+//   chosen at run time, so the shared object never needs -march=native and still runs on
+//   CPUs without AVX2 (scalar path). ATen's Vectorized<float> is not used for exp because in
+//   an extension build (no CPU_CAPABILITY macro) it falls back to a per-element std::exp.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define GFT_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#define GFT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define GFT_HAVE_AVX2_PATH 0
+#endif
+
+namespace {
+
+// Elements per block of row_stats: 2048 fp32 = 8 KiB (plus an 8 KiB conversion buffer for
+// 16-bit inputs) stays in L1 between the max pass and the exp pass.
+constexpr int64_t kBlock = 2048;
+
+// Below this many elements per thread the OpenMP fork costs more than it saves.
+constexpr int64_t kMinElementsPerTask = 32768;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+std::atomic<bool> g_simd_enabled{true};
+
+bool cpu_has_avx2() {
+#if GFT_HAVE_AVX2_PATH
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool use_avx2() { return g_simd_enabled.load(std::memory_order_relaxed) && cpu_has_avx2(); }
+
+int64_t grain_rows(int64_t n_cols) {
+  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(n_cols, 1));
+}
+
+// ---------------------------------------------------------------------------------------
+// Scalar path: fp64 inputs, and every dtype on CPUs without AVX2 (or when disabled).
+// ---------------------------------------------------------------------------------------
+
+// Compute type of the scalar path: fp64 stays fp64, reduced precision computes in fp32.
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+void stats_row_scalar(const T* z, int64_t n_cols, double inv_t, bool with_entropy,
+                      compute_t<T>* lse_t, compute_t<T>* lse_1, compute_t<T>* entropy) {
+  using C = compute_t<T>;
+  C row_max = -std::numeric_limits<C>::infinity();
+  for (int64_t v = 0; v < n_cols; ++v) {
+    const C x = static_cast<C>(z[v]);
+    if (x > row_max) row_max = x;  // NaN never wins; it still poisons the sums below.
+  }
+  // A row with no finite max is shifted by 0 so that exp(-inf) stays 0 instead of NaN.
+  const C shift = std::isfinite(row_max) ? row_max : C(0);
+  const C inv = static_cast<C>(inv_t);
+  // Sums in fp64: this path is sequential, so fp32 sums over ~1e5 terms would drift.
+  double sum_t = 0.0, sum_1 = 0.0, weighted = 0.0;
+  for (int64_t v = 0; v < n_cols; ++v) {
+    const C x1 = static_cast<C>(z[v]) - shift;
+    const C x = x1 * inv;
+    const C e = std::exp(x);
+    sum_t += e;
+    sum_1 += std::exp(x1);
+    if (e > C(0)) weighted += static_cast<double>(e) * static_cast<double>(x);
+  }
+  const double log_t = std::log(sum_t);
+  *lse_t = static_cast<C>(static_cast<double>(shift) * inv_t + log_t);
+  *lse_1 = static_cast<C>(static_cast<double>(shift) + std::log(sum_1));
+  if (with_entropy) *entropy = static_cast<C>(log_t - weighted / sum_t);
+}
+
+template <typename T>
+void grad_row_scalar(const T* z, T* out, int64_t n_cols, int64_t target, compute_t<T> lse,
+                     compute_t<T> coef, double inv_t) {
+  using C = compute_t<T>;
+  const C inv = static_cast<C>(inv_t);
+  // Read the target logit before the row is overwritten (out may alias logits).
+  const C g_target = coef * (std::exp(static_cast<C>(z[target]) * inv - lse) - C(1));
+  for (int64_t v = 0; v < n_cols; ++v) {
+    out[v] = static_cast<T>(coef * std::exp(static_cast<C>(z[v]) * inv - lse));
+  }
+  out[target] = static_cast<T>(g_target);
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX2 path.
+// ---------------------------------------------------------------------------------------
+#if GFT_HAVE_AVX2_PATH
+
+GFT_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+GFT_AVX2 inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for 8 floats, ~2 ulp on [-87.3, 88.3] (Cephes/Sleef range reduction and
+// polynomial). It is the inner-loop cost of both kernels, so it avoids compares and blends:
+// * x is clamped to [-88, 88.73] (max/min operand order lets NaN through: they return the
+//   second operand when either is NaN);
+// * n = round(x / ln2) comes from the "magic number" addition, whose low mantissa bits
+//   already hold n + 127, so 2^n is one shift of those bits: no round/convert instructions;
+// * at the low clamp n = -127, the biased exponent is 0 and 2^n reads as +0.0, so exp(-inf)
+//   and every x <= -88 give exactly 0 (x in (-88, -87.3] may give a denormal or 0);
+// * at the high end n = 128 gives an exponent of 255, i.e. +inf (for x > ~88.38).
+GFT_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
+  x = _mm256_min_ps(_mm256_set1_ps(88.7228394f), _mm256_max_ps(_mm256_set1_ps(-88.0f), x));
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  // r = x - n ln2 in two steps so that r keeps full precision.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+  return _mm256_mul_ps(p, scale);
+}
+
+// 8 elements -> 8 floats.
+template <typename T>
+GFT_AVX2 inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>);
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+// 8 floats -> 8 elements, rounded to nearest even like Tensor.to(dtype).
+template <typename T>
+GFT_AVX2 inline void store8(T* p, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(p, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    rounded = _mm256_srli_epi32(rounded, 16);
+    // Rounding would turn a NaN payload into inf; emit the canonical quiet NaN instead.
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan);
+    // packus interleaves the two 128-bit lanes; permute gathers the 8 results in order.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// Per-row running state of row_stats; fp64 so that rescaling across ~100 blocks is exact
+// enough and the block partial sums (fp32, <= kBlock terms) add without drift.
+struct RowAcc {
+  double sum_t = 0.0;
+  double sum_1 = 0.0;
+  double weighted = 0.0;  // sum e * x, x = (z - shift) / T
+  float running_max = -kInf;
+  float shift = 0.0f;  // running max if finite, else 0
+};
+
+// One vector of the exp pass: exp-sum at T, exp-sum at 1 and the entropy numerator.
+template <bool kTOne, bool kEntropy>
+GFT_AVX2 inline void stats_step(__m256 z, __m256 vshift, __m256 vinv, __m256& st, __m256& s1,
+                                __m256& w) {
+  const __m256 x1 = _mm256_sub_ps(z, vshift);
+  __m256 x = kTOne ? x1 : _mm256_mul_ps(x1, vinv);
+  // Clamping x keeps e * x at 0 (not 0 * -inf = NaN) for -inf logits; NaN passes through.
+  if (kEntropy) x = _mm256_max_ps(_mm256_set1_ps(-1.0e30f), x);
+  const __m256 e = exp8(x);
+  st = _mm256_add_ps(st, e);
+  if (kEntropy) w = _mm256_fmadd_ps(e, x, w);
+  if (!kTOne) s1 = _mm256_add_ps(s1, exp8(x1));
+}
+
+// Fold one block (n floats, n a multiple of 8, padding = -inf) into the row state.
+template <bool kTOne, bool kEntropy>
+GFT_AVX2 inline void stats_block(const float* src, int64_t n, float inv_t, RowAcc& acc) {
+  __m256 vmax0 = _mm256_set1_ps(-kInf), vmax1 = vmax0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    vmax0 = _mm256_max_ps(vmax0, _mm256_loadu_ps(src + i));
+    vmax1 = _mm256_max_ps(vmax1, _mm256_loadu_ps(src + i + 8));
+  }
+  for (; i < n; i += 8) vmax0 = _mm256_max_ps(vmax0, _mm256_loadu_ps(src + i));
+  const float block_max = hmax(_mm256_max_ps(vmax0, vmax1));
+  if (block_max > acc.running_max) {  // false for NaN: NaN reaches the sums instead
+    acc.running_max = block_max;
+    const float new_shift = std::isfinite(block_max) ? block_max : 0.0f;
+    // All-zero accumulators (nothing seen, or only -inf) need no rescale; skipping also
+    // avoids 0 * inf when the old shift was a placeholder 0.
+    if (new_shift != acc.shift &&
+        (acc.sum_t != 0.0 || acc.sum_1 != 0.0 || acc.weighted != 0.0)) {
+      const double d1 = static_cast<double>(new_shift) - acc.shift;
+      const double dt = d1 * inv_t;
+      const double rt = std::exp(-dt);
+      // sum e * (x - dt) * exp(-dt) = exp(-dt) * (weighted - dt * sum_t)
+      acc.weighted = rt * (acc.weighted - dt * acc.sum_t);
+      acc.sum_t *= rt;
+      acc.sum_1 *= std::exp(-d1);
+    }
+    acc.shift = new_shift;
+  }
+
+  const __m256 vshift = _mm256_set1_ps(acc.shift);
+  const __m256 vinv = _mm256_set1_ps(inv_t);
+  __m256 st0 = _mm256_setzero_ps(), st1 = st0, s10 = st0, s11 = st0, w0 = st0, w1 = st0;
+  i = 0;
+  for (; i + 16 <= n; i += 16) {
+    stats_step<kTOne, kEntropy>(_mm256_loadu_ps(src + i), vshift, vinv, st0, s10, w0);
+    stats_step<kTOne, kEntropy>(_mm256_loadu_ps(src + i + 8), vshift, vinv, st1, s11, w1);
+  }
+  for (; i < n; i += 8) {
+    stats_step<kTOne, kEntropy>(_mm256_loadu_ps(src + i), vshift, vinv, st0, s10, w0);
+  }
+  const double block_t = hsum(_mm256_add_ps(st0, st1));
+  acc.sum_t += block_t;
+  acc.sum_1 += kTOne ? block_t : static_cast<double>(hsum(_mm256_add_ps(s10, s11)));
+  if (kEntropy) acc.weighted += hsum(_mm256_add_ps(w0, w1));
+}
+
+template <typename T, bool kTOne, bool kEntropy>
+GFT_AVX2 void stats_rows_avx2(const T* logits, int64_t row_stride, int64_t n_cols, float inv_t,
+                              int64_t begin, int64_t end, float* lse_t, float* lse_1,
+                              float* entropy) {
+  alignas(32) float buf[kBlock];
+  for (int64_t row = begin; row < end; ++row) {
+    const T* z = logits + row * row_stride;
+    RowAcc acc;
+    for (int64_t start = 0; start < n_cols; start += kBlock) {
+      const int64_t n = std::min(kBlock, n_cols - start);
+      const int64_t n_vec = n & ~int64_t(7);
+      const T* zb = z + start;
+      const float* src;
+      if constexpr (std::is_same_v<T, float>) {
+        if (n_vec == n) {
+          src = zb;  // fp32 full vectors: read in place, no copy
+        } else {
+          std::memcpy(buf, zb, n_vec * sizeof(float));
+          src = buf;
+        }
+      } else {
+        for (int64_t i = 0; i < n_vec; i += 8) _mm256_store_ps(buf + i, load8(zb + i));
+        src = buf;
+      }
+      int64_t n_pad = n_vec;
+      if (n_vec != n) {
+        // Pad the tail to a full vector with -inf, which adds exactly 0 to every sum.
+        for (int64_t i = n_vec; i < n_vec + 8; ++i) {
+          buf[i] = i < n ? static_cast<float>(zb[i]) : -kInf;
+        }
+        n_pad = n_vec + 8;
+      }
+      stats_block<kTOne, kEntropy>(src, n_pad, inv_t, acc);
+    }
+    const double log_t = std::log(acc.sum_t);
+    lse_t[row] = static_cast<float>(static_cast<double>(acc.shift) * inv_t + log_t);
+    lse_1[row] = static_cast<float>(static_cast<double>(acc.shift) + std::log(acc.sum_1));
+    if (kEntropy) entropy[row] = static_cast<float>(log_t - acc.weighted / acc.sum_t);
+  }
+}
+
+template <typename T>
+GFT_AVX2 void grad_rows_avx2(const T* logits, int64_t in_stride, T* out, int64_t out_stride,
+                             int64_t n_cols, const int64_t* targets, const float* lse_t,
+                             const float* coef, float inv_t, int64_t begin, int64_t end) {
+  const __m256 vinv = _mm256_set1_ps(inv_t);
+  for (int64_t row = begin; row < end; ++row) {
+    T* o = out + row * out_stride;
+    const float c = coef[row];
+    if (c == 0.0f) {
+      // Zero-coefficient rows are the cheap case: a write, never a read of the logits.
+      std::memset(static_cast<void*>(o), 0, n_cols * sizeof(T));
+      continue;
+    }
+    const T* z = logits + row * in_stride;
+    const float lse = lse_t[row];
+    const int64_t target = targets[row];
+    // Read the target logit before the row is overwritten (out may alias logits).
+    const float g_target =
+        c * (std::exp(std::fma(static_cast<float>(z[target]), inv_t, -lse)) - 1.0f);
+    const __m256 vneg_lse = _mm256_set1_ps(-lse);
+    const __m256 vc = _mm256_set1_ps(c);
+    int64_t v = 0;
+    for (; v + 16 <= n_cols; v += 16) {
+      const __m256 a = exp8(_mm256_fmadd_ps(load8(z + v), vinv, vneg_lse));
+      const __m256 b = exp8(_mm256_fmadd_ps(load8(z + v + 8), vinv, vneg_lse));
+      store8(o + v, _mm256_mul_ps(vc, a));
+      store8(o + v + 8, _mm256_mul_ps(vc, b));
+    }
+    for (; v + 8 <= n_cols; v += 8) {
+      store8(o + v, _mm256_mul_ps(vc, exp8(_mm256_fmadd_ps(load8(z + v), vinv, vneg_lse))));
+    }
+    for (; v < n_cols; ++v) {
+      o[v] = static_cast<T>(c * std::exp(std::fma(static_cast<float>(z[v]), inv_t, -lse)));
+    }
+    o[target] = static_cast<T>(g_target);
+  }
+}
+
+#endif  // GFT_HAVE_AVX2_PATH
+
+// ---------------------------------------------------------------------------------------
+// Dispatch.
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+void stats_dispatch(const at::Tensor& logits, double temperature, bool with_entropy,
+                    at::Tensor& lse_t, at::Tensor& lse_1, at::Tensor& entropy) {
+  using C = compute_t<T>;
+  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
+  const int64_t stride = logits.stride(0);
+  const T* z = logits.const_data_ptr<T>();
+  C* lt = lse_t.data_ptr<C>();
+  C* l1 = lse_1.data_ptr<C>();
+  C* ent = with_entropy ? entropy.data_ptr<C>() : nullptr;
+  const double inv_t = 1.0 / temperature;
+#if GFT_HAVE_AVX2_PATH
+  if constexpr (!std::is_same_v<T, double>) {
+    if (use_avx2()) {
+      const float inv = static_cast<float>(inv_t);
+      // T == 1 needs one exp per element instead of two.
+      const bool t_one = inv == 1.0f;
+      at::parallel_for(0, n_rows, grain_rows(n_cols), [&](int64_t begin, int64_t end) {
+        if (t_one && with_entropy) {
+          stats_rows_avx2<T, true, true>(z, stride, n_cols, inv, begin, end, lt, l1, ent);
+        } else if (t_one) {
+          stats_rows_avx2<T, true, false>(z, stride, n_cols, inv, begin, end, lt, l1, ent);
+        } else if (with_entropy) {
+          stats_rows_avx2<T, false, true>(z, stride, n_cols, inv, begin, end, lt, l1, ent);
+        } else {
+          stats_rows_avx2<T, false, false>(z, stride, n_cols, inv, begin, end, lt, l1, ent);
+        }
+      });
+      return;
+    }
+  }
+#endif
+  at::parallel_for(0, n_rows, grain_rows(n_cols), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      stats_row_scalar<T>(z + row * stride, n_cols, inv_t, with_entropy, lt + row, l1 + row,
+                          with_entropy ? ent + row : nullptr);
+    }
+  });
+}
+
+template <typename T>
+void grad_dispatch(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse_t,
+                   const at::Tensor& coef, double temperature, at::Tensor& out) {
+  using C = compute_t<T>;
+  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
+  const int64_t in_stride = logits.stride(0), out_stride = out.stride(0);
+  // Not const_data_ptr: when out aliases logits the same memory is written below.
+  const T* z = static_cast<const T*>(logits.data_ptr());
+  T* o = out.data_ptr<T>();
+  const int64_t* tgt = targets.const_data_ptr<int64_t>();
+  const C* lse = lse_t.const_data_ptr<C>();
+  const C* cf = coef.const_data_ptr<C>();
+  const double inv_t = 1.0 / temperature;
+#if GFT_HAVE_AVX2_PATH
+  if constexpr (!std::is_same_v<T, double>) {
+    if (use_avx2()) {
+      const float inv = static_cast<float>(inv_t);
+      at::parallel_for(0, n_rows, grain_rows(n_cols), [&](int64_t begin, int64_t end) {
+        grad_rows_avx2<T>(z, in_stride, o, out_stride, n_cols, tgt, lse, cf, inv, begin, end);
+      });
+      return;
+    }
+  }
+#endif
+  at::parallel_for(0, n_rows, grain_rows(n_cols), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* orow = o + row * out_stride;
+      if (cf[row] == C(0)) {
+        std::memset(static_cast<void*>(orow), 0, n_cols * sizeof(T));
+        continue;
+      }
+      grad_row_scalar<T>(z + row * in_stride, orow, n_cols, tgt[row], lse[row], cf[row], inv_t);
+    }
+  });
+}
+
+at::ScalarType stat_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_logits(const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(logits.device().is_cpu(), name, ": expected a CPU tensor, got ", logits.device());
+  TORCH_CHECK(logits.dim() == 2, name, ": expected a 2-D (N, V) tensor, got ", logits.dim(),
+              "-D");
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              name, ": expected float32/bfloat16/float16/float64, got ", dt);
+  TORCH_CHECK(logits.size(1) >= 1, name, ": expected V >= 1 columns, got ", logits.size(1));
+  // Rows are addressed as base + row * stride(0) + v, so only stride(1) must be 1 (a single
+  // column may have any stride since only element 0 of each row is read).
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1, name,
+              ": the last dimension must be contiguous (stride 1), got stride ", logits.stride(1));
+}
+
+void check_temperature(double temperature) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0,
+              "temperature: expected a finite value > 0, got ", temperature);
+}
+
+void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, ": expected shape (", n, ",), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats(const at::Tensor& logits,
+                                                         double temperature, bool with_entropy) {
+  check_logits(logits, "logits");
+  check_temperature(temperature);
+  const at::Tensor& z = logits;
+  const int64_t n_rows = z.size(0);
+  const auto opts = z.options().dtype(stat_dtype(z.scalar_type()));
+  at::Tensor lse_t = at::empty({n_rows}, opts);
+  at::Tensor lse_1 = at::empty({n_rows}, opts);
+  at::Tensor entropy = with_entropy ? at::empty({n_rows}, opts) : at::Tensor();
+  if (n_rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "gft_row_stats",
+                                    [&] {
+                                      stats_dispatch<scalar_t>(z, temperature, with_entropy,
+                                                               lse_t, lse_1, entropy);
+                                    });
+  }
+  return {lse_t, lse_1, entropy};
+}
+
+at::Tensor row_grad(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse_t,
+                    const at::Tensor& coef, double temperature, at::Tensor out) {
+  check_logits(logits, "logits");
+  check_temperature(temperature);
+  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
+  const auto acc = stat_dtype(logits.scalar_type());
+  check_vector(targets, "targets", n_rows, at::kLong);
+  check_vector(lse_t, "lse_t", n_rows, acc);
+  check_vector(coef, "coef", n_rows, acc);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == logits.scalar_type() &&
+                  out.sizes() == logits.sizes(),
+              "out: expected a CPU ", logits.scalar_type(), " tensor of shape ", logits.sizes(),
+              ", got ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  TORCH_CHECK((out.stride(1) == 1 || n_cols == 1) && (n_rows <= 1 || out.stride(0) >= n_cols),
+              "out: the last dimension must be contiguous and rows must not overlap, got strides ",
+              out.strides());
+  if (n_rows == 0) return out;
+  const at::Tensor tg = targets.contiguous();
+  const at::Tensor lt = lse_t.contiguous();
+  const at::Tensor cf = coef.contiguous();
+  // Validate up front: an out-of-range target would write outside the row.
+  const int64_t* tp = tg.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_rows; ++i) {
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < n_cols, "targets: row ", i, " holds ", tp[i],
+                ", expected a value in [0, ", n_cols, ")");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gft_row_grad",
+                                  [&] {
+                                    grad_dispatch<scalar_t>(logits, tg, lt, cf, temperature, out);
+                                  });
+  return out;
+}
+
+std::string simd_path() { return use_avx2() ? "avx2" : "scalar"; }
+
+// Tests use this to exercise the scalar path on an AVX2 machine; returns the previous value.
+bool set_simd_enabled(bool enabled) { return g_simd_enabled.exchange(enabled); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Native CPU row kernels of the GFT loss (row_stats, row_grad).";
+  m.def("row_stats", &row_stats, "(lse_t, lse_1, entropy) of each row of (N, V) logits",
+        py::arg("logits"), py::arg("temperature"), py::arg("with_entropy"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("row_grad", &row_grad, "out = coef * (softmax(z / T) - onehot(targets)), in place OK",
+        py::arg("logits"), py::arg("targets"), py::arg("lse_t"), py::arg("coef"),
+        py::arg("temperature"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("simd_path", &simd_path, "'avx2' or 'scalar': the inner loops in use");
+  m.def("set_simd_enabled", &set_simd_enabled, "enable/disable the SIMD path (tests)",
+        py::arg("enabled"));
+}
