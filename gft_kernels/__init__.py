@@ -7,10 +7,19 @@ Public API (see DESIGN §2)::
 """
 
 from gft_kernels.advantages import group_advantages
+from gft_kernels.fused_linear import fused_linear_gft_loss
 from gft_kernels.loss import gft_loss
-from gft_kernels.modules import GFTLoss
+from gft_kernels.modules import FusedLinearGFTLoss, GFTLoss
 from gft_kernels.stats import GFTStats
 
 __version__ = "0.1.0"
 
-__all__ = ["gft_loss", "group_advantages", "GFTLoss", "GFTStats", "__version__"]
+__all__ = [
+    "gft_loss",
+    "fused_linear_gft_loss",
+    "group_advantages",
+    "GFTLoss",
+    "FusedLinearGFTLoss",
+    "GFTStats",
+    "__version__",
+]

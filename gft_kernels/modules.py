@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from gft_kernels.fused_linear import fused_linear_gft_loss
 from gft_kernels.loss import gft_loss
 
 
@@ -51,3 +52,50 @@ class GFTLoss(nn.Module):
         **overrides: Any,
     ):
         return gft_loss(logits, targets, advantages, mask, **{**self.kwargs, **overrides})
+
+
+class FusedLinearGFTLoss(nn.Module):
+    """Module form of :func:`gft_kernels.fused_linear_gft_loss`.
+
+    ``forward(hidden, weight, targets, advantages, mask=None, bias=None, **overrides)``;
+    pass ``lm_head.weight`` (and ``lm_head.bias``) so tied or frozen heads work as-is.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau: float = 0.1,
+        temperature: float = 1.0,
+        loss_agg_mode: str = "token-mean",
+        ignore_index: int = -100,
+        return_stats: bool = False,
+        backend: str = "auto",
+        chunk_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(
+            tau=tau,
+            temperature=temperature,
+            loss_agg_mode=loss_agg_mode,
+            ignore_index=ignore_index,
+            return_stats=return_stats,
+            backend=backend,
+            chunk_size=chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        bias: Optional[torch.Tensor] = None,
+        **overrides: Any,
+    ):
+        return fused_linear_gft_loss(
+            hidden, weight, targets, advantages, mask, bias=bias, **{**self.kwargs, **overrides}
+        )
