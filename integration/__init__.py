@@ -1,0 +1,1 @@
+"""HF Trainer integration of the GFT loss (importable as ``gft_kernels.integration``)."""
