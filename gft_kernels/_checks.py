@@ -52,7 +52,9 @@ def check_scalar(
 ) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise TypeError(f"{name}: expected a number, got a tensor of shape {tuple(value.shape)}")
+            raise TypeError(
+                f"{name}: expected a number, got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
@@ -114,8 +116,10 @@ def check_token_inputs(
         raise TypeError(f"advantages: expected a floating tensor, got {advantages.dtype}")
     per_seq = len(token_shape) == 2 and tuple(advantages.shape) == (token_shape[0],)
     if not per_seq and tuple(advantages.shape) != tuple(token_shape):
-        want = f"({token_shape[0]},) or {tuple(token_shape)}" if len(token_shape) == 2 else (
-            f"{tuple(token_shape)}"
+        want = (
+            f"({token_shape[0]},) or {tuple(token_shape)}"
+            if len(token_shape) == 2
+            else (f"{tuple(token_shape)}")
         )
         raise ValueError(f"advantages: expected shape {want}, got {tuple(advantages.shape)}")
     if advantages.device != device:
@@ -126,9 +130,7 @@ def check_token_inputs(
     if mask is not None:
         mask = check_tensor("mask", mask)
         if tuple(mask.shape) != tuple(token_shape):
-            raise ValueError(
-                f"mask: expected shape {tuple(token_shape)}, got {tuple(mask.shape)}"
-            )
+            raise ValueError(f"mask: expected shape {tuple(token_shape)}, got {tuple(mask.shape)}")
         if mask.device != device:
             raise ValueError(f"mask: expected device {device}, got {mask.device}")
         if mask.dtype.is_floating_point and not bool(((mask == 0) | (mask == 1)).all()):

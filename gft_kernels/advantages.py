@@ -76,7 +76,9 @@ def group_advantages(
     n_groups = int(index.max()) + 1
     acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(acc)
-    count = torch.zeros(n_groups, dtype=acc, device=r.device).index_add_(0, index, torch.ones_like(r))
+    count = torch.zeros(n_groups, dtype=acc, device=r.device).index_add_(
+        0, index, torch.ones_like(r)
+    )
     total = torch.zeros_like(count).index_add_(0, index, r)
     mean = total / count
     centred = r - mean[index]

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from gft_kernels.backends import RowKernels
+from gft_kernels.rows import VocabShard, row_gradient, row_statistics
 
 
 def token_terms(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
+    target_logit: torch.Tensor,
     advantages: torch.Tensor,
     valid: torch.Tensor,
     lse_t: torch.Tensor,
@@ -25,8 +25,9 @@ def token_terms(
     tokens and 0 elsewhere, and ``loss = -scale * logprobs`` (0 where ``scale`` is 0, even
     when ``logprobs = -inf``: a rectified token contributes nothing, not NaN).
     """
-    target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1).to(lse_t.dtype)
-    logprobs = target_logit / temperature - lse_t
+    # Multiply by 1/T exactly as the row kernels do, so that log p of a certain token
+    # (V = 1, or one dominant logit) cancels to 0 instead of leaving a rounding residue.
+    logprobs = target_logit * (1.0 / temperature) - lse_t
     probs = torch.exp(target_logit - lse_1)
     # DCR: c = q where q <= tau else 1. It is computed from detached statistics, so it is
     # a constant of the backward pass (the stop-gradient of the formula).
@@ -39,11 +40,12 @@ def token_terms(
 class GFTTokenLossFunction(torch.autograd.Function):
     """Per-token GFT losses ``l_t = -A_t c_t log p_t`` of 2-D logits.
 
-    Inputs: ``logits (N, V)`` with a contiguous last dim, ``targets (N,)`` int64 in
-    ``[0, V)``, ``advantages (N,)`` and ``valid (N,)`` bool. Outputs ``(loss, logprobs,
-    probs, entropy)``, each ``(N,)`` (``entropy`` empty unless requested); only ``loss`` is
-    differentiable. The backward writes ``g_t A_t c_t / T * (softmax(z/T) - onehot)``; it
-    saves O(N) statistics and the logits themselves, never an ``N x V`` temporary.
+    Inputs: ``logits (N, V)`` with a contiguous last dim (this rank's vocabulary block
+    when ``shard`` is given), ``targets (N,)`` int64 global ids, ``advantages (N,)`` and
+    ``valid (N,)`` bool. Outputs ``(loss, logprobs, probs, entropy)``, each ``(N,)``
+    (``entropy`` empty unless requested); only ``loss`` is differentiable. The backward
+    writes ``g_t A_t c_t / T * (softmax(z/T) - onehot)``; it saves O(N) statistics and the
+    logits themselves, never an ``N x V`` temporary.
     """
 
     @staticmethod
@@ -58,14 +60,16 @@ class GFTTokenLossFunction(torch.autograd.Function):
         kernels: RowKernels,
         with_entropy: bool,
         inplace_backward: bool,
+        shard: Optional[VocabShard],
     ):
-        lse_t, lse_1, entropy = kernels.row_stats(logits, temperature, with_entropy)
+        stats = row_statistics(kernels, logits, targets, temperature, with_entropy, shard)
         loss, logprobs, probs, scale = token_terms(
-            logits, targets, advantages, valid, lse_t, lse_1, tau, temperature
+            stats.target_logit, advantages, valid, stats.lse_t, stats.lse_1, tau, temperature
         )
-        if entropy is None:
-            entropy = lse_t.new_empty(0)
-        ctx.save_for_backward(logits, targets, lse_t, scale)
+        entropy = stats.entropy if with_entropy else stats.lse_t.new_empty(0)
+        stats.entropy = None
+        ctx.save_for_backward(logits, scale)
+        ctx.stats = stats
         ctx.temperature = temperature
         ctx.kernels = kernels
         ctx.inplace_backward = inplace_backward
@@ -74,8 +78,8 @@ class GFTTokenLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        logits, targets, lse_t, scale = ctx.saved_tensors
+        logits, scale = ctx.saved_tensors
         coef = grad_loss.to(scale.dtype) * scale / ctx.temperature
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
-        ctx.kernels.row_grad(logits, targets, lse_t, coef, ctx.temperature, grad)
-        return grad, None, None, None, None, None, None, None, None
+        row_gradient(ctx.kernels, logits, ctx.stats, coef, ctx.temperature, grad)
+        return (grad,) + (None,) * 9

@@ -22,6 +22,7 @@ import torch
 from gft_kernels import _checks
 from gft_kernels.backends import RowKernels, resolve
 from gft_kernels.function import token_terms
+from gft_kernels.rows import VocabShard, row_gradient, row_statistics, vocab_shard
 from gft_kernels.stats import GFTStats
 from gft_kernels.tokens import make_stats, prepare_tokens
 
@@ -49,16 +50,17 @@ def _chunk_grads(
     tau: float,
     temperature: float,
     with_entropy: bool,
+    shard: Optional[VocabShard],
 ):
     """Row pass over one chunk; with ``coef_weight`` the chunk becomes G_c in place."""
-    lse_t, lse_1, entropy = kernels.row_stats(logits, temperature, with_entropy)
+    stats = row_statistics(kernels, logits, targets, temperature, with_entropy, shard)
     loss, logprobs, probs, scale = token_terms(
-        logits, targets, advantages, valid, lse_t, lse_1, tau, temperature
+        stats.target_logit, advantages, valid, stats.lse_t, stats.lse_1, tau, temperature
     )
     if coef_weight is not None:
         coef = coef_weight * scale / temperature
-        kernels.row_grad(logits, targets, lse_t, coef, temperature, logits)
-    return loss, logprobs, probs, entropy, scale
+        row_gradient(kernels, logits, stats, coef, temperature, logits)
+    return loss, logprobs, probs, stats.entropy, scale
 
 
 def _accumulate(
@@ -103,18 +105,23 @@ class FusedLinearGFTFunction(torch.autograd.Function):
         kernels: RowKernels,
         chunk_size: int,
         with_entropy: bool,
+        shard: Optional[VocabShard],
     ):
         n_tokens = hidden.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         reduce_now = weights is not None and (need_h or need_w or need_b)
         grad_h = torch.empty_like(hidden) if reduce_now and need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if (
-            reduce_now and need_w
-        ) else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (
-            reduce_now and need_b and bias is not None
-        ) else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            if (reduce_now and need_w)
+            else None
+        )
+        grad_b = (
+            torch.zeros(bias.shape, dtype=acc, device=bias.device)
+            if (reduce_now and need_b and bias is not None)
+            else None
+        )
 
         outputs = {k: [] for k in ("loss", "logprobs", "probs", "entropy", "scale")}
         for start in range(0, n_tokens, chunk_size):
@@ -122,8 +129,16 @@ class FusedLinearGFTFunction(torch.autograd.Function):
             h = hidden[rows]
             logits = _head_chunk(h, weight, bias)
             result = _chunk_grads(
-                logits, kernels, targets[rows], advantages[rows], valid[rows],
-                weights[rows] if reduce_now else None, tau, temperature, with_entropy,
+                logits,
+                kernels,
+                targets[rows],
+                advantages[rows],
+                valid[rows],
+                weights[rows] if reduce_now else None,
+                tau,
+                temperature,
+                with_entropy,
+                shard,
             )
             for key, value in zip(outputs, result):
                 outputs[key].append(value)
@@ -138,10 +153,13 @@ class FusedLinearGFTFunction(torch.autograd.Function):
         loss, logprobs, probs, entropy, scale = (cat(k) for k in outputs)
         if weights is not None:
             loss = (loss * weights).sum()
+        if grad_h is not None and shard is not None:
+            _sum_over_ranks(grad_h, shard)  # dh = sum_r G_r W_r
         ctx.reduce_now = reduce_now
         ctx.chunk_size = chunk_size
         ctx.temperature = temperature
         ctx.kernels = kernels
+        ctx.shard = shard
         ctx.param_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         if reduce_now:
             ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -163,19 +181,30 @@ class FusedLinearGFTFunction(torch.autograd.Function):
         acc = scale.dtype
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (
-            need_b and bias is not None
-        ) else None
+        grad_b = (
+            torch.zeros(bias.shape, dtype=acc, device=bias.device)
+            if (need_b and bias is not None)
+            else None
+        )
         coef_all = grad_loss.to(acc) * scale / ctx.temperature
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, hidden.shape[0]))
             h = hidden[rows]
             logits = _head_chunk(h, weight, bias)
-            lse_t, _, _ = ctx.kernels.row_stats(logits, ctx.temperature, False)
-            ctx.kernels.row_grad(logits, targets[rows], lse_t, coef_all[rows], ctx.temperature,
-                                 logits)
+            stats = row_statistics(
+                ctx.kernels, logits, targets[rows], ctx.temperature, False, ctx.shard
+            )
+            row_gradient(ctx.kernels, logits, stats, coef_all[rows], ctx.temperature, logits)
             _accumulate(logits, h, weight, grad_h, grad_w, grad_b, rows)
+        if grad_h is not None and ctx.shard is not None:
+            _sum_over_ranks(grad_h, ctx.shard)
         return _scaled_grads(ctx, grad_h, grad_w, grad_b, None)
+
+
+def _sum_over_ranks(tensor: torch.Tensor, shard: VocabShard) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, group=shard.group)
 
 
 def _scaled_grads(ctx, grad_h, grad_w, grad_b, g: Optional[torch.Tensor]):
@@ -189,7 +218,7 @@ def _scaled_grads(ctx, grad_h, grad_w, grad_b, g: Optional[torch.Tensor]):
         grad_h,
         grad_w.to(weight_dtype) if grad_w is not None else None,
         grad_b.to(bias_dtype) if grad_b is not None else None,
-    ) + (None,) * 9
+    ) + (None,) * 10
 
 
 def fused_linear_gft_loss(
@@ -209,6 +238,7 @@ def fused_linear_gft_loss(
     return_stats: bool = False,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    process_group: Optional[object] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, GFTStats]]:
     """The GFT loss of ``logits = hidden @ weight.T (+ bias)`` without materialising them.
 
@@ -222,6 +252,10 @@ def fused_linear_gft_loss(
         bias: optional ``(V,)``.
         chunk_size: tokens per chunk; default from V and a memory budget (256 MiB of
             fp32 logits on CPU, 1 GiB on CUDA).
+        process_group: vocab-parallel head: ``weight`` (and ``bias``) hold this rank's
+            contiguous block of vocabulary rows (rank order, any sizes); ``hidden`` and
+            the token inputs are replicated. ``dh`` is summed across ranks, ``dW`` stays
+            local.
         Other keywords: as in :func:`gft_kernels.gft_loss`.
 
     Returns:
@@ -244,6 +278,9 @@ def fused_linear_gft_loss(
     if weight.device != hidden.device:
         raise ValueError(f"weight: expected device {hidden.device}, got {weight.device}")
     vocab_size = weight.shape[0]
+    shard = None
+    if process_group is not None:
+        shard = vocab_shard(process_group, vocab_size, hidden.device)
     if bias is not None:
         _checks.check_float_tensor("bias", bias, dims=(1,))
         if tuple(bias.shape) != (vocab_size,):
@@ -264,7 +301,7 @@ def fused_linear_gft_loss(
         advantages,
         mask,
         token_shape=hidden.shape[:-1],
-        vocab_size=vocab_size,
+        vocab_size=vocab_size if shard is None else shard.total,
         device=hidden.device,
         acc_dtype=acc_dtype,
         tau=tau,
@@ -297,6 +334,7 @@ def fused_linear_gft_loss(
         kernels,
         chunk,
         return_stats,
+        shard,
     )
 
     def scatter(values: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from gft_kernels import _checks
 from gft_kernels.backends import resolve
 from gft_kernels.cpu.torch_rows import accumulate_dtype
 from gft_kernels.function import GFTTokenLossFunction
+from gft_kernels.rows import vocab_shard
 from gft_kernels.stats import GFTStats
 from gft_kernels.tokens import make_stats, prepare_tokens, reduce_loss
 
@@ -29,6 +30,7 @@ def gft_loss(
     return_stats: bool = False,
     backend: str = "auto",
     inplace_backward: bool = False,
+    process_group: Optional[object] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, GFTStats]]:
     """The GFT loss ``-A * c * log p`` over logits, in one chunked pass each way.
 
@@ -52,6 +54,10 @@ def gft_loss(
             ``triton``, ``cpu`` or ``torch``.
         inplace_backward: write the logits' gradient into the logits' own storage (saves
             one ``N x V`` buffer; the logits are destroyed by the backward pass).
+        process_group: vocab-parallel logits: ``logits`` holds this rank's contiguous
+            block of vocabulary columns (blocks in rank order, any sizes); ``targets``
+            are global ids and every other input is replicated. Statistics are combined
+            with O(N) all-reduces; the gradient stays local.
 
     Returns:
         The loss (0-dim, or ``targets``-shaped for ``none``) in fp32 (fp64 for fp64
@@ -60,18 +66,19 @@ def gft_loss(
     _checks.check_float_tensor("logits", logits, dims=(2, 3))
     _checks.check_nonempty("logits", logits, "token and one vocabulary entry")
     if not isinstance(inplace_backward, bool):
-        raise TypeError(
-            f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}"
-        )
+        raise TypeError(f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}")
     kernels = resolve(backend, logits.device, logits.dtype)
     acc_dtype = accumulate_dtype(logits.dtype)
     vocab_size = logits.shape[-1]
+    shard = None
+    if process_group is not None:
+        shard = vocab_shard(process_group, vocab_size, logits.device)
     batch = prepare_tokens(
         targets,
         advantages,
         mask,
         token_shape=logits.shape[:-1],
-        vocab_size=vocab_size,
+        vocab_size=vocab_size if shard is None else shard.total,
         device=logits.device,
         acc_dtype=acc_dtype,
         tau=tau,
@@ -95,6 +102,7 @@ def gft_loss(
         kernels,
         return_stats,
         inplace_backward,
+        shard,
     )
     loss = reduce_loss(token_loss, batch)
     if not return_stats:

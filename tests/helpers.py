@@ -7,6 +7,7 @@ import torch
 from gft_kernels.reference import gft_loss_reference
 
 BACKENDS = ("torch", "cpu", "triton")
+CPU = torch.device("cpu")
 MODES = (
     "token-mean",
     "seq-mean-token-sum",
@@ -33,7 +34,7 @@ def make_case(
     masked_sequence: bool = True,
     ignored_tokens: bool = True,
     scale: float = 2.0,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
 ):
     """Random (B, T, V) logits with padding: one fully masked sequence, ignore_index tokens."""
     logits = (torch.randn(batch, seq, vocab, dtype=torch.float64) * scale).to(dtype)
@@ -70,8 +71,12 @@ def reference_fp64(logits, targets, advantages, mask, *, ignore_index=-100, **kw
             return (x * 0).sum()
         adv_kept = adv[keep] if adv.dim() == 2 else adv[keep]
         loss = gft_loss_reference(
-            x[keep], targets[keep], adv_kept, None if mask is None else mask[keep],
-            ignore_index=ignore_index, **kw,
+            x[keep],
+            targets[keep],
+            adv_kept,
+            None if mask is None else mask[keep],
+            ignore_index=ignore_index,
+            **kw,
         )
         return loss * keep.sum() / keep.numel()
     if mode == "token-mean" and kw.get("num_tokens") is None and not bool(valid.any()):
@@ -79,7 +84,9 @@ def reference_fp64(logits, targets, advantages, mask, *, ignore_index=-100, **kw
     return gft_loss_reference(x, targets, adv, mask, ignore_index=ignore_index, **kw)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, what: str):
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, what: str
+):
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
@@ -111,8 +118,12 @@ def check_against_reference(backend, logits, targets, adv, mask, **kw):
     (loss * upstream).sum().backward() if upstream is not None else loss.backward()
 
     x_ref = logits.detach().cpu().double().requires_grad_(True)
-    ref = reference_fp64(x_ref, targets.cpu(), adv.cpu(), None if mask is None else mask.cpu(), **kw)
-    weight = upstream.cpu().double() if upstream is not None else torch.ones((), dtype=torch.float64)
+    ref = reference_fp64(
+        x_ref, targets.cpu(), adv.cpu(), None if mask is None else mask.cpu(), **kw
+    )
+    weight = (
+        upstream.cpu().double() if upstream is not None else torch.ones((), dtype=torch.float64)
+    )
     (ref * weight).sum().backward()
     grad_ref = x_ref.grad
     assert_close(loss, ref, rtol=loss_rtol, atol=loss_atol, what="loss")

@@ -63,12 +63,18 @@ def test_bad_input(override, exc, words):
         assert word in message, f"{word!r} not in {message!r}"
 
 
-@pytest.mark.parametrize("mode", ["seq-mean-token-sum", "seq-mean-token-mean",
-                                  "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize(
+    "mode", ["seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+)
 def test_seq_mode_needs_3d(mode):
     with pytest.raises(ValueError, match="loss_agg_mode.*2-D"):
-        gft_loss(torch.randn(4, 7), torch.randint(0, 7, (4,)), torch.randn(4),
-                 loss_agg_mode=mode, backend="torch")
+        gft_loss(
+            torch.randn(4, 7),
+            torch.randint(0, 7, (4,)),
+            torch.randn(4),
+            loss_agg_mode=mode,
+            backend="torch",
+        )
 
 
 def test_per_sequence_advantages_need_3d():
@@ -78,15 +84,23 @@ def test_per_sequence_advantages_need_3d():
 
 def test_triton_rejects_fp64():
     with pytest.raises(TypeError, match="logits.*float64"):
-        gft_loss(torch.randn(2, 5, dtype=torch.float64), torch.zeros(2, dtype=torch.long),
-                 torch.ones(2), backend="triton")
+        gft_loss(
+            torch.randn(2, 5, dtype=torch.float64),
+            torch.zeros(2, dtype=torch.long),
+            torch.ones(2),
+            backend="triton",
+        )
 
 
 def test_cpu_backend_rejects_cuda_like_device():
     meta = torch.randn(2, 5, device="meta")
     with pytest.raises(ValueError, match="backend: 'cpu' needs CPU tensors"):
-        gft_loss(meta, torch.zeros(2, dtype=torch.long, device="meta"),
-                 torch.ones(2, device="meta"), backend="cpu")
+        gft_loss(
+            meta,
+            torch.zeros(2, dtype=torch.long, device="meta"),
+            torch.ones(2, device="meta"),
+            backend="cpu",
+        )
 
 
 def test_bad_input_leaves_nothing_modified():
@@ -105,13 +119,21 @@ def test_bad_input_leaves_nothing_modified():
         ((torch.randn(0),), dict(group_size=1), ValueError, ["rewards", "at least one"]),
         ((torch.tensor([1.0, math.nan]),), dict(group_size=2), ValueError, ["rewards", "finite"]),
         ((torch.randn(4),), {}, ValueError, ["group_ids/group_size", "neither"]),
-        ((torch.randn(4), torch.zeros(4, dtype=torch.long)), dict(group_size=2), ValueError,
-         ["both"]),
+        (
+            (torch.randn(4), torch.zeros(4, dtype=torch.long)),
+            dict(group_size=2),
+            ValueError,
+            ["both"],
+        ),
         ((torch.randn(4),), dict(group_size=3), ValueError, ["group_size", "divisor", "3"]),
         ((torch.randn(4),), dict(group_size=0), ValueError, ["group_size"]),
         ((torch.randn(4),), dict(group_size=2.0), TypeError, ["group_size", "int"]),
-        ((torch.randn(4), torch.zeros(3, dtype=torch.long)), {}, ValueError,
-         ["group_ids", "(4,)", "(3,)"]),
+        (
+            (torch.randn(4), torch.zeros(3, dtype=torch.long)),
+            {},
+            ValueError,
+            ["group_ids", "(4,)", "(3,)"],
+        ),
         ((torch.randn(4), torch.zeros(4)), {}, TypeError, ["group_ids", "integer"]),
         ((torch.randn(4),), dict(group_size=2, eps=-1.0), ValueError, ["eps", ">= 0"]),
         ((torch.randn(4),), dict(group_size=2, norm_by_std=1), TypeError, ["norm_by_std", "bool"]),

@@ -2,13 +2,22 @@
 
 import pytest
 import torch
+from helpers import BACKENDS, CPU, MODES, device_for, reference_fp64
 
 from gft_kernels import FusedLinearGFTLoss, fused_linear_gft_loss
-from helpers import BACKENDS, MODES, device_for, reference_fp64
 
 
-def head_case(batch=3, seq=5, hidden=16, vocab=37, *, per_token=False, dtype=torch.float32,
-              zero_groups=True, device=torch.device("cpu")):
+def head_case(
+    batch=3,
+    seq=5,
+    hidden=16,
+    vocab=37,
+    *,
+    per_token=False,
+    dtype=torch.float32,
+    zero_groups=True,
+    device=CPU,
+):
     h = torch.randn(batch, seq, hidden, dtype=torch.float64)
     w = torch.randn(vocab, hidden, dtype=torch.float64) * 0.5
     b = torch.randn(vocab, dtype=torch.float64)
@@ -20,8 +29,14 @@ def head_case(batch=3, seq=5, hidden=16, vocab=37, *, per_token=False, dtype=tor
     if zero_groups:
         adv[1] = 0.0  # a GRPO group whose rewards were all equal
     cast = dict(dtype=dtype, device=device)
-    return (h.to(**cast), w.to(**cast), b.to(**cast), targets.to(device), adv.to(device),
-            mask.to(device))
+    return (
+        h.to(**cast),
+        w.to(**cast),
+        b.to(**cast),
+        targets.to(device),
+        adv.to(device),
+        mask.to(device),
+    )
 
 
 def run_both(backend, h, w, b, targets, adv, mask, *, use_bias=True, **kw):
@@ -39,8 +54,7 @@ def run_both(backend, h, w, b, targets, adv, mask, *, use_bias=True, **kw):
     logits = hr @ wr.T + (br if use_bias else 0)
     ref = reference_fp64(logits, targets.cpu(), adv.cpu(), mask.cpu(), **kw_ref)
     (ref * upstream.cpu().double()).sum().backward()
-    return (loss, hh.grad, ww.grad, bb.grad if use_bias else None), (ref, hr.grad, wr.grad,
-                                                                      br.grad)
+    return (loss, hh.grad, ww.grad, bb.grad if use_bias else None), (ref, hr.grad, wr.grad, br.grad)
 
 
 def assert_all_close(ours, ref, rtol, atol):
@@ -49,8 +63,13 @@ def assert_all_close(ours, ref, rtol, atol):
         if got is None:
             continue
         scale = max(want.abs().max().item(), 1e-12)
-        torch.testing.assert_close(got.detach().cpu().double(), want, rtol=rtol,
-                                   atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got.detach().cpu().double(),
+            want,
+            rtol=rtol,
+            atol=atol * scale,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -76,8 +95,15 @@ def test_chunk_sizes(backend, chunk_size, mode):
 def test_two_dimensional_hidden_without_bias(backend):
     h, w, b, targets, adv, mask = head_case(device=device_for(backend), per_token=True)
     ours, ref = run_both(
-        backend, h.reshape(15, -1), w, b, targets.reshape(15), adv.reshape(15),
-        mask.reshape(15), use_bias=False, tau=0.2,
+        backend,
+        h.reshape(15, -1),
+        w,
+        b,
+        targets.reshape(15),
+        adv.reshape(15),
+        mask.reshape(15),
+        use_bias=False,
+        tau=0.2,
     )
     assert_all_close(ours, ref, rtol=1e-4, atol=1e-5)
 
@@ -114,16 +140,28 @@ def test_stats_match_logits_level(backend):
     from gft_kernels import gft_loss
 
     h, w, b, targets, adv, mask = head_case(device=device_for(backend))
-    loss, stats = fused_linear_gft_loss(h, w, targets, adv, mask, bias=b, tau=0.3,
-                                        temperature=0.7, return_stats=True, backend=backend)
+    loss, stats = fused_linear_gft_loss(
+        h,
+        w,
+        targets,
+        adv,
+        mask,
+        bias=b,
+        tau=0.3,
+        temperature=0.7,
+        return_stats=True,
+        backend=backend,
+    )
     logits = h @ w.T + b
-    loss_l, stats_l = gft_loss(logits, targets, adv, mask, tau=0.3, temperature=0.7,
-                               return_stats=True, backend=backend)
+    loss_l, stats_l = gft_loss(
+        logits, targets, adv, mask, tau=0.3, temperature=0.7, return_stats=True, backend=backend
+    )
     torch.testing.assert_close(loss, loss_l, rtol=1e-5, atol=1e-6)
     valid = (targets != -100) & mask.bool()
     for name in ("logprobs", "probs", "entropy"):
-        torch.testing.assert_close(getattr(stats, name)[valid], getattr(stats_l, name)[valid],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            getattr(stats, name)[valid], getattr(stats_l, name)[valid], rtol=1e-5, atol=1e-5
+        )
     torch.testing.assert_close(stats.rectified_fraction, stats_l.rectified_fraction)
 
 
@@ -154,14 +192,23 @@ def test_dropped_tokens_never_reach_the_head(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("mode", ["token-mean", "none"])
 def test_gradcheck_fp64(backend, mode):
-    h, w, b, targets, adv, mask = head_case(batch=2, seq=3, hidden=4, vocab=6,
-                                            dtype=torch.float64)
+    h, w, b, targets, adv, mask = head_case(batch=2, seq=3, hidden=4, vocab=6, dtype=torch.float64)
     args = [t.clone().requires_grad_(True) for t in (h, w, b)]
 
     def fn(hh, ww, bb):
         # tau = 0: every c is 1, so the loss is differentiable (see the logits-level test).
-        return fused_linear_gft_loss(hh, ww, targets, adv.double(), mask, bias=bb, tau=0.0,
-                                     loss_agg_mode=mode, backend=backend, chunk_size=2)
+        return fused_linear_gft_loss(
+            hh,
+            ww,
+            targets,
+            adv.double(),
+            mask,
+            bias=bb,
+            tau=0.0,
+            loss_agg_mode=mode,
+            backend=backend,
+            chunk_size=2,
+        )
 
     assert torch.autograd.gradcheck(fn, tuple(args), eps=1e-6, atol=1e-7)
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import BACKENDS, MODES, check_against_reference, device_for, make_case
 
 from gft_kernels import gft_loss
-from helpers import BACKENDS, MODES, check_against_reference, device_for, make_case
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,7 +66,12 @@ def test_num_tokens_and_max_response_length(backend):
     logits, targets, adv, mask = make_case(device=device_for(backend))
     check_against_reference(backend, logits, targets, adv, mask, num_tokens=37.0)
     check_against_reference(
-        backend, logits, targets, adv, mask, loss_agg_mode="seq-mean-token-sum-norm",
+        backend,
+        logits,
+        targets,
+        adv,
+        mask,
+        loss_agg_mode="seq-mean-token-sum-norm",
         max_response_length=16,
     )
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import BACKENDS, check_against_reference, device_for, make_case, reference_fp64
 
 from gft_kernels import GFTLoss, gft_loss
-from helpers import BACKENDS, check_against_reference, device_for, make_case, reference_fp64
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -28,11 +28,16 @@ def test_neg_inf_target_logit_is_finite(backend, temperature):
     # The other tokens still match the reference computed without the dead token.
     keep = torch.tensor([0, 2, 3])
     ref = reference_fp64(
-        logits[keep].double().cpu(), targets[keep].cpu(), adv[keep].cpu(), None,
-        temperature=temperature, loss_agg_mode="sum",
+        logits[keep].double().cpu(),
+        targets[keep].cpu(),
+        adv[keep].cpu(),
+        None,
+        temperature=temperature,
+        loss_agg_mode="sum",
     )
-    total = gft_loss(logits, targets, adv, temperature=temperature, loss_agg_mode="sum",
-                     backend=backend)
+    total = gft_loss(
+        logits, targets, adv, temperature=temperature, loss_agg_mode="sum", backend=backend
+    )
     torch.testing.assert_close(total.double().cpu(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -91,7 +96,13 @@ def test_gradcheck_fp64(backend, mode, temperature):
 
     def fn(z):
         return gft_loss(
-            z, targets, adv, mask, tau=0.0, temperature=temperature, loss_agg_mode=mode,
+            z,
+            targets,
+            adv,
+            mask,
+            tau=0.0,
+            temperature=temperature,
+            loss_agg_mode=mode,
             backend=backend,
         )
 
@@ -143,13 +154,30 @@ def test_module_matches_function(backend):
     module = GFTLoss(tau=0.2, temperature=0.7, loss_agg_mode="seq-mean-token-sum", backend=backend)
     assert "tau=0.2" in repr(module)
     got = module(logits, targets, adv, mask)
-    want = gft_loss(logits, targets, adv, mask, tau=0.2, temperature=0.7,
-                    loss_agg_mode="seq-mean-token-sum", backend=backend)
+    want = gft_loss(
+        logits,
+        targets,
+        adv,
+        mask,
+        tau=0.2,
+        temperature=0.7,
+        loss_agg_mode="seq-mean-token-sum",
+        backend=backend,
+    )
     torch.testing.assert_close(got, want)
     override = module(logits, targets, adv, mask, loss_agg_mode="sum")
     torch.testing.assert_close(
-        override, gft_loss(logits, targets, adv, mask, tau=0.2, temperature=0.7,
-                           loss_agg_mode="sum", backend=backend)
+        override,
+        gft_loss(
+            logits,
+            targets,
+            adv,
+            mask,
+            tau=0.2,
+            temperature=0.7,
+            loss_agg_mode="sum",
+            backend=backend,
+        ),
     )
 
 

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from helpers import BACKENDS, MODES, check_against_reference, device_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import BACKENDS, MODES, check_against_reference, device_for
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -20,8 +19,10 @@ def cases(draw):
     per_token = draw(st.booleans())
     seed = draw(st.integers(0, 2**16))
     gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64)
-              * draw(st.sampled_from([0.5, 3.0, 10.0]))).to(dtype)
+    logits = (
+        torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64)
+        * draw(st.sampled_from([0.5, 3.0, 10.0]))
+    ).to(dtype)
     targets = torch.randint(0, vocab, (batch, seq), generator=gen)
     ignored = torch.rand(batch, seq, generator=gen) < draw(st.sampled_from([0.0, 0.3]))
     targets[ignored] = -100

@@ -42,8 +42,9 @@ def test_arbitrary_group_ids(norm_by_std):
 def test_singleton_group_keeps_raw_reward():
     got = group_advantages(torch.tensor([2.5, 1.0, 3.0]), torch.tensor([0, 1, 1]))
     torch.testing.assert_close(got[0], torch.tensor(2.5 / (1 + 1e-6)))
-    no_std = group_advantages(torch.tensor([2.5, 1.0, 3.0]), torch.tensor([0, 1, 1]),
-                              norm_by_std=False)
+    no_std = group_advantages(
+        torch.tensor([2.5, 1.0, 3.0]), torch.tensor([0, 1, 1]), norm_by_std=False
+    )
     assert no_std[0] == 2.5
 
 

@@ -44,8 +44,14 @@ def transcription(logits, targets, advantages, mask, tau, temperature, mode, tle
 
 @pytest.mark.parametrize(
     "mode",
-    ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum",
-     "none"],
+    [
+        "token-mean",
+        "seq-mean-token-sum",
+        "seq-mean-token-mean",
+        "seq-mean-token-sum-norm",
+        "sum",
+        "none",
+    ],
 )
 @pytest.mark.parametrize("tau", [0.0, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -59,8 +65,10 @@ def test_reference_matches_transcription(mode, tau, temperature, per_token):
     targets[0, 2] = -100
     mask = torch.ones(batch, seq, dtype=torch.bool)
     mask[2, 0] = False
-    adv = torch.randn(batch, seq, dtype=torch.float64) if per_token else torch.randn(
-        batch, dtype=torch.float64
+    adv = (
+        torch.randn(batch, seq, dtype=torch.float64)
+        if per_token
+        else torch.randn(batch, dtype=torch.float64)
     )
     got = gft_loss_reference(
         logits, targets, adv, mask, tau=tau, temperature=temperature, loss_agg_mode=mode
