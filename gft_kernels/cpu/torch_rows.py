@@ -52,11 +52,16 @@ def row_stats(
         # A row of -inf has no finite max; shifting by 0 keeps exp() at 0 instead of NaN.
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         shifted = z.sub_(row_max)  # in place on the private fp32 copy
-        lse_1[start : start + step] = row_max.squeeze(-1) + shifted.exp().sum(-1).log()
-        scaled = shifted.mul_(inv_t)  # (z - max) / T
+        if temperature != 1.0:
+            lse_1[start : start + step] = row_max.squeeze(-1) + shifted.exp().sum(-1).log()
+            scaled = shifted.mul_(inv_t)  # (z - max) / T
+        else:
+            scaled = shifted
         probs_unnorm = scaled.exp()
         sum_t = probs_unnorm.sum(-1)
         lse_t[start : start + step] = row_max.squeeze(-1) * inv_t + sum_t.log()
+        if temperature == 1.0:  # one exponential serves both sums
+            lse_1[start : start + step] = lse_t[start : start + step]
         if with_entropy:
             # H = log S - sum(e * x) / S with x = (z - max) / T; e = 0 where x = -inf.
             weighted = torch.where(probs_unnorm > 0, probs_unnorm * scaled, 0.0).sum(-1)

@@ -44,6 +44,7 @@ def _row_stats_kernel(
     inv_temperature,
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    UNIT_TEMPERATURE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -59,11 +60,18 @@ def _row_stats_kernel(
         # Shift by 0 while everything seen is -inf so that exp() gives 0, not NaN.
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
         rescale_1 = tl.exp(row_max - shift)
-        delta_t = (row_max - shift) * inv_temperature
-        rescale_t = tl.exp(delta_t)
         e_1 = tl.exp(z - shift)
-        x = (z - shift) * inv_temperature
-        e_t = tl.exp(x)
+        if UNIT_TEMPERATURE:
+            # T = 1: both exp-sums are the same sum; one exponential per element.
+            delta_t = row_max - shift
+            rescale_t = rescale_1
+            x = z - shift
+            e_t = e_1
+        else:
+            delta_t = (row_max - shift) * inv_temperature
+            rescale_t = tl.exp(delta_t)
+            x = (z - shift) * inv_temperature
+            e_t = tl.exp(x)
         if WITH_ENTROPY:
             # U' = r * (U + delta * S) re-centres the entropy numerator on the new max;
             # with no finite value seen yet S = 0 and delta is -inf, so the term is 0.
@@ -141,6 +149,7 @@ def row_stats(
             1.0 / temperature,
             BLOCK_V=block,
             WITH_ENTROPY=with_entropy,
+            UNIT_TEMPERATURE=temperature == 1.0,
             num_warps=_num_warps(block),
         )
     return lse_t, lse_1, entropy
