@@ -232,3 +232,19 @@ def test_module_and_bad_input():
         fused_linear_gft_loss(h, w, torch.full_like(targets, 37), adv, mask)
     with pytest.raises(ValueError, match="hidden: expected a 2-D or 3-D"):
         fused_linear_gft_loss(h[0, 0], w, targets, adv, mask)
+
+
+def test_backward_scales_by_upstream_and_refuses_a_second_pass():
+    h, w, b, targets, adv, mask = head_case()
+    hh = h.clone().requires_grad_(True)
+    ww = w.clone().requires_grad_(True)
+    loss = fused_linear_gft_loss(hh, ww, targets, adv, mask, backend="torch")
+    (loss / 4).backward(retain_graph=True)  # gradient accumulation style
+    hr = h.clone().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+    ref = reference_fp64(hr.double() @ wr.double().T, targets, adv, mask)
+    (ref / 4).backward()
+    torch.testing.assert_close(hh.grad.double(), hr.grad.double(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ww.grad.double(), wr.grad.double(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
