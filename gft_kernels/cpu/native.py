@@ -33,8 +33,8 @@ BUILD_DIR_ENV = "GFT_KERNELS_BUILD_DIR"
 # OpenMP pragmas are compiled into this module (without it the kernels run on one thread).
 # No -march=native: the cached .so may be loaded on another CPU; the AVX2 path is selected
 # at run time through function target attributes instead.
-EXTRA_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall"]
-EXTRA_LDFLAGS = ["-fopenmp"]
+EXTRA_CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-Wall")
+EXTRA_LDFLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
@@ -57,13 +57,18 @@ def source_path() -> Path:
     )
 
 
-def _short_reason(err: BaseException, limit: int = 600) -> str:
-    """A compiler failure message is pages long; keep the lines that say what went wrong."""
-    text = f"{type(err).__name__}: {err}".strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    key = [ln for ln in lines if "error" in ln.lower() or "not found" in ln.lower()]
-    summary = "\n".join((key or lines)[:6])
-    return summary if len(summary) <= limit else summary[: limit - 3] + "..."
+def _short_reason(err: BaseException, max_lines: int = 4, max_chars: int = 240) -> str:
+    """A compiler failure is pages long (the whole command line included); keep what went
+    wrong: the compiler's ``error:`` lines if any, else the first line of the message."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    keys = ("error:", "fatal", "not found", "no such file")
+    errors = [ln for ln in lines if any(k in ln.lower() for k in keys)]
+    picked = errors[:max_lines] if errors else lines[:1]
+    if not picked:
+        return type(err).__name__
+    clipped = [ln if len(ln) <= max_chars else ln[: max_chars - 3] + "..." for ln in picked]
+    prefix = "compiler error: " if errors else f"{type(err).__name__}: "
+    return prefix + " | ".join(clipped)
 
 
 def _build(verbose: bool) -> ModuleType:
@@ -80,8 +85,10 @@ def _build(verbose: bool) -> ModuleType:
     return cpp_extension.load(
         name=EXTENSION_NAME,
         sources=[str(source_path())],
-        extra_cflags=EXTRA_CFLAGS,
-        extra_ldflags=EXTRA_LDFLAGS,
+        # Fresh lists: load() appends to them in place, and a changed argument list makes
+        # a second load() in the same process rebuild under a new "_v1" name.
+        extra_cflags=list(EXTRA_CFLAGS),
+        extra_ldflags=list(EXTRA_LDFLAGS),
         verbose=verbose,
         **kwargs,
     )
@@ -143,6 +150,12 @@ def require() -> ModuleType:
         ) from err
 
 
+def simd_path() -> str:
+    """``"avx2"`` (AVX2+FMA+F16C inner loops) or ``"scalar"`` (portable C++ with libm exp:
+    CPUs without AVX2 and non-x86 machines); builds the module if needed."""
+    return load().simd_path()
+
+
 def _reset_for_tests() -> None:
     """Forget the cached module, failure and warning so the next call builds again."""
     global _module, _error, _warned, _build_seconds
@@ -178,7 +191,8 @@ def row_grad(
 ) -> torch.Tensor:
     """Write ``coef * (softmax(z / T) - onehot(targets))`` into ``out`` and return it.
 
-    ``logits``/``out``: ``(N, V)``, same dtype, ``out`` may be ``logits`` itself (in-place).
+    ``logits``/``out``: ``(N, V)``, same dtype; ``out`` may be ``logits`` itself (in place)
+    but must not otherwise overlap it.
     ``targets``: int64 ``(N,)`` in ``[0, V)``; ``lse_t``/``coef``: ``(N,)`` in the stat dtype
     (fp64 for fp64 logits, else fp32). Rows with ``coef == 0`` are zero-filled without
     reading their logits.

@@ -1,0 +1,315 @@
+"""``GFTDataCollator``: groups of responses per prompt in, padded rows with advantages out.
+
+One dataset example is one prompt with its group of responses::
+
+    {"prompt_ids": [int, ...],
+     "responses": [{"ids": [int, ...], "reward": float, "source": "expert"}, ...]}
+
+or, with a tokenizer, ``"prompt": str`` and ``{"text": str, ...}`` instead of the ids.
+Each (prompt, response) pair becomes one row ``prompt + response`` (right padding). The
+advantages are computed inside each prompt's group (GAL, DESIGN §1), which is why the
+collator sees whole groups: a group split across batches would get other advantages.
+
+Collation happens in two stages, so that the trainer can add the policy's own samples to
+each group between them (the hybrid group): :meth:`GFTDataCollator.normalize` checks and
+tokenizes the raw examples into :class:`PromptGroup` objects, :meth:`GFTDataCollator.collate`
+pads them and computes the advantages. ``collator(examples)`` does both.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from gft_kernels import group_advantages
+
+SOURCES = ("expert", "teacher", "self")
+# Per-row source code in the batch (``batch["sources"]``), stable across versions.
+SOURCE_CODES = {name: code for code, name in enumerate(SOURCES)}
+
+
+@dataclass(frozen=True)
+class Response:
+    """One response of a group: token ids, scalar reward and where it came from."""
+
+    ids: Tuple[int, ...]
+    reward: float
+    source: str
+    text: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """A prompt and its group of responses, checked and tokenized."""
+
+    prompt_ids: Tuple[int, ...]
+    responses: Tuple[Response, ...]
+    prompt_text: Optional[str] = None
+
+    def with_responses(self, extra: Sequence[Response]) -> PromptGroup:
+        """The same prompt with ``extra`` responses appended to its group."""
+        return PromptGroup(self.prompt_ids, self.responses + tuple(extra), self.prompt_text)
+
+
+def _token_ids(where: str, value: Any) -> Tuple[int, ...]:
+    """A non-empty sequence of non-negative token ids (list, tuple or 1-D tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise ValueError(
+                f"{where}: expected a 1-D integer tensor, got {value.dtype} of shape "
+                f"{tuple(value.shape)}"
+            )
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{where}: expected a list of int token ids, got {type(value).__name__}")
+    ids = []
+    for i, tok in enumerate(value):
+        if isinstance(tok, bool):
+            raise TypeError(f"{where}[{i}]: expected an int token id, got bool")
+        try:
+            tok = operator.index(tok)
+        except TypeError:
+            raise TypeError(
+                f"{where}[{i}]: expected an int token id, got {type(tok).__name__}"
+            ) from None
+        if tok < 0:
+            raise ValueError(f"{where}[{i}]: expected a token id >= 0, got {tok}")
+        ids.append(tok)
+    if not ids:
+        raise ValueError(f"{where}: expected at least one token, got an empty sequence")
+    return tuple(ids)
+
+
+def _reward(where: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() <= 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value}")
+    return value
+
+
+class GFTDataCollator:
+    """Collates prompt groups into GFT training rows.
+
+    Args:
+        tokenizer: optional; needed for text fields (``prompt``, response ``text``) and
+            used for the pad id. Minimal protocol: ``encode(text, add_special_tokens=...)``
+            returning a list of ids, ``decode(ids, skip_special_tokens=True)``,
+            ``pad_token_id`` and ``eos_token_id`` (any HF tokenizer fits).
+        pad_token_id: pad id of ``input_ids`` (default: the tokenizer's pad, else its eos).
+        norm_adv_by_std: GRPO normalisation of the advantages (see ``group_advantages``).
+        adv_eps: ``eps`` of the advantages.
+        max_response_length: responses longer than this are truncated (right side).
+        append_eos: append the tokenizer's eos to responses given as text (ids are used
+            exactly as given).
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+
+    Returns (``collator(examples)``), with R = total number of responses, L = padded length:
+        ``input_ids`` (R, L) int64, prompt + response, right padding with the pad id;
+        ``attention_mask`` (R, L) int64; ``response_mask`` (R, L) int64, 1 on response
+        tokens only (input positions: the token at t is predicted from position t - 1);
+        ``group_ids`` (R,) int64, the prompt's index in the batch; ``rewards`` (R,) fp32;
+        ``advantages`` (R,) fp32, normalised inside each prompt's group; ``sources`` (R,)
+        int64, codes of :data:`SOURCE_CODES`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        *,
+        pad_token_id: Optional[int] = None,
+        norm_adv_by_std: bool = True,
+        adv_eps: float = 1e-6,
+        max_response_length: Optional[int] = None,
+        append_eos: bool = True,
+        pad_to_multiple_of: Optional[int] = None,
+    ) -> None:
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
+            if pad_token_id is None:
+                pad_token_id = getattr(tokenizer, "eos_token_id", None)
+        if pad_token_id is None:
+            raise ValueError(
+                "pad_token_id: expected an int (or a tokenizer with pad_token_id or "
+                "eos_token_id), got None"
+            )
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise ValueError(f"pad_token_id: expected an int >= 0, got {pad_token_id!r}")
+        if not isinstance(norm_adv_by_std, bool):
+            raise TypeError(
+                f"norm_adv_by_std: expected a bool, got {type(norm_adv_by_std).__name__}"
+            )
+        for name, value in (
+            ("max_response_length", max_response_length),
+            ("pad_to_multiple_of", pad_to_multiple_of),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise ValueError(f"{name}: expected None or a positive int, got {value!r}")
+        self.tokenizer = tokenizer
+        self.pad_token_id = pad_token_id
+        self.norm_adv_by_std = norm_adv_by_std
+        self.adv_eps = float(adv_eps)
+        self.max_response_length = max_response_length
+        self.append_eos = append_eos
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    # -- stage 1: check and tokenize ------------------------------------------------------
+
+    def _encode(self, where: str, text: Any, *, response: bool) -> Tuple[int, ...]:
+        if not isinstance(text, str):
+            raise TypeError(f"{where}: expected a str, got {type(text).__name__}")
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{where}: text needs a tokenizer (pass tokenizer= to GFTDataCollator) or "
+                "give token ids instead"
+            )
+        ids = list(self.tokenizer.encode(text, add_special_tokens=not response))
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if response and self.append_eos and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return _token_ids(where, ids)
+
+    def _response(self, where: str, raw: Any) -> Response:
+        if isinstance(raw, Response):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise TypeError(f"{where}: expected a dict, got {type(raw).__name__}")
+        text = raw.get("text")
+        if raw.get("ids") is not None:
+            ids = _token_ids(f'{where}["ids"]', raw["ids"])
+        elif text is not None:
+            ids = self._encode(f'{where}["text"]', text, response=True)
+        else:
+            raise ValueError(f'{where}: expected a "ids" (token ids) or "text" field')
+        if "reward" not in raw:
+            raise ValueError(f'{where}: missing the "reward" field')
+        reward = _reward(f'{where}["reward"]', raw["reward"])
+        source = raw.get("source")
+        if source not in SOURCE_CODES:
+            raise ValueError(
+                f'{where}["source"]: expected one of {", ".join(SOURCES)}, got {source!r}'
+            )
+        return Response(ids, reward, source, text if isinstance(text, str) else None)
+
+    def normalize(self, examples: Sequence[Any]) -> List[PromptGroup]:
+        """Check and tokenize raw examples (``PromptGroup`` entries pass through)."""
+        if isinstance(examples, Mapping) or not isinstance(examples, Sequence):
+            raise TypeError(
+                f"examples: expected a list of examples, got {type(examples).__name__}"
+            )
+        if len(examples) == 0:
+            raise ValueError("examples: expected at least one example, got an empty batch")
+        groups = []
+        for i, example in enumerate(examples):
+            where = f"examples[{i}]"
+            if isinstance(example, PromptGroup):
+                groups.append(example)
+                continue
+            if not isinstance(example, Mapping):
+                raise TypeError(f"{where}: expected a dict, got {type(example).__name__}")
+            prompt_text = example.get("prompt")
+            if example.get("prompt_ids") is not None:
+                prompt_ids = _token_ids(f'{where}["prompt_ids"]', example["prompt_ids"])
+            elif prompt_text is not None:
+                prompt_ids = self._encode(f'{where}["prompt"]', prompt_text, response=False)
+            else:
+                raise ValueError(f'{where}: expected a "prompt_ids" or "prompt" field')
+            responses = example.get("responses")
+            if isinstance(responses, (str, bytes, Mapping)) or not isinstance(
+                responses, Sequence
+            ):
+                raise TypeError(
+                    f'{where}["responses"]: expected a list of responses, got '
+                    f"{type(responses).__name__}"
+                )
+            if len(responses) == 0:
+                raise ValueError(f'{where}["responses"]: expected at least one response')
+            parsed = tuple(
+                self._response(f'{where}["responses"][{j}]', r) for j, r in enumerate(responses)
+            )
+            groups.append(
+                PromptGroup(
+                    prompt_ids,
+                    parsed,
+                    prompt_text if isinstance(prompt_text, str) else None,
+                )
+            )
+        return groups
+
+    # -- stage 2: pad and compute the advantages ------------------------------------------
+
+    def collate(self, groups: Sequence[PromptGroup]) -> Dict[str, torch.Tensor]:
+        """Pad ``groups`` into rows and compute the advantages inside each group."""
+        if len(groups) == 0:
+            raise ValueError("groups: expected at least one prompt group, got none")
+        rows: List[Tuple[Tuple[int, ...], Tuple[int, ...]]] = []
+        group_ids, rewards, sources = [], [], []
+        for g, group in enumerate(groups):
+            if len(group.responses) == 0:
+                raise ValueError(f"groups[{g}].responses: expected at least one response")
+            for response in group.responses:
+                ids = response.ids
+                if self.max_response_length is not None:
+                    ids = ids[: self.max_response_length]
+                rows.append((group.prompt_ids, ids))
+                group_ids.append(g)
+                rewards.append(response.reward)
+                sources.append(SOURCE_CODES[response.source])
+
+        length = max(len(p) + len(r) for p, r in rows)
+        if self.pad_to_multiple_of is not None:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n_rows = len(rows)
+        input_ids = torch.full((n_rows, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n_rows, length), dtype=torch.long)
+        response_mask = torch.zeros((n_rows, length), dtype=torch.long)
+        for i, (prompt, response) in enumerate(rows):
+            n_prompt, n_total = len(prompt), len(prompt) + len(response)
+            input_ids[i, :n_total] = torch.tensor(prompt + response, dtype=torch.long)
+            attention_mask[i, :n_total] = 1
+            response_mask[i, n_prompt:n_total] = 1
+
+        group_ids_t = torch.tensor(group_ids, dtype=torch.long)
+        rewards_t = torch.tensor(rewards, dtype=torch.float32)
+        advantages = group_advantages(
+            rewards_t, group_ids_t, norm_by_std=self.norm_adv_by_std, eps=self.adv_eps
+        )
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "response_mask": response_mask,
+            "group_ids": group_ids_t,
+            "rewards": rewards_t,
+            "advantages": advantages,
+            "sources": torch.tensor(sources, dtype=torch.long),
+        }
+
+    def __call__(self, examples: Sequence[Any]) -> Dict[str, torch.Tensor]:
+        return self.collate(self.normalize(examples))
+
+
+class DeferredGroups:
+    """Collator used while self-sampling: it checks and tokenizes in the data loader and
+    leaves padding and advantages to the trainer, which first adds the policy's samples.
+
+    Returns ``{"gft_groups": [PromptGroup, ...]}``; frozen dataclasses pass unchanged
+    through the Trainer's and accelerate's device placement.
+    """
+
+    KEY = "gft_groups"
+
+    def __init__(self, collator: GFTDataCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: Sequence[Any]) -> Dict[str, List[PromptGroup]]:
+        return {self.KEY: self.collator.normalize(examples)}

@@ -1,0 +1,168 @@
+"""``GFTConfig``: ``transformers.TrainingArguments`` plus the GFT loss and sampling options."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Union
+
+from transformers import TrainingArguments
+
+# The reduced aggregation modes of DESIGN §1. ``none`` (per-token losses) is left out: a
+# trainer needs a scalar to back-propagate.
+TRAINER_LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+    "sum",
+)
+GFT_BACKENDS = ("auto", "triton", "cpu", "torch")
+
+
+def _default_generation_kwargs() -> Dict[str, Any]:
+    return {"max_new_tokens": 256, "do_sample": True}
+
+
+@dataclass
+class GFTConfig(TrainingArguments):
+    """Training arguments for :class:`~gft_kernels.integration.GFTTrainer`.
+
+    All fields of ``transformers.TrainingArguments`` apply; the GFT fields are:
+
+    Attributes:
+        tau: DCR threshold: token weight ``c = q if q <= tau else 1`` (DESIGN §1).
+        temperature: temperature of ``log p``; also the default sampling temperature of
+            the self samples (the rollout and the loss should agree on it).
+        loss_agg_mode: one of ``token-mean``, ``seq-mean-token-sum``,
+            ``seq-mean-token-mean``, ``seq-mean-token-sum-norm``, ``sum``.
+        norm_adv_by_std: GRPO advantages ``(r - mean) / (std + eps)`` when True, else
+            ``r - mean`` (Dr. GRPO style).
+        adv_eps: the ``eps`` of the advantages.
+        num_self_samples: responses sampled from the current policy per prompt at every
+            training step and merged into the prompt's group (needs a ``reward_fn``).
+        max_response_length: responses are truncated to this many tokens; it is also
+            ``Tlen`` of ``seq-mean-token-sum-norm`` (else the longest response of the batch).
+        generation_kwargs: keywords of ``model.generate`` for the self samples.
+        gft_backend: ``backend`` of ``fused_linear_gft_loss`` (``auto``, ``triton``, ``cpu``,
+            ``torch``).
+        gft_chunk_size: ``chunk_size`` of ``fused_linear_gft_loss`` (None: its default).
+        log_token_stats: log ``rectified_fraction`` and the mean entropy. They come from the
+            loss pass itself, but every valid token then reaches the head, including those of
+            zero-advantage groups that would otherwise be skipped.
+        check_head: on the first batch, compare ``hidden @ W.T (+ b)`` with the model's own
+            logits once and raise if they differ (a model that rescales or soft-caps its
+            logits cannot use the fused head).
+        model_init_kwargs: keywords of ``from_pretrained`` / ``from_config`` when the trainer
+            is given a model name or a config instead of a model.
+
+    ``remove_unused_columns`` defaults to False here: the collator needs the raw
+    ``prompt``/``responses`` fields, which are not arguments of ``model.forward``.
+    """
+
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep dataset columns: the GFT collator needs prompt/responses."},
+    )
+    tau: float = field(default=0.1, metadata={"help": "DCR threshold tau >= 0."})
+    temperature: float = field(default=1.0, metadata={"help": "Temperature of log p (> 0)."})
+    loss_agg_mode: str = field(
+        default="token-mean",
+        metadata={"help": "Aggregation: " + ", ".join(TRAINER_LOSS_AGG_MODES)},
+    )
+    norm_adv_by_std: bool = field(
+        default=True, metadata={"help": "Divide advantages by the group std (GRPO)."}
+    )
+    adv_eps: float = field(default=1e-6, metadata={"help": "eps added to the group std."})
+    num_self_samples: int = field(
+        default=0, metadata={"help": "Policy samples per prompt added to each group."}
+    )
+    max_response_length: Optional[int] = field(
+        default=None, metadata={"help": "Truncate responses; Tlen of seq-mean-token-sum-norm."}
+    )
+    # ``dict | str | None`` (the shape HfArgumentParser reads as a string): a JSON string
+    # from the command line becomes a dict; None means the defaults.
+    generation_kwargs: Optional[Union[Dict[str, Any], str]] = field(
+        default_factory=_default_generation_kwargs,
+        metadata={"help": "Keywords of model.generate for the self samples (dict or JSON)."},
+    )
+    gft_backend: str = field(
+        default="auto", metadata={"help": "Backend of fused_linear_gft_loss."}
+    )
+    gft_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "Token chunk of the fused head (None: default)."}
+    )
+    log_token_stats: bool = field(
+        default=True, metadata={"help": "Log rectified_fraction and entropy."}
+    )
+    check_head: bool = field(
+        default=True, metadata={"help": "Check the fused head against the model's logits once."}
+    )
+    model_init_kwargs: Optional[Union[Dict[str, Any], str]] = field(
+        default=None,
+        metadata={"help": "Keywords for loading a model from a name or config (dict or JSON)."},
+    )
+
+    def __post_init__(self) -> None:
+        self._check_gft_fields()
+        super().__post_init__()
+
+    def _check_gft_fields(self) -> None:
+        def number(name: str, value: object) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value}")
+            return float(value)
+
+        if number("tau", self.tau) < 0:
+            raise ValueError(f"tau: expected a value in [0, inf), got {self.tau}")
+        if number("temperature", self.temperature) <= 0:
+            raise ValueError(f"temperature: expected a value > 0, got {self.temperature}")
+        if number("adv_eps", self.adv_eps) < 0:
+            raise ValueError(f"adv_eps: expected a value >= 0, got {self.adv_eps}")
+        if self.loss_agg_mode not in TRAINER_LOSS_AGG_MODES:
+            raise ValueError(
+                f"loss_agg_mode: expected one of {', '.join(TRAINER_LOSS_AGG_MODES)}, got "
+                f"{self.loss_agg_mode!r}"
+            )
+        if not isinstance(self.norm_adv_by_std, bool):
+            raise TypeError(
+                f"norm_adv_by_std: expected a bool, got {type(self.norm_adv_by_std).__name__}"
+            )
+        for name in ("num_self_samples",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+        for name in ("max_response_length", "gft_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise ValueError(f"{name}: expected None or a positive int, got {value!r}")
+        for name in ("generation_kwargs", "model_init_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, json.loads(value))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{name}: expected a dict or a JSON object, got {value!r}") \
+                        from err
+        if self.generation_kwargs is None:
+            self.generation_kwargs = _default_generation_kwargs()
+        if not isinstance(self.generation_kwargs, dict):
+            raise TypeError(
+                "generation_kwargs: expected a dict, got "
+                f"{type(self.generation_kwargs).__name__}"
+            )
+        if self.gft_backend not in GFT_BACKENDS:
+            raise ValueError(
+                f"gft_backend: expected one of {', '.join(GFT_BACKENDS)}, got "
+                f"{self.gft_backend!r}"
+            )
+        if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
+            raise TypeError(
+                "model_init_kwargs: expected None or a dict, got "
+                f"{type(self.model_init_kwargs).__name__}"
+            )
