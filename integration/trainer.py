@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, Trainer
 
 from gft_kernels import fused_linear_gft_loss
+from gft_kernels.distributed import global_num_tokens
 
 from .collator import SOURCE_CODES, DeferredGroups, GFTDataCollator, PromptGroup, Response
 from .config import GFTConfig
@@ -111,7 +112,9 @@ class GFTTrainer(Trainer):
     the self samples).
 
     The loss of each micro-batch is its own mean (``token-mean`` divides by the micro-batch's
-    response tokens); under gradient accumulation the Trainer averages the micro-batches.
+    response tokens, counted over all data-parallel ranks and divided by their number, so
+    that DDP's gradient average equals one rank holding the whole micro-batch); under
+    gradient accumulation the Trainer averages the micro-batches.
     Models whose logits are not ``hidden @ W.T (+ b)`` (soft-capped or rescaled logits) are
     rejected by the first-batch check (``args.check_head``). FSDP and DeepSpeed ZeRO-3 shard
     the head weight outside the forward and are not supported.
@@ -454,6 +457,12 @@ class GFTTrainer(Trainer):
         if weight.dtype != compute_dtype:
             weight = weight.to(compute_dtype)
             bias = bias.to(compute_dtype) if bias is not None else None
+        # Under data parallelism the ranks' gradients are averaged, so token-mean divides by
+        # the global token count over the world size (one all-reduce): N ranks then give
+        # the gradient of one rank holding the whole batch.
+        num_tokens = None
+        if args.loss_agg_mode == "token-mean" and self.accelerator.num_processes > 1:
+            num_tokens = global_num_tokens(t_in)
         stats = None
         if h_in.numel() == 0:  # no response token at all: a defined 0 that keeps the graph
             loss = hidden.sum() * 0.0
@@ -471,6 +480,7 @@ class GFTTrainer(Trainer):
                     temperature=args.temperature,
                     loss_agg_mode=args.loss_agg_mode,
                     max_response_length=args.max_response_length,
+                    num_tokens=num_tokens,
                     return_stats=args.log_token_stats,
                     backend=args.gft_backend,
                     chunk_size=args.gft_chunk_size,
