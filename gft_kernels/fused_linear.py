@@ -20,11 +20,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 from gft_kernels import _checks
-from gft_kernels.backends import RowKernels, resolve
+from gft_kernels.backends import RowKernels
 from gft_kernels.function import token_terms
-from gft_kernels.rows import VocabShard, row_gradient, row_statistics, vocab_shard
+from gft_kernels.rows import VocabShard, row_gradient, row_statistics
 from gft_kernels.stats import GFTStats
-from gft_kernels.tokens import make_stats, prepare_tokens
+from gft_kernels.tokens import make_stats, prepare_call
 
 # Bytes of one chunk's logits buffer when chunk_size is not given: large enough for
 # efficient matmuls, small enough that the head's memory stays dominated by dW.
@@ -291,9 +291,6 @@ def fused_linear_gft_loss(
     if weight.device != hidden.device:
         raise ValueError(f"weight: expected device {hidden.device}, got {weight.device}")
     vocab_size = weight.shape[0]
-    shard = None
-    if process_group is not None:
-        shard = vocab_shard(process_group, vocab_size, hidden.device)
     if bias is not None:
         _checks.check_float_tensor("bias", bias, dims=(1,))
         if tuple(bias.shape) != (vocab_size,):
@@ -307,16 +304,14 @@ def fused_linear_gft_loss(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    kernels = resolve(backend, hidden.device, hidden.dtype)
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    batch = prepare_tokens(
+    kernels, shard, batch = prepare_call(
+        hidden,
+        vocab_size,
         targets,
         advantages,
         mask,
-        token_shape=hidden.shape[:-1],
-        vocab_size=vocab_size if shard is None else shard.total,
-        device=hidden.device,
-        acc_dtype=acc_dtype,
+        backend=backend,
+        process_group=process_group,
         tau=tau,
         temperature=temperature,
         loss_agg_mode=loss_agg_mode,

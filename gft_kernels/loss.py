@@ -7,12 +7,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from gft_kernels import _checks
-from gft_kernels.backends import resolve
-from gft_kernels.cpu.torch_rows import accumulate_dtype
 from gft_kernels.function import GFTTokenLossFunction
-from gft_kernels.rows import vocab_shard
 from gft_kernels.stats import GFTStats
-from gft_kernels.tokens import make_stats, prepare_tokens, reduce_loss
+from gft_kernels.tokens import make_stats, prepare_call, reduce_loss
 
 
 def gft_loss(
@@ -65,22 +62,17 @@ def gft_loss(
     """
     _checks.check_float_tensor("logits", logits, dims=(2, 3))
     _checks.check_nonempty("logits", logits, "token and one vocabulary entry")
+    vocab_size = logits.shape[-1]
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}")
-    kernels = resolve(backend, logits.device, logits.dtype)
-    acc_dtype = accumulate_dtype(logits.dtype)
-    vocab_size = logits.shape[-1]
-    shard = None
-    if process_group is not None:
-        shard = vocab_shard(process_group, vocab_size, logits.device)
-    batch = prepare_tokens(
+    kernels, shard, batch = prepare_call(
+        logits,
+        vocab_size,
         targets,
         advantages,
         mask,
-        token_shape=logits.shape[:-1],
-        vocab_size=vocab_size if shard is None else shard.total,
-        device=logits.device,
-        acc_dtype=acc_dtype,
+        backend=backend,
+        process_group=process_group,
         tau=tau,
         temperature=temperature,
         loss_agg_mode=loss_agg_mode,

@@ -11,7 +11,18 @@ from gft_kernels.fused_linear import fused_linear_gft_loss
 from gft_kernels.loss import gft_loss
 
 
-class GFTLoss(nn.Module):
+class _KeywordLoss(nn.Module):
+    """Holds a loss function's keywords; per-call keywords override them."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.kwargs = kwargs
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class GFTLoss(_KeywordLoss):
     """Module form of :func:`gft_kernels.gft_loss`; keywords are fixed at construction.
 
     ``forward(logits, targets, advantages, mask=None, **overrides)`` accepts the same
@@ -29,8 +40,7 @@ class GFTLoss(nn.Module):
         backend: str = "auto",
         inplace_backward: bool = False,
     ) -> None:
-        super().__init__()
-        self.kwargs = dict(
+        super().__init__(
             tau=tau,
             temperature=temperature,
             loss_agg_mode=loss_agg_mode,
@@ -39,9 +49,6 @@ class GFTLoss(nn.Module):
             backend=backend,
             inplace_backward=inplace_backward,
         )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
     def forward(
         self,
@@ -54,7 +61,7 @@ class GFTLoss(nn.Module):
         return gft_loss(logits, targets, advantages, mask, **{**self.kwargs, **overrides})
 
 
-class FusedLinearGFTLoss(nn.Module):
+class FusedLinearGFTLoss(_KeywordLoss):
     """Module form of :func:`gft_kernels.fused_linear_gft_loss`.
 
     ``forward(hidden, weight, targets, advantages, mask=None, bias=None, **overrides)``;
@@ -72,8 +79,7 @@ class FusedLinearGFTLoss(nn.Module):
         backend: str = "auto",
         chunk_size: Optional[int] = None,
     ) -> None:
-        super().__init__()
-        self.kwargs = dict(
+        super().__init__(
             tau=tau,
             temperature=temperature,
             loss_agg_mode=loss_agg_mode,
@@ -82,9 +88,6 @@ class FusedLinearGFTLoss(nn.Module):
             backend=backend,
             chunk_size=chunk_size,
         )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
     def forward(
         self,

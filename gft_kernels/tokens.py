@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from gft_kernels import _checks
 from gft_kernels.aggregation import token_weights
+from gft_kernels.backends import RowKernels, resolve
+from gft_kernels.cpu.torch_rows import accumulate_dtype
+from gft_kernels.rows import VocabShard, vocab_shard
 from gft_kernels.stats import GFTStats
 
 
@@ -100,6 +103,40 @@ def prepare_tokens(
         tau=tau,
         temperature=temperature,
     )
+
+
+def prepare_call(
+    anchor: torch.Tensor,
+    local_vocab: int,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    *,
+    backend: object,
+    process_group: Optional[object],
+    **options: object,
+) -> Tuple[RowKernels, Optional[VocabShard], TokenBatch]:
+    """Dispatch and token preparation shared by both public losses.
+
+    ``anchor`` is the logits or hidden tensor whose leading dims are the tokens and whose
+    device/dtype pick the kernels; ``local_vocab`` is this rank's vocabulary size.
+    ``options`` are the loss keywords checked by :func:`prepare_tokens`.
+    """
+    kernels = resolve(backend, anchor.device, anchor.dtype)
+    shard = None
+    if process_group is not None:
+        shard = vocab_shard(process_group, local_vocab, anchor.device)
+    batch = prepare_tokens(
+        targets,
+        advantages,
+        mask,
+        token_shape=anchor.shape[:-1],
+        vocab_size=local_vocab if shard is None else shard.total,
+        device=anchor.device,
+        acc_dtype=accumulate_dtype(anchor.dtype),
+        **options,
+    )
+    return kernels, shard, batch
 
 
 def reduce_loss(token_loss: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
