@@ -162,8 +162,7 @@ class FusedLinearGFTFunction(torch.autograd.Function):
         ctx.shard = shard
         ctx.param_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         if reduce_now:
-            # Plain attributes, not saved tensors: they are this node's own buffers, scaled
-            # in place by the backward (see _scaled_grads).
+            # Plain attributes, not saved tensors: the backward takes them over (below).
             ctx.precomputed = (grad_h, grad_w, grad_b)
         else:
             ctx.save_for_backward(hidden, weight, bias, targets, scale)
@@ -174,9 +173,19 @@ class FusedLinearGFTFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *_unused):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.reduce_now:
+            if ctx.precomputed is None:
+                raise RuntimeError(
+                    "fused_linear_gft_loss: a second backward through the same graph; the "
+                    "gradients computed in the forward were handed to the first one "
+                    "(recompute the loss instead of using retain_graph=True)"
+                )
+            # Hand the buffers over: with no other reference left, autograd takes dW as
+            # weight.grad instead of copying it (one V x H buffer, not two), and nothing
+            # outlives the step while the caller still holds the loss.
             grad_h, grad_w, grad_b = ctx.precomputed
+            ctx.precomputed = None
             # Reduced modes: the output is sum(w * l), computed with w folded into G;
-            # the upstream scalar only scales the precomputed gradients.
+            # the upstream scalar only scales the precomputed gradients, in place.
             return _scaled_grads(ctx, grad_h, grad_w, grad_b, grad_loss)
 
         hidden, weight, bias, targets, scale = ctx.saved_tensors
@@ -212,18 +221,7 @@ def _sum_over_ranks(tensor: torch.Tensor, shard: VocabShard) -> None:
 def _scaled_grads(ctx, grad_h, grad_w, grad_b, g: Optional[torch.Tensor]):
     """Scale by the upstream scalar (reduced modes) and cast dW/db to the params' dtypes."""
     weight_dtype, bias_dtype = ctx.param_dtypes
-    if getattr(ctx, "consumed", False):
-        raise RuntimeError(
-            "fused_linear_gft_loss: a second backward through a graph whose precomputed "
-            "gradients were already scaled in place; recompute the loss instead of using "
-            "retain_graph=True"
-        )
     if g is not None and not bool(g == 1):
-        # In place: dW alone is V x H fp32, and a scaled copy would double the head's peak
-        # memory (HF Trainer's gradient accumulation makes g = 1/k, so this is the norm).
-        # Afterwards the buffers are spent; an upstream gradient of exactly 1 (a plain
-        # loss.backward(), or gradcheck) leaves them untouched and reusable.
-        ctx.consumed = True
         for grad in (grad_h, grad_w, grad_b):
             if grad is not None:
                 grad.mul_(g.to(grad.dtype))

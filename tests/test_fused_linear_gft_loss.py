@@ -190,8 +190,8 @@ def test_dropped_tokens_never_reach_the_head(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize("mode", ["token-mean", "none"])
-def test_gradcheck_fp64(backend, mode):
+def test_gradcheck_fp64_none_mode(backend):
+    """torch.autograd.gradcheck on the recompute path (per-token losses)."""
     h, w, b, targets, adv, mask = head_case(batch=2, seq=3, hidden=4, vocab=6, dtype=torch.float64)
     args = [t.clone().requires_grad_(True) for t in (h, w, b)]
 
@@ -205,12 +205,51 @@ def test_gradcheck_fp64(backend, mode):
             mask,
             bias=bb,
             tau=0.0,
-            loss_agg_mode=mode,
+            loss_agg_mode="none",
             backend=backend,
             chunk_size=2,
         )
 
     assert torch.autograd.gradcheck(fn, tuple(args), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "sum"])
+def test_directional_derivative_fp64_reduced_modes(backend, mode):
+    """Central differences along random directions equal <grad, direction> in fp64.
+
+    Reduced modes hand their precomputed gradients to the one backward they support,
+    so gradcheck (which runs backward twice) does not apply; this is the same check.
+    """
+    h, w, b, targets, adv, mask = head_case(batch=2, seq=3, hidden=4, vocab=6, dtype=torch.float64)
+    adv = adv.double()
+
+    def loss_of(hh, ww, bb):
+        return fused_linear_gft_loss(
+            hh,
+            ww,
+            targets,
+            adv,
+            mask,
+            bias=bb,
+            tau=0.0,
+            loss_agg_mode=mode,
+            backend=backend,
+            chunk_size=2,
+        )
+
+    params = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    loss_of(*params).backward()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        dirs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        eps = 1e-6
+        with torch.no_grad():
+            plus = loss_of(*[p + eps * d for p, d in zip(params, dirs)])
+            minus = loss_of(*[p - eps * d for p, d in zip(params, dirs)])
+        numeric = ((plus - minus) / (2 * eps)).item()
+        analytic = sum((p.grad * d).sum().item() for p, d in zip(params, dirs))
+        assert abs(numeric - analytic) <= 1e-7 + 1e-6 * abs(analytic), (numeric, analytic)
 
 
 def test_module_and_bad_input():
@@ -248,3 +287,16 @@ def test_backward_scales_by_upstream_and_refuses_a_second_pass():
     torch.testing.assert_close(ww.grad.double(), wr.grad.double(), rtol=1e-4, atol=1e-7)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+def test_weight_grad_is_the_precomputed_buffer_not_a_copy():
+    """After backward, no V x H buffer besides weight.grad survives while the loss lives."""
+    h, w, b, targets, adv, mask = head_case()
+    ww = w.clone().requires_grad_(True)
+    loss = fused_linear_gft_loss(h, ww, targets, adv, mask, backend="torch")
+    node = loss.grad_fn
+    precomputed_w = node.precomputed[1].data_ptr()
+    (loss * 0.5).backward()
+    assert node.precomputed is None
+    # The buffer computed in the forward became weight.grad itself (same storage).
+    assert ww.grad.data_ptr() == precomputed_w

@@ -1,0 +1,297 @@
+"""The implementations compared side by side, for both operations.
+
+Each :class:`Impl` turns a :class:`~benchmarks.cases.Case` into a function of the case's input
+dict that returns the scalar loss (the runner times that call and its ``backward()``), or says
+why it cannot run here (:func:`skip_reason`). Nothing heavy is imported at module import:
+``gft_kernels.fused_linear_gft_loss``, the native CPU kernel and Liger-Kernel are looked up
+when a case asks for them, so a missing piece becomes a stated skip instead of a crash.
+
+* ``naive``: :func:`gft_kernels.reference.gft_loss_reference` on full logits (fused-linear
+  cases first form ``hidden @ weight.T``).
+* ``naive+compile``: the same function under ``torch.compile`` (inductor; C++ on CPU).
+* ``gft:<backend>``: the library, one row per backend (``torch``, ``cpu``, ``triton``).
+* ``gft:inplace``: logits-level only, ``backend="auto"`` with ``inplace_backward=True``
+  (the gradient overwrites the logits: no extra ``N x V`` buffer).
+* ``liger``: the composed peer, Liger-Kernel's (fused linear) cross-entropy for per-token
+  ``log p`` and the GFT coefficient applied in PyTorch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from benchmarks.cases import LOSS_AGG_MODE, OPS, TAU, TEMPERATURE, Case
+
+Inputs = Dict[str, torch.Tensor]
+LossFn = Callable[[Inputs], torch.Tensor]
+
+QUICK_SKIP = "skipped in --quick"
+LIGER_CPU_SKIP = (
+    "Liger-Kernel's kernels need a CUDA device; the Triton interpreter is not a benchmark"
+)
+TRITON_CPU_SKIP = (
+    "Triton kernels need a CUDA device; the Triton interpreter (TRITON_INTERPRET=1) is for "
+    "tests only, not a benchmark"
+)
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation: a name, the ops it serves and how it is built."""
+
+    name: str
+    description: str
+    ops: Tuple[str, ...]
+    ours: bool = False
+    # The loss call overwrites an input (Liger's cross-entropy writes its gradient into the
+    # logits; in-place backward does too): the runner restores the inputs before each run.
+    mutates_inputs: bool = False
+    # Untimed runs needed before the first sample whatever the case says (compilation).
+    min_warmup: int = 0
+
+
+IMPLS: Tuple[Impl, ...] = (
+    Impl("naive", "gft_kernels.reference on full logits (the published formula)", OPS),
+    Impl("naive+compile", "the naive reference under torch.compile (inductor)", OPS, min_warmup=1),
+    Impl("gft:torch", "gft_kernels, backend='torch' (chunked PyTorch)", OPS, ours=True),
+    Impl("gft:cpu", "gft_kernels, backend='cpu' (native C++ kernel)", OPS, ours=True),
+    Impl("gft:triton", "gft_kernels, backend='triton'", OPS, ours=True),
+    Impl(
+        "gft:inplace",
+        "gft_kernels, backend='auto', inplace_backward=True (gradient written into the logits)",
+        ("gft_loss",),
+        ours=True,
+        mutates_inputs=True,
+    ),
+    Impl(
+        "liger",
+        "Liger-Kernel (fused linear) cross-entropy -> log p, GFT coefficient in PyTorch",
+        OPS,
+        mutates_inputs=True,
+    ),
+)
+IMPL_BY_NAME = {impl.name: impl for impl in IMPLS}
+
+
+def impls_for(op: str) -> List[Impl]:
+    return [impl for impl in IMPLS if op in impl.ops]
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def _short(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def native_cpu_reason() -> Optional[str]:
+    """None when the native CPU kernel builds/loads here, else why not."""
+    try:
+        from gft_kernels.cpu import native
+    except ImportError as err:
+        return f"native CPU kernel not available ({_short(err)})"
+    try:
+        native.load()
+    except Exception as err:  # a failed build is reported, not raised
+        return f"native CPU kernel not available ({_short(err)})"
+    return None
+
+
+def fused_linear_fn() -> Optional[Callable]:
+    """``gft_kernels.fused_linear_gft_loss`` if this checkout has it."""
+    import gft_kernels
+
+    return getattr(gft_kernels, "fused_linear_gft_loss", None)
+
+
+def liger_version() -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version("liger-kernel")
+    except Exception:
+        return None
+
+
+def skip_reason(impl: Impl, case: Case, device: torch.device, quick: bool) -> Optional[str]:
+    """Why ``impl`` does not run ``case`` on ``device`` (None: it runs)."""
+    reason = case.skip_reason(impl.name, device.type)
+    if reason:
+        return reason
+    if impl.name == "naive+compile" and quick:
+        return QUICK_SKIP
+    if case.op == "fused_linear_gft_loss" and impl.ours and fused_linear_fn() is None:
+        return "not available: gft_kernels.fused_linear_gft_loss is missing in this checkout"
+    if impl.name == "gft:cpu":
+        if device.type != "cpu":
+            return "the native C++ kernel takes CPU tensors"
+        return native_cpu_reason()
+    if impl.name == "gft:triton" and device.type != "cuda":
+        return TRITON_CPU_SKIP
+    if impl.name == "gft:inplace":
+        from gft_kernels import gft_loss
+
+        if "inplace_backward" not in inspect.signature(gft_loss).parameters:
+            return "not available: gft_loss has no inplace_backward option"
+    if impl.name == "liger":
+        if device.type != "cuda":
+            return LIGER_CPU_SKIP
+        if liger_version() is None:
+            return "liger-kernel is not installed (pip install liger-kernel)"
+        if TEMPERATURE != 1.0:
+            return "the composed peer reads q = exp(log p), valid at temperature 1 only"
+    return None
+
+
+# --------------------------------------------------------------------------- loss functions
+
+
+def _reference_logits(x: Inputs) -> torch.Tensor:
+    from gft_kernels.reference import gft_loss_reference
+
+    return gft_loss_reference(
+        x["logits"],
+        x["targets"],
+        x["advantages"],
+        x["mask"],
+        tau=TAU,
+        temperature=TEMPERATURE,
+        loss_agg_mode=LOSS_AGG_MODE,
+    )
+
+
+def _reference_fused(x: Inputs) -> torch.Tensor:
+    from gft_kernels.reference import gft_loss_reference
+
+    logits = x["hidden"] @ x["weight"].T
+    return gft_loss_reference(
+        logits,
+        x["targets"],
+        x["advantages"],
+        x["mask"],
+        tau=TAU,
+        temperature=TEMPERATURE,
+        loss_agg_mode=LOSS_AGG_MODE,
+    )
+
+
+def _gft_from_logprobs(
+    logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The GFT formula on per-token log-probs (T = 1, so q = exp(log p)), token-mean."""
+    logp = logp.float()
+    q = logp.detach().exp()
+    coef = torch.where(q <= TAU, q, torch.ones_like(q))
+    m = mask.to(logp.dtype)
+    return (-(advantages.to(logp.dtype) * coef * logp) * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _liger_logits(x: Inputs) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    logits = x["logits"]
+    # reduction="none" gives -log p per token; Liger writes the logits' gradient into the
+    # logits during the forward (hence mutates_inputs).
+    nll = liger_cross_entropy(
+        logits.view(-1, logits.shape[-1]), x["targets"].view(-1), reduction="none"
+    )
+    return _gft_from_logprobs(-nll, x["advantages"].view(-1), x["mask"].view(-1))
+
+
+def _liger_fused(x: Inputs) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    hidden, targets = x["hidden"], x["targets"]
+    nll = liger_fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        x["weight"],
+        targets.reshape(-1),
+        reduction="none",
+    )
+    advantages = x["advantages"].unsqueeze(-1).expand_as(targets).reshape(-1)
+    return _gft_from_logprobs(-nll, advantages, x["mask"].reshape(-1))
+
+
+def _ours_logits(backend: str, inplace: bool = False) -> LossFn:
+    from gft_kernels import gft_loss
+
+    extra = {"inplace_backward": True} if inplace else {}
+
+    def run(x: Inputs) -> torch.Tensor:
+        return gft_loss(
+            x["logits"],
+            x["targets"],
+            x["advantages"],
+            x["mask"],
+            tau=TAU,
+            temperature=TEMPERATURE,
+            loss_agg_mode=LOSS_AGG_MODE,
+            backend=backend,
+            **extra,
+        )
+
+    return run
+
+
+def _ours_fused(backend: str) -> LossFn:
+    fused = fused_linear_fn()
+    assert fused is not None
+
+    def run(x: Inputs) -> torch.Tensor:
+        return fused(
+            x["hidden"],
+            x["weight"],
+            x["targets"],
+            x["advantages"],
+            x["mask"],
+            tau=TAU,
+            temperature=TEMPERATURE,
+            loss_agg_mode=LOSS_AGG_MODE,
+            backend=backend,
+            chunk_size=None,
+        )
+
+    return run
+
+
+_COMPILED: Dict[str, LossFn] = {}
+
+
+def _compiled(op: str) -> LossFn:
+    """One compiled function per op and process, reused by every case of that op.
+
+    Dynamo's default shape policy applies: the first shape compiles static, a later shape
+    recompiles once with dynamic sizes (what a training loop with varying batches gets). The
+    recompile limit is raised so that a long run never silently falls back to eager.
+    """
+    if op not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
+
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, knob):
+                setattr(dynamo_config, knob, max(64, getattr(dynamo_config, knob)))
+        base = _reference_logits if op == "gft_loss" else _reference_fused
+        _COMPILED[op] = torch.compile(base)
+    return _COMPILED[op]
+
+
+def build(impl: Impl, case: Case) -> LossFn:
+    """The loss function of ``impl`` for ``case`` (call :func:`skip_reason` first)."""
+    logits_level = case.op == "gft_loss"
+    if impl.name == "naive":
+        return _reference_logits if logits_level else _reference_fused
+    if impl.name == "naive+compile":
+        return _compiled(case.op)
+    if impl.name.startswith("gft:"):
+        if impl.name == "gft:inplace":
+            return _ours_logits("auto", inplace=True)
+        backend = impl.name.split(":", 1)[1]
+        return _ours_logits(backend) if logits_level else _ours_fused(backend)
+    if impl.name == "liger":
+        return _liger_logits if logits_level else _liger_fused
+    raise ValueError(f"unknown implementation {impl.name!r}")
