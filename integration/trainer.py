@@ -11,6 +11,11 @@ Per batch of prompt groups (see :mod:`.collator`):
    prompt and padding positions never reach the head and the ``tokens x vocab`` logits are
    never materialised.
 
+A wrapped (DDP, FSDP, DeepSpeed) or sharded (FSDP2) model runs its own forward instead, and
+the loss is computed inside the lm_head's forward, where sharding frameworks have gathered
+the full head weight and from where they reduce its gradient (see
+:meth:`GFTTrainer.loss_in_head_forward`).
+
 The loss equals :func:`gft_kernels.reference.gft_loss_reference` on the model's full logits
 ``logits[:, :-1]`` with targets ``input_ids[:, 1:]`` and mask ``response_mask[:, 1:]``, for
 every mode; for ``seq-mean-token-sum-norm`` with ``Tlen = max_response_length`` (when it is
@@ -20,9 +25,11 @@ the reference on full rows would use the padded row length).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -116,8 +123,13 @@ class GFTTrainer(Trainer):
     that DDP's gradient average equals one rank holding the whole micro-batch); under
     gradient accumulation the Trainer averages the micro-batches.
     Models whose logits are not ``hidden @ W.T (+ b)`` (soft-capped or rescaled logits) are
-    rejected by the first-batch check (``args.check_head``). FSDP and DeepSpeed ZeRO-3 shard
-    the head weight outside the forward and are not supported.
+    rejected by the first-batch check (``args.check_head``).
+
+    Wrapped models (DDP, FSDP, DeepSpeed) and models sharded with FSDP2 (e.g.
+    ``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=...))``) run
+    through their own forward, and the loss is computed inside the lm_head's forward
+    (:meth:`loss_in_head_forward`): the full head weight exists only there under FSDP and
+    ZeRO-3, and their hooks reduce its gradient. Tensor-parallel heads are not supported.
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer divides it by the number of
@@ -340,7 +352,8 @@ class GFTTrainer(Trainer):
         A wrapped model (DDP, ...) must run through its own forward (gradient sync hooks),
         so there, and for models without a separable body, the full model runs with
         ``output_hidden_states`` (and ``logits_to_keep`` = no position, where supported, so
-        the head still computes nothing).
+        the head still computes nothing). (Training uses :meth:`loss_in_head_forward` for
+        wrapped and sharded models.)
         """
         unwrapped = self.accelerator.unwrap_model(model)
         body = self._body(unwrapped) if model is unwrapped else None
@@ -357,17 +370,97 @@ class GFTTrainer(Trainer):
         return out.hidden_states[-1]
 
     def _head(self, model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-            raise ValueError("model: expected an output embedding (lm_head) with a weight")
-        weight = head.weight
-        if weight.dim() != 2:
-            raise ValueError(
-                f"model: lm_head weight expected (V, H), got shape {tuple(weight.shape)} "
-                "(a sharded head, e.g. FSDP/ZeRO-3, is not supported)"
+        return _head_params(_output_head(self.accelerator.unwrap_model(model)))
+
+    def _computes_loss_in_head(self, model: nn.Module) -> bool:
+        """Whether the loss must be computed inside the lm_head's forward: the model is
+        wrapped (DDP, FSDP, DeepSpeed: it must run through its own forward) or sharded
+        (FSDP2 / DTensor parameters: the full head weight exists only inside the forward).
+        A model only wrapped by ``torch.compile`` keeps the fused op outside its graph (the
+        full-forward path of :meth:`final_hidden_states`)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if _is_sharded(unwrapped):
+            return True
+        return model is not unwrapped and type(model).__name__ != "OptimizedModule"
+
+    @staticmethod
+    def _all_positions_kwargs(unwrapped: nn.Module) -> Dict[str, Any]:
+        """Forward keywords that make the model pass every position to its head."""
+        if "logits_to_keep" in inspect.signature(unwrapped.forward).parameters:
+            return {"logits_to_keep": 0}
+        return {}
+
+    def loss_in_head_forward(
+        self, model: nn.Module, inputs: Dict[str, Any]
+    ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[Any, ...]]:
+        """The GFT loss computed inside the lm_head's forward, during the model's own forward.
+
+        For wrapped and sharded models: for the duration of one ``model(...)`` call, the
+        forward of the unwrapped model's output embedding (``get_output_embeddings()``) is
+        replaced by one that takes the head's input (the final hidden states, every position)
+        and returns the fused GFT loss computed with the head's ``weight`` and ``bias`` as
+        they are inside the forward (gathered by FSDP/ZeRO-3's pre-forward hooks; their
+        gradients are reduced by the post-backward hooks like those of a plain lm_head).
+        The model hands the loss back as its ``logits``; a model that changes its head's
+        output (soft-capping, scaling) is refused.
+
+        Returns ``(loss, hidden, (mask, stats_mask, stats))``: the loss as the model returned
+        it, the ``(B, L, H)`` hidden states the head received, and what
+        :meth:`_record_metrics` needs.
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = _output_head(unwrapped)
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs["attention_mask"]
+        result: Dict[str, Any] = {}
+
+        def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if "loss" in result:
+                raise ValueError(
+                    "model: its forward calls the lm_head more than once; the GFT loss "
+                    "computed in the lm_head needs exactly one call"
+                )
+            if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(input_ids.shape):
+                raise ValueError(
+                    f"model: lm_head input expected (B, L, H) with (B, L) = "
+                    f"{tuple(input_ids.shape)} (every position), got {tuple(hidden.shape)}"
+                )
+            weight, bias = _head_params(head)
+            result["hidden"] = hidden
+            loss, *rest = self._gft_head_loss(
+                hidden, weight, bias, inputs, keep_graph_of=(weight, bias)
             )
-        bias = getattr(head, "bias", None)
-        return weight, bias if isinstance(bias, torch.Tensor) else None
+            result["loss"], result["rest"] = loss, tuple(rest)
+            return loss
+
+        with _forward_replaced(head, forward):
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                **self._all_positions_kwargs(unwrapped),
+            )
+        if "loss" not in result:
+            raise ValueError(
+                "model: its forward did not call the lm_head (get_output_embeddings())"
+            )
+        returned = getattr(out, "logits", None)
+        if returned is None and isinstance(out, (tuple, list)) and out:
+            returned = out[0]
+        loss = result["loss"]
+        # The model's own output carries the wrappers' hooks (DDP may return a copy): it is
+        # what backward must start from, and it must still be the loss.
+        if returned is not loss and not (
+            isinstance(returned, torch.Tensor)
+            and returned.shape == loss.shape
+            and returned.dtype == loss.dtype
+            and torch.equal(returned.detach(), loss.detach())
+        ):
+            raise ValueError(
+                "model: its forward changes the lm_head output (soft-capped or rescaled "
+                "logits?); the GFT loss computed in the lm_head cannot pass through it"
+            )
+        return returned, result["hidden"], result["rest"]
 
     def _mixed_precision_dtype(self) -> Optional[torch.dtype]:
         """The autocast dtype of the Trainer's mixed precision, None without it."""
@@ -385,12 +478,18 @@ class GFTTrainer(Trainer):
         try:
             ids, am = input_ids[:1], attention_mask[:1]
             n = int(am.sum())
-            logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits[0, :n]
-            hidden = self.final_hidden_states(model, ids, am)[0, :n]
-            weight, bias = self._head(model)
-            mine = hidden.float() @ weight.float().t()
-            if bias is not None:
-                mine = mine + bias.float()
+            if self._computes_loss_in_head(model):
+                # Wrapped/sharded: the weight is read inside the head's forward, where the
+                # loss will be computed; the model must return the head's output unchanged.
+                logits, mine = self._head_check_in_forward(model, ids, am)
+                logits, mine = logits[0, :n], mine[0, :n]
+            else:
+                logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits[0, :n]
+                hidden = self.final_hidden_states(model, ids, am)[0, :n]
+                weight, bias = self._head(model)
+                mine = hidden.float() @ weight.float().t()
+                if bias is not None:
+                    mine = mine + bias.float()
         finally:
             unwrapped.train(was_training)
         err = (mine - logits.float()).abs().max().item()
@@ -399,13 +498,79 @@ class GFTTrainer(Trainer):
             torch.float32, torch.float64
         )
         tol = 5e-2 if half else 1e-3
-        if not err <= tol * scale:
+        relative = err / scale if err == err else float("inf")
+        if self.accelerator.num_processes > 1:
+            # Every rank takes the same decision (a rank raising alone would leave the
+            # others waiting in their next collective).
+            relative = _max_over_ranks(relative, logits.device)
+        if not relative <= tol:
             raise ValueError(
                 f"model: its logits differ from hidden @ lm_head.weight.T (+ bias) by {err:.3g} "
                 "(soft-capped or rescaled logits?); the fused GFT head cannot reproduce them. "
                 "Set check_head=False only if this is expected."
             )
         self._head_checked = True
+
+    def _head_check_in_forward(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits and ``head_input @ W.T (+ b)`` (fp32, read inside the head's
+        forward), from one forward of the model.
+
+        Warns when the model ties its input embedding to the head but the two hold different
+        tensors inside the forward (a tied pair put in two FSDP groups trains two copies).
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = _output_head(unwrapped)
+        original = head.forward
+        mine: List[torch.Tensor] = []
+        untied: List[bool] = []
+        config = getattr(unwrapped, "config", None)
+        get_input = getattr(unwrapped, "get_input_embeddings", None)
+        embedding = None
+        if getattr(config, "tie_word_embeddings", False) and callable(get_input):
+            embedding = get_input()
+            while isinstance(getattr(embedding, "_fsdp_wrapped_module", None), nn.Module):
+                embedding = embedding._fsdp_wrapped_module
+
+        def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = original(hidden, *args, **kwargs)
+            weight, bias = _head_params(head)
+            if embedding is not None and getattr(embedding, "weight", None) is not weight:
+                untied.append(True)
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                z = hidden.float() @ weight.float().t()
+                mine.append(z + bias.float() if bias is not None else z)
+            return out
+
+        with _forward_replaced(head, forward):
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                **self._all_positions_kwargs(unwrapped),
+            )
+        if len(mine) != 1:
+            raise ValueError(
+                f"model: its forward calls the lm_head {len(mine)} times; the GFT loss "
+                "computed in the lm_head needs exactly one call"
+            )
+        if untied:
+            warnings.warn(
+                "model: tie_word_embeddings is set but, inside the forward, the lm_head weight "
+                "is not the input embedding's weight (are they sharded in two different FSDP "
+                "groups?); they will train as two diverging copies. Shard them in one group, "
+                "e.g. fully_shard([embed_tokens, lm_head, ...]) or on the root module.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        logits = out.logits
+        if logits.shape != mine[0].shape:
+            raise ValueError(
+                f"model: logits of shape {tuple(logits.shape)} differ from the lm_head "
+                f"output {tuple(mine[0].shape)}; the fused GFT head cannot reproduce them"
+            )
+        return logits, mine[0]
 
     # -- loss ----------------------------------------------------------------------------
 
@@ -422,15 +587,41 @@ class GFTTrainer(Trainer):
         ``advantages``/``rewards``/``sources`` (R,). ``num_items_in_batch`` is unused: the
         loss is normalised per micro-batch as ``loss_agg_mode`` says.
         """
-        args: GFTConfig = self.args
         inputs = self._materialize(model, inputs)
         input_ids = inputs["input_ids"]
         attention_mask = inputs["attention_mask"]
         if not self._head_checked:
             self._check_head(model, input_ids, attention_mask)
 
-        hidden = self.final_hidden_states(model, input_ids, attention_mask)
-        weight, bias = self._head(model)
+        if self._computes_loss_in_head(model):
+            loss, hidden, (mask, m_in, stats) = self.loss_in_head_forward(model, inputs)
+        else:
+            hidden = self.final_hidden_states(model, input_ids, attention_mask)
+            weight, bias = self._head(model)
+            loss, mask, m_in, stats = self._gft_head_loss(hidden, weight, bias, inputs)
+
+        self._record_metrics(model, inputs, mask, m_in, stats)
+        if return_outputs:
+            return loss, {"hidden_states": hidden}
+        return loss
+
+    def _gft_head_loss(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        inputs: Dict[str, Any],
+        keep_graph_of: Sequence[Optional[torch.Tensor]] = (),
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Any]:
+        """The fused GFT loss of the response positions of ``hidden`` ``(B, L, H)``.
+
+        Returns ``(loss, mask, stats_mask, stats)``. ``keep_graph_of``: tensors that get a
+        zero gradient when there is no response token at all (the head's parameters under
+        FSDP, whose ranks must all reduce a gradient for them).
+        """
+        args: GFTConfig = self.args
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs["attention_mask"]
         # Position t - 1 predicts the token at t.
         h = hidden[:, :-1]
         targets = input_ids[:, 1:]
@@ -466,6 +657,9 @@ class GFTTrainer(Trainer):
         stats = None
         if h_in.numel() == 0:  # no response token at all: a defined 0 that keeps the graph
             loss = hidden.sum() * 0.0
+            for tensor in keep_graph_of:
+                if tensor is not None and tensor.requires_grad:
+                    loss = loss + tensor.sum() * 0.0
         else:
             # The fused op manages its own precision; autocast must not re-cast its matmuls.
             with torch.autocast(device_type=h_in.device.type, enabled=False):
@@ -486,11 +680,7 @@ class GFTTrainer(Trainer):
                     chunk_size=args.gft_chunk_size,
                 )
             loss, stats = result if args.log_token_stats else (result, None)
-
-        self._record_metrics(model, inputs, mask, m_in, stats)
-        if return_outputs:
-            return loss, {"hidden_states": hidden}
-        return loss
+        return loss, mask, m_in, stats
 
     def prediction_step(
         self,
@@ -569,3 +759,82 @@ def _model_pad_id(model: Any) -> Optional[int]:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def _output_head(unwrapped: nn.Module) -> nn.Module:
+    """The output embedding (lm_head) module, inside an FSDP1 wrapper if it has one."""
+    get = getattr(unwrapped, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    while isinstance(getattr(head, "_fsdp_wrapped_module", None), nn.Module):
+        head = head._fsdp_wrapped_module
+    if not isinstance(head, nn.Module):
+        raise ValueError("model: expected an output embedding (lm_head) with a weight")
+    return head
+
+
+def _head_params(head: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError("model: expected an output embedding (lm_head) with a weight")
+    if weight.dim() != 2 or _is_dtensor(weight):
+        raise ValueError(
+            f"model: lm_head weight expected a full (V, H) tensor, got "
+            f"{type(weight).__name__} of shape {tuple(weight.shape)} (a head sharded inside "
+            "its forward, e.g. tensor parallelism, is not supported)"
+        )
+    bias = getattr(head, "bias", None)
+    return weight, bias if isinstance(bias, torch.Tensor) else None
+
+
+def _fsdp2_types() -> Tuple[type, ...]:
+    """``(DTensor, FSDPModule)`` where this torch has them (public since torch 2.6)."""
+    if not torch.distributed.is_available():
+        return ()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return ()
+    return DTensor, FSDPModule
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    types = _fsdp2_types()
+    return bool(types) and isinstance(tensor, types[0])
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """FSDP2 (``fully_shard``) anywhere in the model, or DTensor parameters."""
+    types = _fsdp2_types()
+    if not types:
+        return False
+    dtensor, fsdp_module = types
+    return any(isinstance(m, fsdp_module) for m in module.modules()) or any(
+        isinstance(p, dtensor) for p in module.parameters()
+    )
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable[..., Any]):
+    """``module.forward`` is ``forward`` inside the block (``module(...)`` still runs the
+    module's hooks, e.g. FSDP's parameter gathering); the previous forward comes back."""
+    missing = object()
+    previous = module.__dict__.get("forward", missing)
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is missing:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    """``value``'s maximum over the ranks of the default process group (itself without one)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
