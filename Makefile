@@ -20,9 +20,11 @@ $(STAMP): $(PY) pyproject.toml
 build: $(STAMP)
 	$(PY) -m gft_kernels.cpu.build
 
+# The benchmark smoke run (figures not asserted) goes first so that pytest's summary is
+# the last thing the log shows.
 test: build
-	$(PY) -m pytest tests
 	$(PY) -m benchmarks --quick --out $(VENV)/bench-smoke
+	$(PY) -m pytest tests
 
 bench: build
 	$(PY) -m benchmarks
