@@ -166,18 +166,7 @@ def _reference_logits(x: Inputs) -> torch.Tensor:
 
 
 def _reference_fused(x: Inputs) -> torch.Tensor:
-    from gft_kernels.reference import gft_loss_reference
-
-    logits = x["hidden"] @ x["weight"].T
-    return gft_loss_reference(
-        logits,
-        x["targets"],
-        x["advantages"],
-        x["mask"],
-        tau=TAU,
-        temperature=TEMPERATURE,
-        loss_agg_mode=LOSS_AGG_MODE,
-    )
+    return _reference_logits({**x, "logits": x["hidden"] @ x["weight"].T})
 
 
 def _gft_from_logprobs(

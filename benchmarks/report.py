@@ -279,11 +279,14 @@ def target_lines(results: List[Result], device: str) -> List[str]:
             if entry["status"] != "ok" or ref is None or not name.startswith("gft:"):
                 continue
             ratio = ref["median_ms"]["fwd_bwd"] / entry["median_ms"]["fwd_bwd"]
-            lines.append(
-                _verdict(
-                    f"{result['case']['name']}: {name} 50% vs 0% zero advantages", ratio, 1.8, "x"
-                )
-            )
+            label = f"{result['case']['name']}: {name} 50% vs 0% zero advantages"
+            if result["case"]["op"] == "fused_linear_gft_loss":
+                lines.append(_verdict(label, ratio, 1.8, "x"))
+            else:
+                # Logits level: the N x V gradient must be written in full (zeros for the
+                # dropped rows), so half the rows save at most ~1/3 of the traffic. The
+                # 1.8x target is the fused op's, where dropped tokens skip the matmuls.
+                lines.append(f"INFO  {label}: {ratio:.3g}x (bound ~1.5x: full gradient write)")
     return lines
 
 
