@@ -70,3 +70,28 @@ def test_ddp_global_token_mean_matches_single_process(tmp_path):
     for out in ranks:
         close(out["weight"], head.weight.grad, "DDP weight grad")
         close(out["bias"], head.bias.grad, "DDP bias grad")
+
+
+def test_readme_distributed_command_runs():
+    """The README's torchrun command: every rank reports matching gradients."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "integration/examples/vocab_parallel.py",
+    ]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("gradients match: True") == 2, proc.stdout
+    assert (
+        "torchrun --standalone --nproc_per_node 2 integration/examples/vocab_parallel.py"
+        in (root / "README.md").read_text()
+    )
