@@ -2,7 +2,7 @@
 //
 // The same two primitives as gft_kernels/cpu/torch_rows.py (the portable spec):
 //
-//   row_stats(logits (N, V), T, with_entropy) -> (lse_t, lse_1, entropy)
+//   row_stats(logits (N, V), T, with_entropy, active=None) -> (lse_t, lse_1, entropy)
 //       lse_t = logsumexp(z / T), lse_1 = logsumexp(z), entropy of softmax(z / T).
 //   row_grad(logits (N, V), targets (N,), lse_t (N,), coef (N,), T, out (N, V)) -> out
 //       out = coef * (softmax(z / T) - onehot(targets)); out may alias logits.
@@ -106,6 +106,15 @@ void parallel_rows(int64_t n_rows, int64_t n_cols, const F& f) {
 // Compute type of the scalar path: fp64 stays fp64, reduced precision computes in fp32.
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// A row that can carry neither loss nor gradient (masked, zero advantage) is not read: its
+// log-sum-exps are +inf, i.e. softmax 0 everywhere and q = 0, so c = 0 downstream.
+template <typename C>
+inline void skip_row(int64_t row, C* lse_t, C* lse_1, C* entropy) {
+  lse_t[row] = std::numeric_limits<C>::infinity();
+  lse_1[row] = std::numeric_limits<C>::infinity();
+  if (entropy != nullptr) entropy[row] = 0;
+}
 
 template <typename T>
 void stats_row_scalar(const T* z, int64_t n_cols, double inv_t, bool with_entropy,
@@ -343,9 +352,13 @@ GFT_AVX2 inline void stats_block(const float* src, int64_t n, float block_max, f
 template <typename T, bool kTOne, bool kEntropy>
 GFT_AVX2 void stats_rows_avx2(const T* logits, int64_t row_stride, int64_t n_cols, float inv_t,
                               int64_t begin, int64_t end, float* lse_t, float* lse_1,
-                              float* entropy) {
+                              float* entropy, const bool* active) {
   alignas(32) float buf[kBlock];
   for (int64_t row = begin; row < end; ++row) {
+    if (active != nullptr && !active[row]) {
+      skip_row(row, lse_t, lse_1, entropy);
+      continue;
+    }
     const T* z = logits + row * row_stride;
     RowAcc acc;
     for (int64_t start = 0; start < n_cols; start += kBlock) {
@@ -451,7 +464,7 @@ GFT_AVX2 void grad_rows_avx2(const T* logits, int64_t in_stride, T* out, int64_t
 
 template <typename T>
 void stats_dispatch(const at::Tensor& logits, double temperature, bool with_entropy,
-                    at::Tensor& lse_t, at::Tensor& lse_1, at::Tensor& entropy) {
+                    const bool* act, at::Tensor& lse_t, at::Tensor& lse_1, at::Tensor& entropy) {
   using C = compute_t<T>;
   const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
   const int64_t stride = logits.stride(0);
@@ -468,13 +481,13 @@ void stats_dispatch(const at::Tensor& logits, double temperature, bool with_entr
       const bool t_one = inv == 1.0f;
       parallel_rows(n_rows, n_cols, [&](int64_t begin, int64_t end) {
         if (t_one && with_entropy) {
-          stats_rows_avx2<T, true, true>(z, stride, n_cols, inv, begin, end, lt, l1, ent);
+          stats_rows_avx2<T, true, true>(z, stride, n_cols, inv, begin, end, lt, l1, ent, act);
         } else if (t_one) {
-          stats_rows_avx2<T, true, false>(z, stride, n_cols, inv, begin, end, lt, l1, ent);
+          stats_rows_avx2<T, true, false>(z, stride, n_cols, inv, begin, end, lt, l1, ent, act);
         } else if (with_entropy) {
-          stats_rows_avx2<T, false, true>(z, stride, n_cols, inv, begin, end, lt, l1, ent);
+          stats_rows_avx2<T, false, true>(z, stride, n_cols, inv, begin, end, lt, l1, ent, act);
         } else {
-          stats_rows_avx2<T, false, false>(z, stride, n_cols, inv, begin, end, lt, l1, ent);
+          stats_rows_avx2<T, false, false>(z, stride, n_cols, inv, begin, end, lt, l1, ent, act);
         }
       });
       return;
@@ -483,6 +496,10 @@ void stats_dispatch(const at::Tensor& logits, double temperature, bool with_entr
 #endif
   parallel_rows(n_rows, n_cols, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
+      if (act != nullptr && !act[row]) {
+        skip_row(row, lt, l1, ent);
+        continue;
+      }
       stats_row_scalar<T>(z + row * stride, n_cols, inv_t, with_entropy, lt + row, l1 + row,
                           with_entropy ? ent + row : nullptr);
     }
@@ -555,12 +572,18 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarTy
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats(const at::Tensor& logits,
-                                                         double temperature, bool with_entropy) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats(
+    const at::Tensor& logits, double temperature, bool with_entropy,
+    const c10::optional<at::Tensor>& active) {
   check_logits(logits, "logits");
   check_temperature(temperature);
   const at::Tensor& z = logits;
   const int64_t n_rows = z.size(0);
+  const bool* act = nullptr;
+  if (active.has_value() && active->defined()) {
+    check_vector(*active, "active", n_rows, at::kBool);
+    act = active->const_data_ptr<bool>();
+  }
   const auto opts = z.options().dtype(stat_dtype(z.scalar_type()));
   at::Tensor lse_t = at::empty({n_rows}, opts);
   at::Tensor lse_1 = at::empty({n_rows}, opts);
@@ -569,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats(const at::Tensor& logit
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "gft_row_stats",
                                     [&] {
                                       stats_dispatch<scalar_t>(z, temperature, with_entropy,
-                                                               lse_t, lse_1, entropy);
+                                                               act, lse_t, lse_1, entropy);
                                     });
   }
   return {lse_t, lse_1, entropy};
@@ -634,7 +657,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native CPU row kernels of the GFT loss (row_stats, row_grad).";
   m.def("row_stats", &row_stats, "(lse_t, lse_1, entropy) of each row of (N, V) logits",
         py::arg("logits"), py::arg("temperature"), py::arg("with_entropy"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("active") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("row_grad", &row_grad, "out = coef * (softmax(z / T) - onehot(targets)), in place OK",
         py::arg("logits"), py::arg("targets"), py::arg("lse_t"), py::arg("coef"),
         py::arg("temperature"), py::arg("out"), py::call_guard<py::gil_scoped_release>());

@@ -62,7 +62,10 @@ class GFTTokenLossFunction(torch.autograd.Function):
         inplace_backward: bool,
         shard: Optional[VocabShard],
     ):
-        stats = row_statistics(kernels, logits, targets, temperature, with_entropy, shard)
+        # Without stats, rows that can carry no loss (masked, zero advantage) are skipped in
+        # the forward too; the backward already skips them (their coefficient is 0).
+        active = None if with_entropy else valid & (advantages != 0)
+        stats = row_statistics(kernels, logits, targets, temperature, with_entropy, shard, active)
         loss, logprobs, probs, scale = token_terms(
             stats.target_logit, advantages, valid, stats.lse_t, stats.lse_1, tau, temperature
         )

@@ -84,9 +84,13 @@ def row_statistics(
     temperature: float,
     with_entropy: bool,
     shard: Optional[VocabShard] = None,
+    active: Optional[torch.Tensor] = None,
 ) -> RowStats:
-    """Statistics of ``(N, V_local)`` logits; ``targets`` are global vocabulary ids."""
-    lse_t, lse_1, entropy = kernels.row_stats(logits, temperature, with_entropy)
+    """Statistics of ``(N, V_local)`` logits; ``targets`` are global vocabulary ids.
+
+    Rows with ``active[i] == False`` are not read (lse = +inf: no loss, no gradient).
+    """
+    lse_t, lse_1, entropy = kernels.row_stats(logits, temperature, with_entropy, active)
     if shard is None:
         target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1).to(lse_t.dtype)
         return RowStats(lse_t, lse_1, entropy, target_logit, targets, None)

@@ -46,6 +46,13 @@ def _init(rank: int, world: int, init_file: str):
     torch.set_num_threads(1)
 
 
+def _finish():
+    # Every rank leaves together: a rank that tears gloo down while a peer still holds the
+    # connection can make the peer abort (seen as an occasional SIGABRT).
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def vocab_parallel_worker(rank: int, world: int, init_file: str, out_dir: str, backend: str):
     from gft_kernels import fused_linear_gft_loss, gft_loss
 
@@ -82,7 +89,7 @@ def vocab_parallel_worker(rank: int, world: int, init_file: str, out_dir: str, b
         (loss * upstream).sum().backward()
         results[("linear", mode)] = dict(loss=loss.detach(), h=h.grad, w=w.grad, b=b.grad)
     torch.save(dict(cuts=cuts, results=results), os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _finish()
 
 
 def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, backend: str):
@@ -114,4 +121,4 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, backend: str
         ),
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
-    dist.destroy_process_group()
+    _finish()

@@ -145,5 +145,6 @@ def trainer_worker(
     try:
         results = {run["name"]: train(run, world, out_dir) for run in runs}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: an early teardown can abort a peer still connected
     finally:
         dist.destroy_process_group()

@@ -188,3 +188,41 @@ def test_non_contiguous_logits():
     strided = wide[..., ::2]
     assert not strided.is_contiguous()
     check_against_reference("torch", strided, targets, adv, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_row_stats_skip_inactive_rows(backend, temperature):
+    """Rows marked inactive are never read (NaN there stays out) and get lse = +inf."""
+    from gft_kernels.backends import resolve
+
+    dev = device_for(backend)
+    kernels = resolve(backend, dev, torch.float32)
+    z = torch.randn(6, 300, device=dev) * 3
+    z[[1, 4]] = float("nan")
+    active = torch.tensor([True, False, True, True, False, True], device=dev)
+    lse_t, lse_1, _ = kernels.row_stats(z, temperature, False, active)
+    assert torch.all(lse_t[~active] == float("inf")) and torch.all(lse_1[~active] == float("inf"))
+    want_t = torch.logsumexp(z[active].double() / temperature, -1)
+    want_1 = torch.logsumexp(z[active].double(), -1)
+    torch.testing.assert_close(lse_t[active].double().cpu(), want_t.cpu(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse_1[active].double().cpu(), want_1.cpu(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_logits_on_dropped_tokens_do_not_leak(backend):
+    """NaN logits at masked / zero-advantage tokens: loss and gradient stay exact."""
+    logits, targets, adv, mask = make_case(per_token_adv=True, device=device_for(backend))
+    adv[1, :2] = 0.0
+    dirty = logits.clone()
+    dropped = (mask == 0) | (adv == 0) | (targets == -100)
+    dirty[dropped] = float("nan")
+    x = dirty.clone().requires_grad_(True)
+    loss = gft_loss(x, targets, adv, mask, backend=backend)
+    loss.backward()
+    y = logits.clone().requires_grad_(True)
+    clean = gft_loss(y, targets, adv, mask, backend=backend)
+    clean.backward()
+    torch.testing.assert_close(loss, clean)
+    assert torch.all(x.grad[dropped] == 0)
+    torch.testing.assert_close(x.grad[~dropped], y.grad[~dropped])

@@ -167,15 +167,19 @@ def _reset_for_tests() -> None:
 
 
 def row_stats(
-    logits: torch.Tensor, temperature: float, with_entropy: bool
+    logits: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    active: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Row statistics of CPU logits ``(N, V)`` (fp32/bf16/fp16/fp64, last dim contiguous).
 
     Returns ``(lse_t, lse_1, entropy)``, each ``(N,)`` in fp64 for fp64 logits else fp32:
     ``logsumexp(z / T)``, ``logsumexp(z)`` and the entropy of ``softmax(z / T)`` (None
-    unless ``with_entropy``).
+    unless ``with_entropy``). Rows with ``active[i] == False`` (bool ``(N,)``) are not read
+    and get ``lse = +inf`` (softmax 0, so such a token carries no loss and no gradient).
     """
-    lse_t, lse_1, entropy = load().row_stats(logits, float(temperature), bool(with_entropy))
+    lse_t, lse_1, entropy = load().row_stats(logits, float(temperature), bool(with_entropy), active)
     if not with_entropy or entropy is None or entropy.numel() != lse_t.numel():
         entropy = None
     return lse_t, lse_1, entropy

@@ -32,40 +32,53 @@ def chunk_rows_for(n_cols: int, chunk_bytes: int = _CHUNK_BYTES) -> int:
 
 
 def row_stats(
-    logits: torch.Tensor, temperature: float, with_entropy: bool
+    logits: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    active: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Row statistics of a 2-D ``(N, V)`` logits tensor.
 
     Returns ``(lse_t, lse_1, entropy)``, each ``(N,)`` in the accumulate dtype
     (fp64 for fp64 logits, else fp32); ``entropy`` is None unless requested.
+    Rows with ``active[i] == False`` (optional bool ``(N,)``) are not read: their
+    log-sum-exps are +inf (softmax 0: such a token carries no loss and no gradient).
     """
     n_rows, n_cols = logits.shape
     acc = accumulate_dtype(logits.dtype)
-    lse_t = torch.empty(n_rows, dtype=acc, device=logits.device)
-    lse_1 = torch.empty_like(lse_t)
-    entropy = torch.empty_like(lse_t) if with_entropy else None
+    lse_t = torch.full((n_rows,), float("inf"), dtype=acc, device=logits.device)
+    lse_1 = lse_t.clone()
+    entropy = torch.zeros_like(lse_t) if with_entropy else None
+    rows = None if active is None else active.nonzero().squeeze(1)
+    n_work = n_rows if rows is None else rows.numel()
     step = chunk_rows_for(n_cols)
     inv_t = 1.0 / temperature
-    for start in range(0, n_rows, step):
-        z = logits[start : start + step].to(acc, copy=True)
+    for start in range(0, n_work, step):
+        stop = min(start + step, n_work)
+        if rows is None:
+            dest = slice(start, stop)
+            z = logits[dest].to(acc, copy=True)
+        else:
+            dest = rows[start:stop]
+            z = logits.index_select(0, dest).to(acc)  # a private copy already
         row_max = z.amax(dim=-1, keepdim=True)
         # A row of -inf has no finite max; shifting by 0 keeps exp() at 0 instead of NaN.
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        shifted = z.sub_(row_max)  # in place on the private fp32 copy
+        shifted = z.sub_(row_max)  # in place on the private copy
         if temperature != 1.0:
-            lse_1[start : start + step] = row_max.squeeze(-1) + shifted.exp().sum(-1).log()
+            lse_1[dest] = row_max.squeeze(-1) + shifted.exp().sum(-1).log()
             scaled = shifted.mul_(inv_t)  # (z - max) / T
         else:
             scaled = shifted
         probs_unnorm = scaled.exp()
         sum_t = probs_unnorm.sum(-1)
-        lse_t[start : start + step] = row_max.squeeze(-1) * inv_t + sum_t.log()
+        lse_t[dest] = row_max.squeeze(-1) * inv_t + sum_t.log()
         if temperature == 1.0:  # one exponential serves both sums
-            lse_1[start : start + step] = lse_t[start : start + step]
+            lse_1[dest] = lse_t[dest]
         if with_entropy:
             # H = log S - sum(e * x) / S with x = (z - max) / T; e = 0 where x = -inf.
             weighted = torch.where(probs_unnorm > 0, probs_unnorm * scaled, 0.0).sum(-1)
-            entropy[start : start + step] = sum_t.log() - weighted / sum_t
+            entropy[dest] = sum_t.log() - weighted / sum_t
     return lse_t, lse_1, entropy
 
 
@@ -86,12 +99,19 @@ def row_grad(
     acc = lse_t.dtype
     step = chunk_rows_for(n_cols)
     inv_t = 1.0 / temperature
-    for start in range(0, n_rows, step):
-        stop = min(start + step, n_rows)
-        c = coef[start:stop].to(acc).unsqueeze(-1)
-        # The fp32 temporary is complete before anything is written, so out may alias logits.
-        g = logits[start:stop].to(acc, copy=True).mul_(inv_t).sub_(lse_t[start:stop].unsqueeze(-1))
+    # Rows with coef == 0 (masked, zero advantage, rectified to 0) are zero-filled without
+    # being read, as in the other backends: the cost follows the contributing rows.
+    nonzero = coef != 0
+    rows = nonzero.nonzero().squeeze(1)
+    if rows.numel() < n_rows:
+        out.index_fill_(0, (~nonzero).nonzero().squeeze(1), 0)
+    for start in range(0, rows.numel(), step):
+        dest = rows[start : start + step]
+        c = coef[dest].to(acc).unsqueeze(-1)
+        # index_select makes a private copy: the rows are read before out (which may alias
+        # logits) is written.
+        g = logits.index_select(0, dest).to(acc).mul_(inv_t).sub_(lse_t[dest].unsqueeze(-1))
         g = g.exp_().mul_(c)
-        g.scatter_add_(1, targets[start:stop].unsqueeze(-1), -c)
-        out[start:stop].copy_(g)
+        g.scatter_add_(1, targets[dest].unsqueeze(-1), -c)
+        out.index_copy_(0, dest, g.to(out.dtype))
     return out

@@ -40,13 +40,24 @@ def _row_stats_kernel(
     lse_t_ptr,
     lse_1_ptr,
     entropy_ptr,
+    active_ptr,
     n_cols,
     inv_temperature,
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     UNIT_TEMPERATURE: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    if HAS_ACTIVE:
+        # A row that carries neither loss nor gradient is not read: lse = +inf means
+        # softmax 0 and q = 0 downstream.
+        if tl.load(active_ptr + row) == 0:
+            tl.store(lse_t_ptr + row, float("inf"))
+            tl.store(lse_1_ptr + row, float("inf"))
+            if WITH_ENTROPY:
+                tl.store(entropy_ptr + row, 0.0)
+            return
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
     row_max = -float("inf")
@@ -127,11 +138,13 @@ def row_stats(
     logits: torch.Tensor,
     temperature: float,
     with_entropy: bool,
+    active: Optional[torch.Tensor] = None,
     block_v: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Row statistics of ``(N, V)`` logits (last dim contiguous): fp32 ``(N,)`` each.
 
-    Returns ``(lse_t, lse_1, entropy)``; ``entropy`` is None unless requested.
+    Returns ``(lse_t, lse_1, entropy)``; ``entropy`` is None unless requested. Rows with
+    ``active[i] == False`` (optional bool ``(N,)``) are not read and get ``lse = +inf``.
     """
     n_rows, n_cols = logits.shape
     block = block_v or block_size_for(n_cols)
@@ -145,11 +158,13 @@ def row_stats(
             lse_t,
             lse_1,
             entropy if with_entropy else lse_t,
+            active if active is not None else lse_t,
             n_cols,
             1.0 / temperature,
             BLOCK_V=block,
             WITH_ENTROPY=with_entropy,
             UNIT_TEMPERATURE=temperature == 1.0,
+            HAS_ACTIVE=active is not None,
             num_warps=_num_warps(block),
         )
     return lse_t, lse_1, entropy
