@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from gft_kernels import _checks
+from gft_kernels.cpu.torch_rows import accumulate_dtype
 
 
 def _group_index(
@@ -74,7 +75,7 @@ def group_advantages(
     n = rewards.shape[0]
     index = _group_index(n, group_ids, group_size, rewards.device)
     n_groups = int(index.max()) + 1
-    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(rewards.dtype)
     r = rewards.to(acc)
     count = torch.zeros(n_groups, dtype=acc, device=r.device).index_add_(
         0, index, torch.ones_like(r)

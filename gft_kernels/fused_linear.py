@@ -21,6 +21,7 @@ import torch
 
 from gft_kernels import _checks
 from gft_kernels.backends import RowKernels
+from gft_kernels.cpu.torch_rows import accumulate_dtype
 from gft_kernels.function import token_terms
 from gft_kernels.rows import VocabShard, row_gradient, row_statistics
 from gft_kernels.stats import GFTStats
@@ -108,19 +109,11 @@ class FusedLinearGFTFunction(torch.autograd.Function):
         shard: Optional[VocabShard],
     ):
         n_tokens = hidden.shape[0]
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        reduce_now = weights is not None and (need_h or need_w or need_b)
-        grad_h = torch.empty_like(hidden) if reduce_now and need_h else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=acc, device=weight.device)
-            if (reduce_now and need_w)
-            else None
-        )
-        grad_b = (
-            torch.zeros(bias.shape, dtype=acc, device=bias.device)
-            if (reduce_now and need_b and bias is not None)
-            else None
+        acc = accumulate_dtype(hidden.dtype)
+        need = ctx.needs_input_grad[:3]
+        reduce_now = weights is not None and any(need)
+        grad_h, grad_w, grad_b = _grad_buffers(
+            hidden, weight, bias, need if reduce_now else (False,) * 3, acc
         )
 
         outputs = {k: [] for k in ("loss", "logprobs", "probs", "entropy", "scale")}
@@ -190,13 +183,7 @@ class FusedLinearGFTFunction(torch.autograd.Function):
 
         hidden, weight, bias, targets, scale = ctx.saved_tensors
         acc = scale.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = (
-            torch.zeros(bias.shape, dtype=acc, device=bias.device)
-            if (need_b and bias is not None)
-            else None
-        )
+        grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, bias, (need_h, need_w, need_b), acc)
         coef_all = grad_loss.to(acc) * scale / ctx.temperature
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, hidden.shape[0]))
@@ -210,6 +197,19 @@ class FusedLinearGFTFunction(torch.autograd.Function):
         if grad_h is not None and ctx.shard is not None:
             _sum_over_ranks(grad_h, ctx.shard)
         return _scaled_grads(ctx, grad_h, grad_w, grad_b, None)
+
+
+def _grad_buffers(hidden, weight, bias, need, acc: torch.dtype):
+    """dh in the input dtype (rows are written once); dW, db zeroed in fp32 (accumulated)."""
+    need_h, need_w, need_b = need
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_b = (
+        torch.zeros(bias.shape, dtype=acc, device=bias.device)
+        if need_b and bias is not None
+        else None
+    )
+    return grad_h, grad_w, grad_b
 
 
 def _sum_over_ranks(tensor: torch.Tensor, shard: VocabShard) -> None:
