@@ -179,18 +179,23 @@ class GFTDataCollator:
             ids.append(eos)
         return _token_ids(where, ids)
 
+    def _ids_or_text(
+        self, where: str, raw: Mapping, ids_key: str, text_key: str, response: bool
+    ) -> List[int]:
+        """Token ids from ``raw[ids_key]``, else the tokenized ``raw[text_key]``."""
+        if raw.get(ids_key) is not None:
+            return _token_ids(f'{where}["{ids_key}"]', raw[ids_key])
+        if raw.get(text_key) is not None:
+            return self._encode(f'{where}["{text_key}"]', raw[text_key], response=response)
+        raise ValueError(f'{where}: expected a "{ids_key}" or "{text_key}" field')
+
     def _response(self, where: str, raw: Any) -> Response:
         if isinstance(raw, Response):
             return raw
         if not isinstance(raw, Mapping):
             raise TypeError(f"{where}: expected a dict, got {type(raw).__name__}")
         text = raw.get("text")
-        if raw.get("ids") is not None:
-            ids = _token_ids(f'{where}["ids"]', raw["ids"])
-        elif text is not None:
-            ids = self._encode(f'{where}["text"]', text, response=True)
-        else:
-            raise ValueError(f'{where}: expected a "ids" (token ids) or "text" field')
+        ids = self._ids_or_text(where, raw, "ids", "text", response=True)
         if "reward" not in raw:
             raise ValueError(f'{where}: missing the "reward" field')
         reward = _reward(f'{where}["reward"]', raw["reward"])
@@ -204,9 +209,7 @@ class GFTDataCollator:
     def normalize(self, examples: Sequence[Any]) -> List[PromptGroup]:
         """Check and tokenize raw examples (``PromptGroup`` entries pass through)."""
         if isinstance(examples, Mapping) or not isinstance(examples, Sequence):
-            raise TypeError(
-                f"examples: expected a list of examples, got {type(examples).__name__}"
-            )
+            raise TypeError(f"examples: expected a list of examples, got {type(examples).__name__}")
         if len(examples) == 0:
             raise ValueError("examples: expected at least one example, got an empty batch")
         groups = []
@@ -218,16 +221,9 @@ class GFTDataCollator:
             if not isinstance(example, Mapping):
                 raise TypeError(f"{where}: expected a dict, got {type(example).__name__}")
             prompt_text = example.get("prompt")
-            if example.get("prompt_ids") is not None:
-                prompt_ids = _token_ids(f'{where}["prompt_ids"]', example["prompt_ids"])
-            elif prompt_text is not None:
-                prompt_ids = self._encode(f'{where}["prompt"]', prompt_text, response=False)
-            else:
-                raise ValueError(f'{where}: expected a "prompt_ids" or "prompt" field')
+            prompt_ids = self._ids_or_text(where, example, "prompt_ids", "prompt", response=False)
             responses = example.get("responses")
-            if isinstance(responses, (str, bytes, Mapping)) or not isinstance(
-                responses, Sequence
-            ):
+            if isinstance(responses, (str, bytes, Mapping)) or not isinstance(responses, Sequence):
                 raise TypeError(
                     f'{where}["responses"]: expected a list of responses, got '
                     f"{type(responses).__name__}"
