@@ -192,23 +192,26 @@ inline void skip_row(const TokenOut<C>& out, int64_t row) {
 // log p = (z'_y - m) / T - log S_t, q = exp(z'_y - m) / S_1, c = q if q <= tau else 1.
 // A row whose max is not finite (all -inf, a +inf entry) carries no loss and no gradient.
 template <typename C>
-inline void finish_row(const TokenOut<C>& out, int64_t row, bool valid, double adv,
-                       double row_max, double sum_t, double sum_1, double weighted,
-                       double target_logit, double tau, double inv_t) {
+inline void finish_row(const TokenOut<C>& out, int64_t row, bool valid, C adv, double row_max,
+                       double sum_t, double sum_1, double weighted, C target_logit, double tau,
+                       double inv_t) {
+  // In the compute type, as the other backends do: q is compared with tau exactly as it is
+  // reported.
   const bool finite = std::isfinite(row_max);
-  const double shift = finite ? row_max : 0.0;
-  const double log_t = std::log(sum_t);
-  const double logp = (target_logit - shift) * inv_t - log_t;
-  const double q = std::exp(target_logit - shift) / sum_1;
-  const double dcr = q <= tau ? q : 1.0;
+  const C shift = finite ? static_cast<C>(row_max) : C(0);
+  const C log_t = static_cast<C>(std::log(sum_t));
+  const C logp = (target_logit - shift) * static_cast<C>(inv_t) - log_t;
+  const C q = std::exp(target_logit - shift) / static_cast<C>(sum_1);
+  const C dcr = q <= tau ? q : C(1);
   const bool live = valid && finite;
-  const double scale = live ? adv * dcr : 0.0;
-  out.scale[row] = static_cast<C>(scale);
-  out.loss[row] = scale != 0.0 ? static_cast<C>(-scale * logp) : C(0);
-  out.logprobs[row] =
-      live ? static_cast<C>(logp) : (valid ? -std::numeric_limits<C>::infinity() : C(0));
-  out.probs[row] = live ? static_cast<C>(q) : C(0);
-  if (out.entropy != nullptr) out.entropy[row] = finite ? static_cast<C>(log_t - weighted / sum_t) : C(0);
+  const C scale = live ? adv * dcr : C(0);
+  out.scale[row] = scale;
+  out.loss[row] = scale != C(0) ? -scale * logp : C(0);
+  out.logprobs[row] = live ? logp : (valid ? -std::numeric_limits<C>::infinity() : C(0));
+  out.probs[row] = live ? q : C(0);
+  if (out.entropy != nullptr) {
+    out.entropy[row] = finite ? static_cast<C>(log_t - weighted / sum_t) : C(0);
+  }
   out.row_max[row] = static_cast<C>(row_max);
   out.sum_exp[row] = static_cast<C>(sum_t);
 }
@@ -758,7 +761,7 @@ void token_rows(const at::Tensor& logits, const TokenIn<compute_t<T>, I>& in,
       const T* z = base + row * stride;
       const Summary s = summarize_row<T>(z, n_cols, in.inv_t, with_stats, tf, simd, scratch);
       const int64_t target = valid ? static_cast<int64_t>(in.targets[row]) : -1;
-      const double z_y = target >= 0 ? target_logit_of<T>(z, target, tf, simd) : 0.0;
+      const C z_y = target >= 0 ? static_cast<C>(target_logit_of<T>(z, target, tf, simd)) : C(0);
       finish_row<C>(out, row, valid, adv, s.row_max, s.sum_t, s.sum_1, s.weighted, z_y, in.tau,
                     in.inv_t);
       if (grow != nullptr) {
