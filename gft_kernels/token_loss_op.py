@@ -140,7 +140,8 @@ def once_differentiable(grads: _Outputs) -> _Outputs:
         return grads
     present = [g for g in grads if g is not None]
     error = torch._C._functions.DelayedError(NOT_TWICE_DIFFERENTIABLE.encode(), len(present))
-    wrapped = iter(error(*[g.detach().requires_grad_() for g in present]))
+    wrapped = error(*[g.detach().requires_grad_() for g in present])
+    wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
     return tuple(next(wrapped) if g is not None else None for g in grads)
 
 

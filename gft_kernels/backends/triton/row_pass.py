@@ -38,21 +38,21 @@ def _fold_block(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T: tl.constexpr,
     new_m = tl.maximum(m, tl.max(z, axis=0))
     # Shift by 0 while everything seen is -inf (exp2 then gives 0, not NaN).
     shift = tl.where(new_m == -float("inf"), 0.0, new_m)
-    old_shift = tl.where(m == -float("inf"), 0.0, m)
-    # log2-scaled offsets: d2 = (old - new) log2(e) / T <= 0.
-    d2_t = (old_shift - shift) * scaled_inv_t
+    # log2-scaled offset of the old max: d2 = (old - new) log2(e) / T <= 0; -inf while
+    # nothing finite was seen (then the sums are 0 and the factor exp2(-inf) = 0).
+    d2_t = (m - shift) * scaled_inv_t
     x2 = (z - shift) * scaled_inv_t
     e_t = tl.exp2(x2)
     r_t = tl.exp2(d2_t)
     if WITH_ENTROPY:
         # W' = r (W + d S) re-centres sum e * x on the new max; x in natural units.
-        carried = tl.where(sum_t > 0.0, acc_w + d2_t * LN2 * sum_t, 0.0)
+        carried = tl.where(sum_t > 0.0, acc_w + d2_t * LN2 * sum_t, 0.0)  # no -inf * 0
         acc_w = r_t * carried + tl.sum(tl.where(e_t > 0.0, e_t * (x2 * LN2), 0.0), axis=0)
     sum_t = sum_t * r_t + tl.sum(e_t, axis=0)
     if UNIT_T:
         sum_1 = sum_t
     else:
-        sum_1 = sum_1 * tl.exp2((old_shift - shift) * LOG2E) + tl.sum(
+        sum_1 = sum_1 * tl.exp2((m - shift) * LOG2E) + tl.sum(
             tl.exp2((z - shift) * LOG2E), axis=0
         )
     return new_m, sum_t, sum_1, acc_w
