@@ -16,9 +16,37 @@ import torch
 from gft_kernels.backends import RowParams, load_backend, native
 from gft_kernels.backends.torch_rows import accumulate_dtype
 
-BACKENDS = ["torch", "cpu-simd", "cpu-scalar", "triton"]
+BACKENDS = ["torch", "cpu-simd", "cpu-scalar", "triton", "triton-split"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [(1, 1), (3, 2), (5, 37), (4, 4099), (2, 20011)]
+
+
+def combos(dtypes=DTYPES, shapes=SHAPES, params=None):
+    """(backend, dtype, shape[, params]) cases that exist: the Triton interpreter is slow,
+    so it gets the small shapes (and one set of params for the larger ones), and it takes
+    no fp64 (refused with a TypeError, tested elsewhere)."""
+    out = []
+    for backend in BACKENDS:
+        for dtype in dtypes:
+            if backend.startswith("triton") and dtype == torch.float64:
+                continue
+            for shape in shapes:
+                interpreted = backend.startswith("triton")
+                if backend == "triton-split" and shape[1] > 5000:
+                    continue
+                large = shape[1] > (1000 if backend == "triton-split" else 5000)
+                for i, p in enumerate(params or [None]):
+                    if interpreted and large and i > 0:
+                        continue
+                    case = (backend, dtype, shape) + ((p,) if params else ())
+                    out.append(pytest.param(*case, id="-".join(map(_name, case))))
+    return out
+
+
+def _name(value) -> str:
+    if isinstance(value, RowParams):
+        return f"T{value.temperature}-cap{value.logit_softcap}-scale{value.logit_scale}"
+    return str(value).replace("torch.", "")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -31,13 +59,17 @@ def rows(request) -> Iterator:
             yield load_backend("cpu")
         finally:
             module.set_simd_enabled(previous)
+    elif name == "triton-split":
+        # Few rows on a large GPU: each row's columns are split across programs.
+        from gft_kernels.backends.triton import tuning
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tuning, "MIN_PROGRAMS", 64)
+            patch.setattr(tuning, "MIN_SEGMENT_BLOCKS", 1)
+            patch.setattr(tuning, "MAX_BLOCK", {4: 64, 2: 64})
+            yield load_backend("triton")
     else:
         yield load_backend(name)
-
-
-def skip_unsupported(rows, dtype: torch.dtype) -> None:
-    if rows.name == "triton" and dtype == torch.float64:
-        pytest.skip("triton takes fp32/bf16/fp16 (fp64 is refused with a TypeError)")
 
 
 def make_logits(shape, dtype, seed=0, scale=4.0) -> torch.Tensor:
@@ -131,13 +163,8 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"T{p.temperature}-cap{p.logit_softcap}")
+@pytest.mark.parametrize("rows, dtype, shape, params", combos(params=PARAMS), indirect=["rows"])
 def test_token_pass_matches_fp64(rows, dtype, shape, params):
-    skip_unsupported(rows, dtype)
-    if rows.name == "triton" and shape[1] > 5000 and params is not PARAMS[0]:
-        pytest.skip("interpreter time: large rows run once per dtype for triton")
     z, targets, adv, mask = case(shape, dtype)
     valid = (targets != -100) & (mask != 0)
     out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True)
@@ -154,12 +181,11 @@ def test_token_pass_matches_fp64(rows, dtype, shape, params):
     torch.testing.assert_close(got, lse, **tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("params", PARAMS[:4], ids=lambda p: f"T{p.temperature}-cap{p.logit_softcap}")
+@pytest.mark.parametrize("rows, dtype, shape, params", combos(shapes=[(6, 515)], params=PARAMS[:4]),
+                         indirect=["rows"])  # fmt: skip
 @pytest.mark.parametrize("in_place", [False, True])
-def test_token_pass_writes_the_gradient(rows, dtype, params, in_place):
+def test_token_pass_writes_the_gradient(rows, dtype, shape, params, in_place):
     """With grad_weights/grad_out the pass writes w A c / T (softmax - onehot) dz'/dz."""
-    skip_unsupported(rows, dtype)
     z, targets, adv, mask = case((6, 515), dtype, seed=3)
     valid = (targets != -100) & (mask != 0)
     weights = torch.rand(6, dtype=accumulate_dtype(dtype))
@@ -175,13 +201,8 @@ def test_token_pass_writes_the_gradient(rows, dtype, params, in_place):
     assert torch.all(out[~valid | (weights == 0)] == 0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("params", PARAMS[:4], ids=lambda p: f"T{p.temperature}-cap{p.logit_softcap}")
+@pytest.mark.parametrize("rows, dtype, shape, params", combos(params=PARAMS[:4]), indirect=["rows"])
 def test_row_grad_matches_fp64(rows, dtype, shape, params):
-    skip_unsupported(rows, dtype)
-    if rows.name == "triton" and shape[1] > 5000 and params is not PARAMS[0]:
-        pytest.skip("interpreter time: large rows run once per dtype for triton")
     z, targets, adv, mask = case(shape, dtype, seed=5)
     valid = (targets != -100) & (mask != 0)
     out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=False)
@@ -193,9 +214,11 @@ def test_row_grad_matches_fp64(rows, dtype, shape, params):
     grad_close(got, want, coefficients(z, targets, adv, valid, grad_rows, params))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_partial_stats_of_blocks_match_fp64(rows, dtype):
-    z = make_logits((5, 300), dtype, seed=7)
+@pytest.mark.parametrize(
+    "rows, dtype, shape", combos([torch.float32, torch.bfloat16], [(5, 300)]), indirect=["rows"]
+)
+def test_partial_stats_of_blocks_match_fp64(rows, dtype, shape):
+    z = make_logits(shape, dtype, seed=7)
     z[2, :] = float("-inf")  # a block of -inf: m = -inf, S = 0
     params = RowParams(tau=0.1, temperature=0.7, logit_softcap=4.0)
     local = torch.tensor([3, -1, 0, 299, -1])

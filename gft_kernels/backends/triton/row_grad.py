@@ -108,16 +108,23 @@ def zero_row(grad_row_ptr, n_cols, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def row_grad_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, targets_ptr, row_max_ptr,
-                    sum_exp_ptr, grad_rows_ptr, scale_ptr, n_cols, inv_t, scaled_inv_t,
-                    logit_scale, cap, slope, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                    SAME_SKEW: tl.constexpr, TRANSFORM: tl.constexpr):  # fmt: skip
+                    sum_exp_ptr, grad_rows_ptr, scale_ptr, n_cols, seg_len, inv_t,
+                    scaled_inv_t, logit_scale, cap, slope, BLOCK_V: tl.constexpr,
+                    VEC: tl.constexpr, SAME_SKEW: tl.constexpr,
+                    TRANSFORM: tl.constexpr):  # fmt: skip
+    """Gradient of segment ``program_id(1)`` (``seg_len`` columns) of each row: few rows
+    still fill the GPU when their columns are split across programs."""
     row = tl.program_id(0).to(tl.int64)
-    grad_offset = row * stride_grad
+    seg_start = tl.program_id(1) * seg_len
+    seg_cols = tl.minimum(seg_len, n_cols - seg_start)
+    grad_offset = row * stride_grad + seg_start
     coef = tl.load(grad_rows_ptr + row).to(tl.float32) * tl.load(scale_ptr + row) * inv_t
     if coef == 0.0:
-        zero_row(grad_ptr + grad_offset, n_cols, BLOCK_V)
+        zero_row(grad_ptr + grad_offset, seg_cols, BLOCK_V)
     else:
-        write_grad_row(logits_ptr, row * stride_row, grad_ptr, grad_offset, n_cols,
-                       tl.load(targets_ptr + row), tl.load(row_max_ptr + row),
-                       tl.load(sum_exp_ptr + row), coef, scaled_inv_t, BLOCK_V, VEC, SAME_SKEW,
-                       TRANSFORM, logit_scale, cap, slope)  # fmt: skip
+        target = tl.load(targets_ptr + row) - seg_start
+        target = tl.where((target >= 0) & (target < seg_cols), target, -1)
+        write_grad_row(logits_ptr, row * stride_row + seg_start, grad_ptr, grad_offset,
+                       seg_cols, target, tl.load(row_max_ptr + row), tl.load(sum_exp_ptr + row),
+                       coef, scaled_inv_t, BLOCK_V, VEC, SAME_SKEW, TRANSFORM, logit_scale, cap,
+                       slope)  # fmt: skip

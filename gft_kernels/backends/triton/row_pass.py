@@ -170,22 +170,30 @@ def token_pass_kernel(
 @triton.jit
 def partial_stats_kernel(
     logits_ptr, stride_row, local_targets_ptr, row_max_ptr, sum_exp_ptr, sum_exp_1_ptr,
-    weighted_ptr, target_logit_ptr, n_cols, scaled_inv_t, logit_scale, cap, slope,
+    weighted_ptr, target_logit_ptr, n_cols, seg_len, scaled_inv_t, logit_scale, cap, slope,
     BLOCK_V: tl.constexpr, VEC: tl.constexpr, UNIT_T: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, TRANSFORM: tl.constexpr,
 ):  # fmt: skip
+    """Statistics of segment ``program_id(1)`` (``seg_len`` columns, a multiple of
+    ``BLOCK_V``) of each row; outputs are ``(N, segments)``, row-major."""
     row = tl.program_id(0).to(tl.int64)
-    row_offset = row * stride_row
+    seg = tl.program_id(1)
+    n_segs = tl.num_programs(1)
+    seg_start = seg * seg_len
+    seg_cols = tl.minimum(seg_len, n_cols - seg_start)
+    row_offset = row * stride_row + seg_start
     m, sum_t, sum_1, acc_w = summarize_row(
-        logits_ptr, row_offset, n_cols, scaled_inv_t, BLOCK_V, VEC, UNIT_T, WITH_ENTROPY,
+        logits_ptr, row_offset, seg_cols, scaled_inv_t, BLOCK_V, VEC, UNIT_T, WITH_ENTROPY,
         TRANSFORM, logit_scale, cap, slope,
     )  # fmt: skip
-    target = tl.load(local_targets_ptr + row)
-    z_y = tl.load(logits_ptr + row_offset + tl.maximum(target, 0)).to(tl.float32)
+    target = tl.load(local_targets_ptr + row) - seg_start
+    here = (target >= 0) & (target < seg_cols)
+    z_y = tl.load(logits_ptr + row_offset + tl.where(here, target, 0)).to(tl.float32)
     z_y = transform_logits(z_y, TRANSFORM, logit_scale, cap, slope)
-    tl.store(row_max_ptr + row, m)
-    tl.store(sum_exp_ptr + row, sum_t)
-    tl.store(sum_exp_1_ptr + row, sum_1)
+    out = row * n_segs + seg
+    tl.store(row_max_ptr + out, m)
+    tl.store(sum_exp_ptr + out, sum_t)
+    tl.store(sum_exp_1_ptr + out, sum_1)
     if WITH_ENTROPY:
-        tl.store(weighted_ptr + row, acc_w)
-    tl.store(target_logit_ptr + row, tl.where(target >= 0, z_y, 0.0))
+        tl.store(weighted_ptr + out, acc_w)
+    tl.store(target_logit_ptr + out, tl.where(here, z_y, 0.0))
