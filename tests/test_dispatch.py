@@ -50,8 +50,13 @@ def test_gft_loss_cpu_is_one_pass_each_way():
     assert syncs == []
 
 
+def on_triton_device(*tensors):
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return tuple(t.detach().to(dev).requires_grad_(t.requires_grad) for t in tensors)
+
+
 def test_gft_loss_triton_has_no_host_sync():
-    logits, targets, adv, mask = logits_case()
+    logits, targets, adv, mask = on_triton_device(*logits_case())
     _, syncs = profiled(lambda: gft_loss(logits, targets, adv, mask, backend="triton").backward())
     assert syncs == []
 
@@ -63,6 +68,8 @@ def test_fused_linear_syncs_once_with_compaction_and_never_without(backend):
     weight = torch.randn(100, 32, generator=gen).requires_grad_(True)
     targets = torch.randint(0, 100, (2, 16), generator=gen)
     adv = torch.tensor([1.0, 0.0])
+    if backend == "triton":
+        hidden, weight, targets, adv = on_triton_device(hidden, weight, targets, adv)
 
     def run(compact):
         loss = fused_linear_gft_loss(hidden, weight, targets, adv, backend=backend,

@@ -18,6 +18,13 @@ from gft_kernels.reference import gft_loss_reference
 BACKENDS = ("torch", "cpu", "triton")
 
 
+def on(backend, *tensors):
+    """Tensors on the backend's device: CUDA for Triton when present, else the CPU."""
+    dev = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    moved = tuple(t.to(dev) for t in tensors)
+    return moved if len(moved) > 1 else moved[0]
+
+
 def head_and_tokens(seed=0, n=6, hidden=8, vocab=20):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(vocab, hidden, generator=gen)
@@ -38,7 +45,7 @@ def z_loss(logits):
 def test_inplace_with_a_second_consumer_is_exact_or_refused(backend):
     """A z-loss on the same logits: the weight gradient is exact when the z-loss backward
     runs first, and autograd refuses (instead of reading overwritten logits) otherwise."""
-    weight, h, targets, adv = head_and_tokens()
+    weight, h, targets, adv = on(backend, *head_and_tokens())
     w_ref = weight.clone().requires_grad_(True)
     logits = h @ w_ref.t()
     (gft_loss(logits, targets, adv, backend=backend) + z_loss(logits)).backward()
@@ -57,7 +64,7 @@ def test_inplace_with_a_second_consumer_is_exact_or_refused(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_second_backward_is_refused(backend):
-    weight, h, targets, adv = head_and_tokens()
+    weight, h, targets, adv = on(backend, *head_and_tokens())
     w = weight.clone().requires_grad_(True)
     loss = gft_loss(h @ w.t(), targets, adv, backend=backend, inplace_backward=True)
     loss.backward(retain_graph=True)
@@ -67,7 +74,7 @@ def test_inplace_second_backward_is_refused(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_write_is_visible_to_autograd(backend):
-    weight, h, targets, adv = head_and_tokens()
+    weight, h, targets, adv = on(backend, *head_and_tokens())
     logits = (h @ weight.t()).requires_grad_(True)
     version = logits._version
     gft_loss(logits, targets, adv, backend=backend, inplace_backward=True).backward()
@@ -98,20 +105,20 @@ def test_tempered_gradient_matches_fp64(backend, temperature):
     targets = torch.randint(0, 50, (8,), generator=gen)
     targets[0] = 3
     adv = torch.randn(8, generator=gen)
-    x = z.clone().requires_grad_(True)
-    gft_loss(x, targets, adv, temperature=temperature, backend=backend).backward()
+    x = on(backend, z.clone()).requires_grad_(True)
+    gft_loss(x, *on(backend, targets, adv), temperature=temperature, backend=backend).backward()
     ref = z.double().requires_grad_(True)
     gft_loss_reference(ref, targets, adv, temperature=temperature).backward()
-    err = (x.grad.double() - ref.grad).abs().max() / ref.grad.abs().max()
+    err = (x.grad.cpu().double() - ref.grad).abs().max() / ref.grad.abs().max()
     assert err.item() <= 1e-5, err.item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-2, 1e-5, 1e-6])
 def test_certain_token_gradient_is_exactly_zero(backend, temperature):
-    x = torch.tensor([[1000.0, 0.0, 0.0, 0.0]], requires_grad=True)
-    loss = gft_loss(x, torch.tensor([0]), torch.tensor([1.0]), temperature=temperature,
-                    backend=backend)  # fmt: skip
+    x = on(backend, torch.tensor([[1000.0, 0.0, 0.0, 0.0]])).requires_grad_(True)
+    loss = gft_loss(x, *on(backend, torch.tensor([0]), torch.tensor([1.0])),
+                    temperature=temperature, backend=backend)  # fmt: skip
     loss.backward()
     assert loss.item() == 0.0
     assert torch.all(x.grad == 0), x.grad
@@ -119,13 +126,13 @@ def test_certain_token_gradient_is_exactly_zero(backend, temperature):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_temperature_is_finite(backend):
-    x = torch.tensor([[1.0, -float("inf"), 3.0, 2.0]], requires_grad=True)
-    loss = gft_loss(x, torch.tensor([2]), torch.tensor([1.0]), temperature=1e300, tau=0.0,
-                    backend=backend)  # fmt: skip
+    x = on(backend, torch.tensor([[1.0, -float("inf"), 3.0, 2.0]])).requires_grad_(True)
+    loss = gft_loss(x, *on(backend, torch.tensor([2]), torch.tensor([1.0])), temperature=1e300,
+                    tau=0.0, backend=backend)  # fmt: skip
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     # log p of a uniform over the 3 finite entries.
-    torch.testing.assert_close(loss, torch.tensor(torch.log(torch.tensor(3.0)).item()))
+    torch.testing.assert_close(loss.cpu(), torch.tensor(torch.log(torch.tensor(3.0)).item()))
 
 
 # --- double backward -----------------------------------------------------------------
@@ -133,7 +140,7 @@ def test_huge_temperature_is_finite(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward_is_refused_clearly(backend):
-    weight, h, targets, adv = head_and_tokens()
+    weight, h, targets, adv = on(backend, *head_and_tokens())
     x = (h @ weight.t()).requires_grad_(True)
     (g,) = torch.autograd.grad(gft_loss(x, targets, adv, backend=backend), x, create_graph=True)
     with pytest.raises(RuntimeError, match="not twice differentiable"):
@@ -156,7 +163,7 @@ def test_narrow_integer_targets_are_refused(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int32_targets_are_exact(backend):
-    weight, h, targets, adv = head_and_tokens()
+    weight, h, targets, adv = on(backend, *head_and_tokens())
     targets[2] = -100
     a = gft_loss(h @ weight.t(), targets, adv, backend=backend)
     b = gft_loss(h @ weight.t(), targets.int(), adv, backend=backend)
@@ -181,12 +188,12 @@ def test_nonfinite_rows_are_finite_and_agree(tau):
     adv = torch.tensor([1.0, -1.0, 2.0, 1.0, 0.5])
     results = {}
     for backend in BACKENDS:
-        x = z.clone().requires_grad_(True)
-        loss = gft_loss(x, targets, adv, temperature=0.5, tau=tau, backend=backend,
-                        loss_agg_mode="none")  # fmt: skip
+        x = on(backend, z.clone()).requires_grad_(True)
+        loss = gft_loss(x, *on(backend, targets, adv), temperature=0.5, tau=tau,
+                        backend=backend, loss_agg_mode="none")  # fmt: skip
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), backend
-        results[backend] = (loss.detach(), x.grad)
+        results[backend] = (loss.detach().cpu(), x.grad.cpu())
     # Rows without a finite max carry no loss and no gradient; row 2 is an ordinary row.
     for loss, grad in results.values():
         assert torch.all(loss[[0, 1, 3]] == 0) and torch.all(grad[[0, 1, 3]] == 0)
@@ -240,8 +247,8 @@ def test_reference_gives_advantages_no_gradient():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32, torch.float16])
 def test_mask_values_other_than_0_1_are_refused(backend, dtype):
-    weight, h, targets, adv = head_and_tokens()
-    mask = torch.tensor([1, 0, 2, 1, 1, 1]).to(dtype)
+    weight, h, targets, adv = on(backend, *head_and_tokens())
+    mask = on(backend, torch.tensor([1, 0, 2, 1, 1, 1]).to(dtype))
     with pytest.raises(ValueError, match="mask: expected 0/1 values, got 2"):
         gft_loss(h @ weight.t(), targets, adv, mask, backend=backend)
     with pytest.raises(ValueError, match="mask: expected 0/1 values, got 2"):

@@ -49,6 +49,53 @@ def _name(value) -> str:
     return str(value).replace("torch.", "")
 
 
+class OnDevice:
+    """A backend whose calls run on ``device`` (CUDA for Triton when present, so that the
+    same tests check the compiled kernels there): CPU tensors in, CPU tensors out."""
+
+    def __init__(self, rows, device: torch.device) -> None:
+        self.rows, self.device, self.name = rows, device, rows.name
+
+    def _to(self, x):
+        return x.to(self.device) if isinstance(x, torch.Tensor) else x
+
+    @staticmethod
+    def _back(result):
+        fields = [f.cpu() if isinstance(f, torch.Tensor) else f for f in vars(result).values()]
+        return type(result)(*fields)
+
+    def _out(self, logits, d_logits, out):
+        return d_logits if out is logits else self._to(out)
+
+    def token_pass(self, logits, targets, advantages, mask, params, **kw):
+        d_logits = self._to(logits)
+        out = kw.get("grad_out")
+        d_out = self._out(logits, d_logits, out)
+        kw = {k: self._to(v) for k, v in kw.items()}
+        kw["grad_out"] = d_out
+        res = self.rows.token_pass(d_logits, self._to(targets), self._to(advantages),
+                                   self._to(mask), params, **kw)  # fmt: skip
+        if out is not None and d_out is not out:
+            out.copy_(d_out)
+        return self._back(res)
+
+    def partial_stats(self, logits, local_targets, params, **kw):
+        return self._back(self.rows.partial_stats(self._to(logits), self._to(local_targets),
+                                                  params, **kw))  # fmt: skip
+
+    def row_grad(self, logits, targets, row_max, sum_exp, grad_rows, scale, params, out):
+        d_logits = self._to(logits)
+        d_out = self._out(logits, d_logits, out)
+        args = [self._to(t) for t in (targets, row_max, sum_exp, grad_rows, scale)]
+        self.rows.row_grad(d_logits, *args, params, d_out)
+        if d_out is not out:
+            out.copy_(d_out)
+        return out
+
+
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @pytest.fixture(params=BACKENDS)
 def rows(request) -> Iterator:
     name = request.param
@@ -67,7 +114,9 @@ def rows(request) -> Iterator:
             patch.setattr(tuning, "MIN_PROGRAMS", 64)
             patch.setattr(tuning, "MIN_SEGMENT_BLOCKS", 1)
             patch.setattr(tuning, "MAX_BLOCK", {4: 64, 2: 64})
-            yield load_backend("triton")
+            yield OnDevice(load_backend("triton"), TRITON_DEVICE)
+    elif name == "triton":
+        yield OnDevice(load_backend("triton"), TRITON_DEVICE)
     else:
         yield load_backend(name)
 

@@ -8,11 +8,14 @@ a bad value.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
 
 from gft_kernels.backends.base import RowParams
+
+SYNC_CHECKS_ENV = "GFT_KERNELS_SYNC_CHECKS"
 
 # Bits of the per-token error flags written by the kernels' data checks.
 BAD_TARGET = 1
@@ -107,11 +110,16 @@ def raise_for_flags(
 ) -> None:
     """Turn the kernels' error flags into the library's ``ValueError``.
 
-    On CUDA this is a device-side assert (no host synchronisation; the message is fixed).
-    On the CPU the flags are read from host memory directly (no dispatch, no copy) and the
-    error names the first offending value.
+    On CUDA this is a device-side assert (no host synchronisation; the message is fixed,
+    and the CUDA context is lost afterwards, as with any device assert). With
+    ``GFT_KERNELS_SYNC_CHECKS=1`` the flags are copied to the host instead (one sync) and a
+    ``ValueError`` names the first offending value, as it does on the CPU, where the flags
+    are read from host memory directly (no dispatch, no copy).
     """
     targets_msg = f"targets: expected values in [0, {vocab_size}) or ignore_index={ignore_index}"
+    if flags.device.type != "cpu" and os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0"):
+        flags, targets, advantages = flags.cpu(), targets.cpu(), advantages.cpu()
+        mask = None if mask is None else mask.cpu()
     if flags.device.type != "cpu":
         for bit, what in (
             (BAD_TARGET, targets_msg + ", got a value outside"),
