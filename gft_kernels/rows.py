@@ -48,9 +48,7 @@ def vocab_shard(process_group, local_size: int, device: torch.device) -> VocabSh
     return VocabShard(process_group, sum(sizes[:rank]), local_size, sum(sizes))
 
 
-def local_targets(
-    targets: torch.Tensor, valid: torch.Tensor, shard: VocabShard
-) -> torch.Tensor:
+def local_targets(targets: torch.Tensor, valid: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """Column of each valid target in this rank's block, -1 where it lives elsewhere."""
     local = targets.long() - shard.offset
     here = valid & (local >= 0) & (local < shard.size)

@@ -15,12 +15,30 @@ from torch.profiler import ProfilerActivity, profile
 from gft_kernels import fused_linear_gft_loss, gft_loss
 
 NOT_COMPUTE = {
-    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view", "aten::reshape",
-    "aten::_reshape_alias", "aten::as_strided", "aten::expand", "aten::t", "aten::transpose",
-    "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice", "aten::detach",
-    "aten::alias", "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh",
-    "aten::_unsafe_view", "aten::permute", "aten::contiguous", "aten::to",
-}  # fmt: skip
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::view",
+    "aten::reshape",
+    "aten::_reshape_alias",
+    "aten::as_strided",
+    "aten::expand",
+    "aten::t",
+    "aten::transpose",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::select",
+    "aten::slice",
+    "aten::detach",
+    "aten::alias",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::lift_fresh",
+    "aten::_unsafe_view",
+    "aten::permute",
+    "aten::contiguous",
+    "aten::to",
+}
 
 
 def profiled(fn):
@@ -45,7 +63,9 @@ def logits_case():
 
 def test_gft_loss_cpu_is_one_pass_each_way():
     logits, targets, adv, mask = logits_case()
-    compute, syncs = profiled(lambda: gft_loss(logits, targets, adv, mask, backend="cpu").backward())
+    compute, syncs = profiled(
+        lambda: gft_loss(logits, targets, adv, mask, backend="cpu").backward()
+    )
     assert len(compute) <= 20, compute
     assert syncs == []
 
@@ -72,8 +92,9 @@ def test_fused_linear_syncs_once_with_compaction_and_never_without(backend):
         hidden, weight, targets, adv = on_triton_device(hidden, weight, targets, adv)
 
     def run(compact):
-        loss = fused_linear_gft_loss(hidden, weight, targets, adv, backend=backend,
-                                     compact_tokens=compact)  # fmt: skip
+        loss = fused_linear_gft_loss(
+            hidden, weight, targets, adv, backend=backend, compact_tokens=compact
+        )
         (loss * 2).backward()
 
     assert profiled(lambda: run(False))[1] == []
@@ -108,13 +129,22 @@ def test_torch_compile_fullgraph_matches_eager(backend, compiler):
     mask[:, -2:] = 0
 
     def logits_level(x):
-        loss, stats = gft_loss(x, targets, adv, mask, backend=backend, temperature=0.7,
-                               return_stats=True)  # fmt: skip
+        loss, stats = gft_loss(
+            x, targets, adv, mask, backend=backend, temperature=0.7, return_stats=True
+        )
         return loss * 2 + stats.entropy.mean()
 
     def fused(h, w):
-        return fused_linear_gft_loss(h, w, targets, adv, mask, backend=backend,
-                                     loss_agg_mode="seq-mean-token-mean", logit_softcap=5.0)  # fmt: skip
+        return fused_linear_gft_loss(
+            h,
+            w,
+            targets,
+            adv,
+            mask,
+            backend=backend,
+            loss_agg_mode="seq-mean-token-mean",
+            logit_softcap=5.0,
+        )
 
     _check_compiled(logits_level, [logits], compiler)
     _check_compiled(fused, [hidden, weight], compiler)
@@ -134,8 +164,9 @@ def test_bf16_head_dw_error_does_not_grow_with_chunks():
 
     def error(chunk):
         wb = w.bfloat16().requires_grad_(True)
-        fused_linear_gft_loss(h.bfloat16(), wb, targets, adv, backend="cpu",
-                              chunk_size=chunk).backward()  # fmt: skip
+        fused_linear_gft_loss(
+            h.bfloat16(), wb, targets, adv, backend="cpu", chunk_size=chunk
+        ).backward()
         return ((wb.grad.double() - ref_w.grad).norm() / ref_w.grad.norm()).item()
 
     one, many = error(n), error(n // 256)

@@ -11,8 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gft_kernels import FusedLinearGFTLoss, GFTLoss, fused_linear_gft_loss, gft_loss
-from gft_kernels import group_advantages
+from gft_kernels import (
+    FusedLinearGFTLoss,
+    GFTLoss,
+    fused_linear_gft_loss,
+    gft_loss,
+    group_advantages,
+)
 from gft_kernels.reference import gft_loss_reference
 
 BACKENDS = ("torch", "cpu", "triton")
@@ -52,7 +57,9 @@ def test_inplace_with_a_second_consumer_is_exact_or_refused(backend):
 
     w = weight.clone().requires_grad_(True)
     logits = h @ w.t()
-    (gft_loss(logits, targets, adv, backend=backend, inplace_backward=True) + z_loss(logits)).backward()
+    (
+        gft_loss(logits, targets, adv, backend=backend, inplace_backward=True) + z_loss(logits)
+    ).backward()
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
 
     w = weight.clone().requires_grad_(True)
@@ -117,8 +124,12 @@ def test_tempered_gradient_matches_fp64(backend, temperature):
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-2, 1e-5, 1e-6])
 def test_certain_token_gradient_is_exactly_zero(backend, temperature):
     x = on(backend, torch.tensor([[1000.0, 0.0, 0.0, 0.0]])).requires_grad_(True)
-    loss = gft_loss(x, *on(backend, torch.tensor([0]), torch.tensor([1.0])),
-                    temperature=temperature, backend=backend)  # fmt: skip
+    loss = gft_loss(
+        x,
+        *on(backend, torch.tensor([0]), torch.tensor([1.0])),
+        temperature=temperature,
+        backend=backend,
+    )
     loss.backward()
     assert loss.item() == 0.0
     assert torch.all(x.grad == 0), x.grad
@@ -127,8 +138,13 @@ def test_certain_token_gradient_is_exactly_zero(backend, temperature):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_temperature_is_finite(backend):
     x = on(backend, torch.tensor([[1.0, -float("inf"), 3.0, 2.0]])).requires_grad_(True)
-    loss = gft_loss(x, *on(backend, torch.tensor([2]), torch.tensor([1.0])), temperature=1e300,
-                    tau=0.0, backend=backend)  # fmt: skip
+    loss = gft_loss(
+        x,
+        *on(backend, torch.tensor([2]), torch.tensor([1.0])),
+        temperature=1e300,
+        tau=0.0,
+        backend=backend,
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     # log p of a uniform over the 3 finite entries.
@@ -189,8 +205,14 @@ def test_nonfinite_rows_are_finite_and_agree(tau):
     results = {}
     for backend in BACKENDS:
         x = on(backend, z.clone()).requires_grad_(True)
-        loss = gft_loss(x, *on(backend, targets, adv), temperature=0.5, tau=tau,
-                        backend=backend, loss_agg_mode="none")  # fmt: skip
+        loss = gft_loss(
+            x,
+            *on(backend, targets, adv),
+            temperature=0.5,
+            tau=tau,
+            backend=backend,
+            loss_agg_mode="none",
+        )
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), backend
         results[backend] = (loss.detach().cpu(), x.grad.cpu())
@@ -199,8 +221,9 @@ def test_nonfinite_rows_are_finite_and_agree(tau):
         assert torch.all(loss[[0, 1, 3]] == 0) and torch.all(grad[[0, 1, 3]] == 0)
         torch.testing.assert_close(loss, results["torch"][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, results["torch"][1], rtol=1e-5, atol=1e-6)
-    ref = gft_loss_reference(z[4:].double(), targets[4:], adv[4:], temperature=0.5, tau=tau,
-                             loss_agg_mode="none")  # fmt: skip
+    ref = gft_loss_reference(
+        z[4:].double(), targets[4:], adv[4:], temperature=0.5, tau=tau, loss_agg_mode="none"
+    )
     torch.testing.assert_close(results["cpu"][0][4:].double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -282,8 +305,14 @@ def test_scalar_native_path_vocab_one_is_exact():
     try:
         for temperature in (1.0, 0.7):
             x = torch.tensor([[2.5], [-1.0]], requires_grad=True)
-            loss, stats = gft_loss(x, torch.tensor([0, 0]), torch.tensor([1.0, 2.0]),
-                                   temperature=temperature, backend="cpu", return_stats=True)  # fmt: skip
+            loss, stats = gft_loss(
+                x,
+                torch.tensor([0, 0]),
+                torch.tensor([1.0, 2.0]),
+                temperature=temperature,
+                backend="cpu",
+                return_stats=True,
+            )
             loss.backward()
             assert torch.all(stats.logprobs == 0) and loss.item() == 0
             assert torch.all(x.grad == 0)

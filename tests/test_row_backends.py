@@ -73,15 +73,17 @@ class OnDevice:
         d_out = self._out(logits, d_logits, out)
         kw = {k: self._to(v) for k, v in kw.items()}
         kw["grad_out"] = d_out
-        res = self.rows.token_pass(d_logits, self._to(targets), self._to(advantages),
-                                   self._to(mask), params, **kw)  # fmt: skip
+        res = self.rows.token_pass(
+            d_logits, self._to(targets), self._to(advantages), self._to(mask), params, **kw
+        )
         if out is not None and d_out is not out:
             out.copy_(d_out)
         return self._back(res)
 
     def partial_stats(self, logits, local_targets, params, **kw):
-        return self._back(self.rows.partial_stats(self._to(logits), self._to(local_targets),
-                                                  params, **kw))  # fmt: skip
+        return self._back(
+            self.rows.partial_stats(self._to(logits), self._to(local_targets), params, **kw)
+        )
 
     def row_grad(self, logits, targets, row_max, sum_exp, grad_rows, scale, params, out):
         d_logits = self._to(logits)
@@ -230,8 +232,9 @@ def test_token_pass_matches_fp64(rows, dtype, shape, params):
     torch.testing.assert_close(got, lse, **tol)
 
 
-@pytest.mark.parametrize("rows, dtype, shape, params", combos(shapes=[(6, 515)], params=PARAMS[:4]),
-                         indirect=["rows"])  # fmt: skip
+@pytest.mark.parametrize(
+    "rows, dtype, shape, params", combos(shapes=[(6, 515)], params=PARAMS[:4]), indirect=["rows"]
+)
 @pytest.mark.parametrize("in_place", [False, True])
 def test_token_pass_writes_the_gradient(rows, dtype, shape, params, in_place):
     """With grad_weights/grad_out the pass writes w A c / T (softmax - onehot) dz'/dz."""
@@ -242,9 +245,16 @@ def test_token_pass_writes_the_gradient(rows, dtype, shape, params, in_place):
     buffer = z.clone()
     out = buffer if in_place else torch.empty_like(z)
     rows.token_pass(
-        buffer, targets, adv, mask, params, tokens_per_advantage=1, with_stats=False,
-        grad_weights=weights, grad_out=out,
-    )  # fmt: skip
+        buffer,
+        targets,
+        adv,
+        mask,
+        params,
+        tokens_per_advantage=1,
+        with_stats=False,
+        grad_weights=weights,
+        grad_out=out,
+    )
     want = fp64_grad(z, targets, adv, valid, weights, params)
     grad_close(out, want, coefficients(z, targets, adv, valid, weights, params))
     assert torch.all(out[~valid | (weights == 0)] == 0)
@@ -296,9 +306,16 @@ def test_certain_token_has_exactly_zero_gradient_at_any_temperature(rows):
         weights = torch.ones(2)
         out = torch.empty_like(z)
         res = rows.token_pass(
-            z, targets, adv, None, params, tokens_per_advantage=1, with_stats=True,
-            grad_weights=weights, grad_out=out,
-        )  # fmt: skip
+            z,
+            targets,
+            adv,
+            None,
+            params,
+            tokens_per_advantage=1,
+            with_stats=True,
+            grad_weights=weights,
+            grad_out=out,
+        )
         assert torch.isfinite(out).all() and torch.isfinite(res.loss).all(), temperature
         if temperature < 1e10:
             assert torch.all(out[0] == 0), (temperature, out[0])
@@ -322,9 +339,14 @@ def test_data_checks_raise_value_error(rows):
         args.update(override)
         with pytest.raises(ValueError) as info:
             rows.token_pass(
-                z, args["targets"], args["advantages"], args["mask"], params,
-                tokens_per_advantage=1, with_stats=False,
-            )  # fmt: skip
+                z,
+                args["targets"],
+                args["advantages"],
+                args["mask"],
+                params,
+                tokens_per_advantage=1,
+                with_stats=False,
+            )
         for word in words:
             assert word in str(info.value), (word, str(info.value))
 
@@ -334,10 +356,18 @@ def test_int32_targets_and_per_sequence_advantages(rows):
     targets = torch.randint(0, 13, (6,))
     adv_seq = torch.tensor([0.5, -2.0])
     params = RowParams(tau=0.2, temperature=0.9)
-    a = rows.token_pass(z, targets.int(), adv_seq, None, params, tokens_per_advantage=3,
-                        with_stats=False)  # fmt: skip
-    b = rows.token_pass(z, targets, adv_seq.repeat_interleave(3), None, params,
-                        tokens_per_advantage=1, with_stats=False)  # fmt: skip
+    a = rows.token_pass(
+        z, targets.int(), adv_seq, None, params, tokens_per_advantage=3, with_stats=False
+    )
+    b = rows.token_pass(
+        z,
+        targets,
+        adv_seq.repeat_interleave(3),
+        None,
+        params,
+        tokens_per_advantage=1,
+        with_stats=False,
+    )
     torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(a.scale, b.scale)
 
@@ -351,11 +381,27 @@ def test_native_results_do_not_depend_on_thread_count():
     try:
         for threads in (1, max(2, previous)):
             torch.set_num_threads(threads)
-            out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1,
-                                  with_stats=True, grad_weights=torch.ones(64),
-                                  grad_out=torch.empty_like(z))  # fmt: skip
-            grad = rows.row_grad(z, targets, out.row_max, out.sum_exp, torch.ones(64),
-                                 out.scale, params, torch.empty_like(z))  # fmt: skip
+            out = rows.token_pass(
+                z,
+                targets,
+                adv,
+                mask,
+                params,
+                tokens_per_advantage=1,
+                with_stats=True,
+                grad_weights=torch.ones(64),
+                grad_out=torch.empty_like(z),
+            )
+            grad = rows.row_grad(
+                z,
+                targets,
+                out.row_max,
+                out.sum_exp,
+                torch.ones(64),
+                out.scale,
+                params,
+                torch.empty_like(z),
+            )
             results.append((out.loss, out.entropy, out.sum_exp, grad))
     finally:
         torch.set_num_threads(previous)
@@ -377,10 +423,12 @@ def test_native_argument_checks():
         lambda: module.row_grad(z, targets, v.double(), v, v, v, 1.0, 1.0, 0.0, out),
         lambda: module.row_grad(z, targets, v, v, v, v, 1.0, 1.0, 0.0, out.double()),
         lambda: module.row_grad(z, targets, v, v, v, v, 1.0, 1.0, 0.0, out[:, :5]),
-        lambda: module.token_pass(z, targets.short(), v, None, 1, 0.1, 1.0, 1.0, 0.0, -100,
-                                  False, None, None),  # fmt: skip
-        lambda: module.token_pass(z, targets, v, None, 2, 0.1, 1.0, 1.0, 0.0, -100, False,
-                                  None, None),  # fmt: skip
+        lambda: module.token_pass(
+            z, targets.short(), v, None, 1, 0.1, 1.0, 1.0, 0.0, -100, False, None, None
+        ),
+        lambda: module.token_pass(
+            z, targets, v, None, 2, 0.1, 1.0, 1.0, 0.0, -100, False, None, None
+        ),
     ]
     # A shifted view of the logits is neither in place nor separate.
     storage = torch.zeros(40)
@@ -397,9 +445,11 @@ def test_empty_batch(rows):
     z = torch.empty(0, 17)
     empty_i = torch.empty(0, dtype=torch.long)
     params = RowParams(tau=0.1, temperature=1.0)
-    out = rows.token_pass(z, empty_i, torch.empty(0), None, params, tokens_per_advantage=1,
-                          with_stats=True)  # fmt: skip
+    out = rows.token_pass(
+        z, empty_i, torch.empty(0), None, params, tokens_per_advantage=1, with_stats=True
+    )
     assert out.loss.shape == out.entropy.shape == (0,)
-    grad = rows.row_grad(z, empty_i, out.row_max, out.sum_exp, out.loss, out.scale, params,
-                         torch.empty_like(z))  # fmt: skip
+    grad = rows.row_grad(
+        z, empty_i, out.row_max, out.sum_exp, out.loss, out.scale, params, torch.empty_like(z)
+    )
     assert grad.shape == (0, 17)

@@ -140,8 +140,7 @@ def raise_for_flags(
         raise ValueError(f"mask: expected 0/1 values, got {float(value)} (token {row})")
     row = _first(host, BAD_ADVANTAGE) // tokens_per_advantage
     raise ValueError(
-        f"advantages: expected finite values, got {float(advantages.numpy()[row])} "
-        f"(entry {row})"
+        f"advantages: expected finite values, got {float(advantages.numpy()[row])} (entry {row})"
     )
 
 

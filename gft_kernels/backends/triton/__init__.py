@@ -62,9 +62,16 @@ class TritonRows:
         cfg = launch_config(n_cols, logits.dtype, "token_pass")
         if tuning.row_segments(n_rows, n_cols, cfg.block_v, logits.device) > 1:
             return self._split_token_pass(
-                logits, targets, advantages, mask, params, tokens_per_advantage, with_stats,
-                grad_weights, grad_out,
-            )  # fmt: skip
+                logits,
+                targets,
+                advantages,
+                mask,
+                params,
+                tokens_per_advantage,
+                with_stats,
+                grad_weights,
+                grad_out,
+            )
         dev = logits.device
         vec = lambda: torch.empty(n_rows, dtype=torch.float32, device=dev)  # noqa: E731
         loss, logprobs, probs, row_max, sum_exp, scale = (vec() for _ in range(6))
@@ -74,23 +81,42 @@ class TritonRows:
         kind, logit_scale, cap, slope = _transform(params)
         if n_rows:
             token_pass_kernel[(n_rows,)](
-                logits, logits.stride(0), targets, advantages, tokens_per_advantage,
+                logits,
+                logits.stride(0),
+                targets,
+                advantages,
+                tokens_per_advantage,
                 mask if mask is not None else flags,
                 grad_weights if write_grad else loss,
                 grad_out if write_grad else logits,
                 grad_out.stride(0) if write_grad else 0,
-                loss, logprobs, probs, entropy if with_stats else loss, row_max, sum_exp,
-                scale, flags,
-                n_cols, params.ignore_index, params.tau, params.inv_temperature,
-                params.inv_temperature * LOG2E, logit_scale, cap, slope,
-                BLOCK_V=cfg.block_v, VEC=cfg.vec, UNIT_T=params.unit_temperature,
-                WITH_STATS=with_stats, TRANSFORM=kind, HAS_MASK=mask is not None,
+                loss,
+                logprobs,
+                probs,
+                entropy if with_stats else loss,
+                row_max,
+                sum_exp,
+                scale,
+                flags,
+                n_cols,
+                params.ignore_index,
+                params.tau,
+                params.inv_temperature,
+                params.inv_temperature * LOG2E,
+                logit_scale,
+                cap,
+                slope,
+                BLOCK_V=cfg.block_v,
+                VEC=cfg.vec,
+                UNIT_T=params.unit_temperature,
+                WITH_STATS=with_stats,
+                TRANSFORM=kind,
+                HAS_MASK=mask is not None,
                 WRITE_GRAD=write_grad,
-                SAME_SKEW=write_grad and _same_skew(
-                    logits.stride(0), grad_out.stride(0), n_rows, cfg.vec
-                ),
+                SAME_SKEW=write_grad
+                and _same_skew(logits.stride(0), grad_out.stride(0), n_rows, cfg.vec),
                 num_warps=cfg.num_warps,
-            )  # fmt: skip
+            )
         raise_for_flags(
             flags, targets, mask, advantages, tokens_per_advantage, n_cols, params.ignore_index
         )
@@ -105,8 +131,18 @@ class TritonRows:
         with_entropy: bool,
     ) -> PartialStats:
         part = self._segment_stats(logits, local_targets, params, with_entropy, segments=1)
-        return PartialStats(*(t.reshape(-1) if t is not None else None for t in (
-            part.row_max, part.sum_exp, part.sum_exp_1, part.weighted, part.target_logit)))  # fmt: skip
+        return PartialStats(
+            *(
+                t.reshape(-1) if t is not None else None
+                for t in (
+                    part.row_max,
+                    part.sum_exp,
+                    part.sum_exp_1,
+                    part.weighted,
+                    part.target_logit,
+                )
+            )
+        )
 
     def _segment_stats(self, logits, local_targets, params, with_entropy, segments):
         """``(N, segments)`` statistics of column segments of each row."""
@@ -120,16 +156,41 @@ class TritonRows:
         kind, logit_scale, cap, slope = _transform(params)
         if n_rows:
             partial_stats_kernel[(n_rows, segments)](
-                logits, logits.stride(0), local_targets, row_max, sum_exp, sum_exp_1,
-                weighted if with_entropy else sum_exp, target_logit, n_cols, seg_len,
-                params.inv_temperature * LOG2E, logit_scale, cap, slope,
-                BLOCK_V=cfg.block_v, VEC=cfg.vec, UNIT_T=params.unit_temperature,
-                WITH_ENTROPY=with_entropy, TRANSFORM=kind, num_warps=cfg.num_warps,
-            )  # fmt: skip
+                logits,
+                logits.stride(0),
+                local_targets,
+                row_max,
+                sum_exp,
+                sum_exp_1,
+                weighted if with_entropy else sum_exp,
+                target_logit,
+                n_cols,
+                seg_len,
+                params.inv_temperature * LOG2E,
+                logit_scale,
+                cap,
+                slope,
+                BLOCK_V=cfg.block_v,
+                VEC=cfg.vec,
+                UNIT_T=params.unit_temperature,
+                WITH_ENTROPY=with_entropy,
+                TRANSFORM=kind,
+                num_warps=cfg.num_warps,
+            )
         return PartialStats(row_max, sum_exp, sum_exp_1, weighted, target_logit)
 
-    def _split_token_pass(self, logits, targets, advantages, mask, params,
-                          tokens_per_advantage, with_stats, grad_weights, grad_out):  # fmt: skip
+    def _split_token_pass(
+        self,
+        logits,
+        targets,
+        advantages,
+        mask,
+        params,
+        tokens_per_advantage,
+        with_stats,
+        grad_weights,
+        grad_out,
+    ):
         """Few rows: each row's columns are split across programs, and the segments'
         statistics are combined exactly (the same algebra as vocab-parallel shards)."""
         n_rows, n_cols = logits.shape
@@ -182,11 +243,26 @@ class TritonRows:
         seg_len = triton.cdiv(triton.cdiv(n_cols, segments), cfg.block_v) * cfg.block_v
         if n_rows:
             row_grad_kernel[(n_rows, triton.cdiv(n_cols, seg_len))](
-                logits, logits.stride(0), out, out.stride(0), targets, row_max, sum_exp,
-                grad_rows, scale, n_cols, seg_len, params.inv_temperature,
-                params.inv_temperature * LOG2E, logit_scale, cap, slope,
-                BLOCK_V=cfg.block_v, VEC=cfg.vec,
+                logits,
+                logits.stride(0),
+                out,
+                out.stride(0),
+                targets,
+                row_max,
+                sum_exp,
+                grad_rows,
+                scale,
+                n_cols,
+                seg_len,
+                params.inv_temperature,
+                params.inv_temperature * LOG2E,
+                logit_scale,
+                cap,
+                slope,
+                BLOCK_V=cfg.block_v,
+                VEC=cfg.vec,
                 SAME_SKEW=_same_skew(logits.stride(0), out.stride(0), n_rows, cfg.vec),
-                TRANSFORM=kind, num_warps=cfg.num_warps,
-            )  # fmt: skip
+                TRANSFORM=kind,
+                num_warps=cfg.num_warps,
+            )
         return out
