@@ -14,7 +14,7 @@ Both kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -147,27 +147,42 @@ def row_stats(
     ``active[i] == False`` (optional bool ``(N,)``) are not read and get ``lse = +inf``.
     """
     n_rows, n_cols = logits.shape
-    block = block_v or block_size_for(n_cols)
     lse_t = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse_1 = torch.empty_like(lse_t)
     entropy = torch.empty_like(lse_t) if with_entropy else None
     if n_rows:
-        _row_stats_kernel[(n_rows,)](
-            logits,
-            logits.stride(0),
-            lse_t,
-            lse_1,
-            entropy if with_entropy else lse_t,
-            active if active is not None else lse_t,
-            n_cols,
-            1.0 / temperature,
-            BLOCK_V=block,
-            WITH_ENTROPY=with_entropy,
-            UNIT_TEMPERATURE=temperature == 1.0,
-            HAS_ACTIVE=active is not None,
-            num_warps=_num_warps(block),
+        args, meta = _stats_launch(
+            logits, logits.stride(0), n_cols, lse_t, lse_1, entropy, active, temperature, block_v
         )
+        _row_stats_kernel[(n_rows,)](*args, **meta)
     return lse_t, lse_1, entropy
+
+
+def _stats_launch(logits, stride_row, n_cols, lse_t, lse_1, entropy, active, temperature, block_v):
+    """Arguments and meta-parameters of one ``_row_stats_kernel`` launch.
+
+    Shared by :func:`row_stats` and :func:`aot_variants`, so the ahead-of-time check compiles
+    exactly the variants the wrapper launches.
+    """
+    block = block_v or block_size_for(n_cols)
+    args = (
+        logits,
+        stride_row,
+        lse_t,
+        lse_1,
+        entropy if entropy is not None else lse_t,
+        active if active is not None else lse_t,
+        n_cols,
+        1.0 / temperature,
+    )
+    meta = dict(
+        BLOCK_V=block,
+        WITH_ENTROPY=entropy is not None,
+        UNIT_TEMPERATURE=temperature == 1.0,
+        HAS_ACTIVE=active is not None,
+        num_warps=_num_warps(block),
+    )
+    return args, meta
 
 
 def row_grad(
@@ -181,19 +196,110 @@ def row_grad(
 ) -> torch.Tensor:
     """Write ``coef * (softmax(z / T) - onehot(targets))`` into ``out`` (may alias logits)."""
     n_rows, n_cols = logits.shape
-    block = block_v or block_size_for(n_cols)
     if n_rows:
-        _row_grad_kernel[(n_rows,)](
+        args, meta = _grad_launch(
             logits,
             logits.stride(0),
             out,
             out.stride(0),
+            n_cols,
             targets,
             lse_t,
             coef.to(torch.float32),
-            n_cols,
-            1.0 / temperature,
-            BLOCK_V=block,
-            num_warps=_num_warps(block),
+            temperature,
+            block_v,
         )
+        _row_grad_kernel[(n_rows,)](*args, **meta)
     return out
+
+
+def _grad_launch(
+    logits, stride_row, out, stride_out, n_cols, targets, lse_t, coef, temperature, block_v
+):
+    """Arguments and meta-parameters of one ``_row_grad_kernel`` launch (see _stats_launch)."""
+    block = block_v or block_size_for(n_cols)
+    args = (logits, stride_row, out, stride_out, targets, lse_t, coef, n_cols, 1.0 / temperature)
+    return args, dict(BLOCK_V=block, num_warps=_num_warps(block))
+
+
+_AOT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _aot_vocab_sizes() -> List[int]:
+    """Row lengths whose launches reach every specialisation the wrappers can produce.
+
+    For each block size, a multiple of 16 and a length that is not (Triton specialises
+    integers and addresses on 16-divisibility), plus V = 1 (an integer equal to 1 becomes a
+    constant); lengths past MAX_BLOCK_V give the same compilations again and are deduplicated.
+    """
+    sizes = set()
+    for k in range(18):
+        sizes.update({2**k, 2**k + 1})
+    return sorted(sizes)
+
+
+def _vocab_class(n_cols: int) -> str:
+    return "V=1" if n_cols == 1 else ("V%16=0" if n_cols % 16 == 0 else "V%16!=0")
+
+
+def aot_variants() -> list:
+    """Every compilation of the two row kernels that :func:`row_stats` / :func:`row_grad` launch.
+
+    Logits dtypes fp32 / bf16 / fp16; the stats kernel's switches (temperature 1 or not,
+    entropy, active-row mask); each block / warp configuration the row length selects;
+    contiguous rows of an aligned allocation with any row length. Returns
+    ``List[gft_kernels.ops.variants.KernelVariant]``.
+    """
+    from gft_kernels.ops.variants import AotTensor, HotLoop, dedupe, launch_variant
+
+    stats_out = AotTensor(torch.float32)
+    records = []
+    for dtype, label in _AOT_DTYPES.items():
+        size = torch.empty((), dtype=dtype).element_size()
+        logits = AotTensor(dtype)
+        for n_cols in _aot_vocab_sizes():
+            for temperature in (1.0, 0.7):
+                for entropy in (None, stats_out):
+                    for active in (None, AotTensor(torch.bool)):
+                        args, meta = _stats_launch(
+                            logits, n_cols, n_cols, stats_out, stats_out, entropy, active,
+                            temperature, None,
+                        )  # fmt: skip
+                        block = meta["BLOCK_V"]
+                        switches = "/".join(
+                            [
+                                "T=1" if meta["UNIT_TEMPERATURE"] else "T!=1",
+                                "entropy" if meta["WITH_ENTROPY"] else "no-entropy",
+                                "active" if meta["HAS_ACTIVE"] else "all-rows",
+                            ]
+                        )
+                        records.append(
+                            launch_variant(
+                                "row_stats",
+                                f"{label}/{switches}/BLOCK_V={block}/w{meta['num_warps']}"
+                                f"/{_vocab_class(n_cols)}",
+                                label,
+                                _row_stats_kernel,
+                                args,
+                                meta,
+                                [HotLoop("stats", size, block)],
+                            )
+                        )
+            args, meta = _grad_launch(
+                logits, n_cols, logits, n_cols, n_cols, AotTensor(torch.int64), stats_out,
+                stats_out, 1.0, None,
+            )  # fmt: skip
+            block = meta["BLOCK_V"]
+            records.append(
+                launch_variant(
+                    "row_grad",
+                    f"{label}/BLOCK_V={block}/w{meta['num_warps']}/{_vocab_class(n_cols)}",
+                    label,
+                    _row_grad_kernel,
+                    args,
+                    meta,
+                    # Rows with coefficient 0 only write zeros; the others read and write.
+                    [HotLoop("zero-fill", size, block), HotLoop("gradient", 2 * size, block)],
+                )
+            )
+    return dedupe(records)

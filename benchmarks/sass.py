@@ -1,0 +1,302 @@
+"""Reading compiled CUDA kernels: ptxas report, resource usage, SASS loops, bandwidth ceiling.
+
+Pure text processing (no Triton, no GPU), used by :mod:`benchmarks.aot`:
+
+- :func:`parse_ptxas_log` / :func:`parse_resource_usage`: registers, spills, stack, local
+  and shared memory from ``ptxas -v`` and ``cuobjdump --dump-resource-usage``;
+- :func:`parse_sass` / :func:`find_loops`: instructions of ``nvdisasm -c -g`` output with
+  their source lines, and the loops (backward branches) among them;
+- :func:`source_loops` / :func:`attribute_loop`: which ``for`` statement of the kernel's
+  source a SASS loop compiles;
+- :class:`Machine` / :func:`ceiling`: the fraction of HBM bandwidth a loop can reach when
+  instruction issue (or the special-function unit) is the only other limit.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+_LINE_RE = re.compile(r'//## File "(?P<file>[^"]+)", line (?P<line>\d+)')
+_INSTR_RE = re.compile(r"^\s*/\*(?P<addr>[0-9a-fA-F]+)\*/\s+(?P<text>[^;]*);")
+_LABEL_RE = re.compile(r"^\s*(?P<label>\.L_x_\d+):")
+_TARGET_RE = re.compile(r"`\((?P<label>\.L_x_\d+)\)")
+_PRED_RE = re.compile(r"^@!?U?P[T0-9]+\s+")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One SASS instruction: byte address, opcode (with modifiers), source file and line."""
+
+    addr: int
+    opcode: str
+    text: str
+    file: Optional[str]
+    line: Optional[int]
+
+    @property
+    def family(self) -> str:
+        """Opcode without modifiers: ``LDG.E.128`` -> ``LDG``."""
+        return self.opcode.split(".")[0]
+
+
+@dataclass
+class Loop:
+    """A SASS loop: the instructions from a branch target up to the backward branch to it."""
+
+    start: int  # address of the first instruction of the body
+    end: int  # address of the backward branch
+    body: List[Instruction]
+    nested: bool = False  # contains another loop (its body is excluded from ``body``)
+
+    @property
+    def back_edge(self) -> Instruction:
+        return self.body[-1]
+
+    def count(self) -> int:
+        """Instructions issued per trip (NOPs excluded; both sides of a branch counted)."""
+        return sum(1 for i in self.body if i.family != "NOP")
+
+    def count_family(self, family: str) -> int:
+        return sum(1 for i in self.body if i.family == family)
+
+    def histogram(self) -> Counter:
+        return Counter(i.family for i in self.body if i.family != "NOP")
+
+
+def parse_sass(text: str) -> List[Instruction]:
+    """Instructions of ``nvdisasm -c -g`` output; labels are resolved by :func:`find_loops`."""
+    instructions = []
+    file = line = None
+    for raw in text.splitlines():
+        m = _LINE_RE.search(raw)
+        if m:
+            file, line = m.group("file"), int(m.group("line"))
+            continue
+        m = _INSTR_RE.match(raw)
+        if not m:
+            continue
+        body = _PRED_RE.sub("", m.group("text").strip())
+        opcode = body.split()[0] if body else ""
+        instructions.append(Instruction(int(m.group("addr"), 16), opcode, body, file, line))
+    return instructions
+
+
+def _labels(text: str, instructions: Sequence[Instruction]) -> Dict[str, int]:
+    """Label -> address of the instruction that follows it."""
+    labels: Dict[str, int] = {}
+    pending: List[str] = []
+    for raw in text.splitlines():
+        m = _LABEL_RE.match(raw)
+        if m:
+            pending.append(m.group("label"))
+            continue
+        m = _INSTR_RE.match(raw)
+        if m and pending:
+            for label in pending:
+                labels[label] = int(m.group("addr"), 16)
+            pending = []
+    return labels
+
+
+def find_loops(text: str) -> List[Loop]:
+    """Loops of one kernel's SASS (``nvdisasm -c -g`` text), in address order.
+
+    A loop is a backward branch (``BRA`` to a label at or before it). A loop that contains
+    another is marked ``nested`` and its body excludes the inner loop's instructions, so
+    each instruction counts towards its innermost loop only.
+    """
+    instructions = parse_sass(text)
+    labels = _labels(text, instructions)
+    spans: List[Tuple[int, int]] = []
+    for ins in instructions:
+        if ins.family != "BRA":
+            continue
+        m = _TARGET_RE.search(ins.text)
+        target = labels.get(m.group("label")) if m else None
+        # `BRA` to itself is the trap after the kernel's last EXIT, not a loop.
+        if target is not None and target < ins.addr:
+            spans.append((target, ins.addr))
+    # Several backward branches to one label (a `continue`) form one loop: keep the last.
+    by_start: Dict[int, int] = {}
+    for start, end in spans:
+        by_start[start] = max(end, by_start.get(start, end))
+    spans = sorted(by_start.items())
+    loops = []
+    for start, end in spans:
+        inner = [(s, e) for s, e in spans if start <= s and e <= end and (s, e) != (start, end)]
+        body = [
+            i
+            for i in instructions
+            if start <= i.addr <= end and not any(s <= i.addr <= e for s, e in inner)
+        ]
+        loops.append(Loop(start, end, body, nested=bool(inner)))
+    return loops
+
+
+@dataclass(frozen=True)
+class SourceLoop:
+    """A ``for`` / ``while`` statement of a kernel: absolute first and last source line."""
+
+    index: int  # position among the kernel's loops, in source order
+    first: int
+    last: int
+
+
+def source_loops(source: str, first_line: int) -> List[SourceLoop]:
+    """The loops of a function's source text, whose first line is ``first_line`` in its file."""
+    tree = ast.parse(_dedent(source))
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))]
+    nodes.sort(key=lambda n: (n.lineno, n.col_offset))
+    offset = first_line - 1
+    return [
+        SourceLoop(i, n.lineno + offset, (n.end_lineno or n.lineno) + offset)
+        for i, n in enumerate(nodes)
+    ]
+
+
+def _dedent(source: str) -> str:
+    import textwrap
+
+    return textwrap.dedent(source)
+
+
+def attribute_loop(loop: Loop, loops: Sequence[SourceLoop], file: str) -> Optional[SourceLoop]:
+    """The innermost source loop that ``loop`` compiles, or None.
+
+    The backward branch carries the line of its ``for`` statement; when it does not (code
+    inlined from elsewhere), the source line most of the body comes from decides.
+    """
+
+    def innermost(line: Optional[int]) -> Optional[SourceLoop]:
+        if line is None:
+            return None
+        around = [s for s in loops if s.first <= line <= s.last]
+        return max(around, key=lambda s: s.first) if around else None
+
+    edge = loop.back_edge
+    if edge.file == file:
+        found = innermost(edge.line)
+        if found is not None:
+            return found
+    votes = Counter(innermost(i.line) for i in loop.body if i.file == file)
+    votes.pop(None, None)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(log: str) -> Dict[str, int]:
+    """``registers``, ``stack``, ``spill_stores``, ``spill_loads`` (bytes) from ``ptxas -v``.
+
+    Raises ValueError when the report has no register line (no log was captured).
+    """
+    regs = _PTXAS_REGS.search(log)
+    if regs is None:
+        raise ValueError(f"ptxas log: no 'Used N registers' line in {log!r}")
+    out = {"registers": int(regs.group(1)), "stack": 0, "spill_stores": 0, "spill_loads": 0}
+    spill = _PTXAS_SPILL.search(log)
+    if spill:
+        out["stack"], out["spill_stores"], out["spill_loads"] = map(int, spill.groups())
+    smem = _PTXAS_SMEM.search(log)
+    out["static_smem"] = int(smem.group(1)) if smem else 0
+    return out
+
+
+_RESOURCE_RE = re.compile(r"Function (?P<name>\S+):\s*\n\s*(?P<fields>REG:.*)")
+
+
+def parse_resource_usage(text: str, kernel: str) -> Dict[str, int]:
+    """``REG``, ``STACK``, ``SHARED``, ``LOCAL``... of ``kernel`` from cuobjdump's report."""
+    for m in _RESOURCE_RE.finditer(text):
+        if m.group("name") == kernel:
+            fields = {}
+            for item in m.group("fields").split():
+                key, _, value = item.partition(":")
+                if value.isdigit():
+                    fields[key] = int(value)
+            return fields
+    raise ValueError(f"resource usage: no entry for function {kernel!r} in {text!r}")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The GPU a compute capability's ceiling is computed for.
+
+    ``issue_per_clock``: warp instructions an SM issues per clock (one per scheduler);
+    ``mufu_per_clock``: special-function results (ex2, lg2, rcp...) per SM per clock.
+    """
+
+    name: str
+    sms: int
+    clock_hz: float
+    hbm_bytes_per_s: float
+    issue_per_clock: int = 4
+    mufu_per_clock: int = 16
+    warp_size: int = 32
+
+
+# Published figures: H100 SXM5 (132 SMs, 1.98 GHz max boost, 3.35 TB/s HBM3) and A100 SXM4
+# 80GB (108 SMs, 1.41 GHz boost, 2.039 TB/s HBM2e); both issue 4 warp instructions and 16
+# MUFU results per SM per clock.
+MACHINES: Dict[int, Machine] = {
+    90: Machine("H100 SXM5", 132, 1.98e9, 3.35e12),
+    80: Machine("A100 SXM4 80GB", 108, 1.41e9, 2.039e12),
+}
+
+
+@dataclass
+class LoopCeiling:
+    """Bandwidth bounds of one loop; fractions of HBM bandwidth, capped at 1."""
+
+    instructions_per_element: float
+    mufu_per_element: float
+    issue: float
+    mufu: float
+    ceiling: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ceiling = min(self.issue, self.mufu)
+
+    @property
+    def bound(self) -> str:
+        if self.ceiling >= 1.0:
+            return "hbm"
+        return "issue" if self.issue <= self.mufu else "mufu"
+
+
+def ceiling(
+    instructions: int,
+    mufu: int,
+    elements_per_thread: float,
+    bytes_per_element: float,
+    machine: Machine,
+) -> LoopCeiling:
+    """Bounds of a loop whose body of ``instructions`` (``mufu`` of them MUFU) handles
+    ``elements_per_thread`` elements per thread per trip, moving ``bytes_per_element``.
+
+    Issue: ``sms * issue_per_clock * clock * warp_size / (instructions / elements)`` elements
+    per second; MUFU: ``sms * mufu_per_clock * clock / (mufu / elements)``. Each times the
+    bytes per element, over HBM bandwidth. Assumes full issue every clock (no stalls): an
+    upper bound, not a prediction.
+    """
+    per_element = instructions / elements_per_thread
+    mufu_per_element = mufu / elements_per_thread
+    rate = machine.sms * machine.clock_hz
+    issue_elems = rate * machine.issue_per_clock * machine.warp_size / per_element
+    mufu_elems = rate * machine.mufu_per_clock / mufu_per_element if mufu else float("inf")
+    hbm = machine.hbm_bytes_per_s
+    return LoopCeiling(
+        per_element,
+        mufu_per_element,
+        min(1.0, issue_elems * bytes_per_element / hbm),
+        min(1.0, mufu_elems * bytes_per_element / hbm),
+    )
