@@ -18,6 +18,7 @@ sm_90 ceiling is below ``--min-ceiling`` (0.85); the table and the summary say w
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
 import inspect
@@ -28,6 +29,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -67,13 +69,14 @@ def load_variants(modules: Sequence[str]) -> List[Any]:
 _WORKER: Dict[str, Any] = {}
 
 
-def _init_worker(modules: Sequence[str], dump_dir: Optional[str]) -> None:
+def _init_worker(modules: Sequence[str], dump_dir: Optional[str], cache_dir: Optional[str]) -> None:
     # A fresh cache: a cached kernel would skip ptxas and leave no report to read.
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gft-aot-cache-")
     os.environ.pop("TRITON_INTERPRET", None)
     warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
     _WORKER["variants"] = load_variants(modules)
     _WORKER["dump_dir"] = dump_dir
+    _WORKER["cache_dir"] = cache_dir
 
 
 def _tool(name: str) -> str:
@@ -102,9 +105,62 @@ def _compile(variant: Any, arch: int) -> Tuple[Any, str]:
     return kernel, log.getvalue()
 
 
+def describe_error(err: BaseException) -> str:
+    """The first line of ``err`` (Triton: where in the source) and its root cause."""
+    root = err
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    where = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = f"{type(err).__name__} {where}"
+    if root is not err:
+        text += f" <- {type(root).__name__}: {str(root).strip()[:300]}"
+    return text
+
+
+def _cache_key(variant: Any, arch: int) -> str:
+    """Hash of all a result depends on: the kernel source (with what it calls), signature,
+    constexprs, attributes, options, loop records, Triton's version and this tool's code."""
+    import hashlib
+
+    import triton
+    from triton.compiler import ASTSource
+
+    src = ASTSource(
+        fn=variant.fn,
+        signature=dict(variant.signature),
+        constexprs=dict(variant.constexprs),
+        attrs=dict(variant.attrs),
+    )
+    tool = "".join(
+        pathlib.Path(m.__file__).read_text(encoding="utf-8") for m in (sass, sys.modules[__name__])
+    )
+    key = repr((src.hash(), arch, sorted(variant.options().items()), variant.loops, variant.dtype))
+    return hashlib.sha256((key + triton.__version__ + tool).encode()).hexdigest()
+
+
 def analyse(index: int, arch: int) -> Dict[str, Any]:
-    """Compile variant ``index`` for ``sm_<arch>`` and read resources and loops (worker)."""
+    """Compile variant ``index`` for ``sm_<arch>`` and read resources and loops (worker).
+
+    With a cache directory, a result whose inputs have not changed is read back instead.
+    """
     variant = _WORKER["variants"][index]
+    cache = None
+    if _WORKER["cache_dir"] and not _WORKER["dump_dir"]:
+        cache = pathlib.Path(_WORKER["cache_dir"]) / f"{_cache_key(variant, arch)}.json"
+        if cache.exists():
+            row = json.loads(cache.read_text())
+            row.update(kernel=variant.kernel, variant=variant.variant)
+            return row
+    row = _analyse(variant, index, arch)
+    if cache is not None and not (row["error"] or "").startswith("compile failed"):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(row))
+        tmp.replace(cache)
+    return row
+
+
+def _analyse(variant: Any, index: int, arch: int) -> Dict[str, Any]:
     row: Dict[str, Any] = {
         "kernel": variant.kernel,
         "variant": variant.variant,
@@ -116,7 +172,7 @@ def analyse(index: int, arch: int) -> Dict[str, Any]:
     try:
         kernel, log = _compile(variant, arch)
     except Exception as err:  # a compile failure is a result, reported and gated
-        row["error"] = f"compile failed: {type(err).__name__}: {str(err).strip()[:400]}"
+        row["error"] = "compile failed: " + describe_error(err)
         return row
     name = kernel.metadata.name
     with tempfile.TemporaryDirectory(prefix="gft-aot-") as tmp:
@@ -129,7 +185,7 @@ def analyse(index: int, arch: int) -> Dict[str, Any]:
             text=True,
         ).stdout
         sass_text = subprocess.run(
-            [_tool("nvdisasm"), "-c", "-g", str(cubin)],
+            [_tool("nvdisasm"), "-c", "-g", "-ndf", str(cubin)],
             check=True,
             capture_output=True,
             text=True,
@@ -154,74 +210,144 @@ def analyse(index: int, arch: int) -> Dict[str, Any]:
         registers_cuobjdump=resources.get("REG"),
     )
     try:
-        row["loops"] = _loops(variant, arch, sass_text)
+        row["loops"] = _loops(variant, arch, sass_text, kernel.asm["ptx"])
     except ValueError as err:  # a record that does not describe its kernel
         row["error"] = str(err)
     return row
 
 
-def _loops(variant: Any, arch: int, sass_text: str) -> List[Dict[str, Any]]:
-    """One entry per SASS loop, matched to the variant's source loops by source line."""
-    lines, first = inspect.getsourcelines(variant.fn.fn)
-    file = inspect.getsourcefile(variant.fn.fn)
-    declared = sass.source_loops("".join(lines), first)
-    if len(declared) != len(variant.loops):
+def _resolve(node: ast.AST, scope: Dict[str, Any]) -> Any:
+    """The object a call's function expression names (``f`` or ``module.f``), or None."""
+    if isinstance(node, ast.Name):
+        return scope.get(node.id)
+    if isinstance(node, ast.Attribute):
+        base = _resolve(node.value, scope)
+        return getattr(base, node.attr, None) if base is not None else None
+    return None
+
+
+def jit_closure(fn: Any) -> List[Any]:
+    """``fn`` and every jit function it calls, directly or not (first-call order)."""
+    from triton.runtime.jit import JITFunction
+
+    found: List[Any] = []
+    pending = [fn]
+    while pending:
+        current = pending.pop(0)
+        if any(current is f for f in found):
+            continue
+        found.append(current)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(current.fn)))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                callee = _resolve(node.func, current.fn.__globals__)
+                if isinstance(callee, JITFunction):
+                    pending.append(callee)
+    return found
+
+
+def declared_loops(variant: Any) -> List[Tuple[Any, sass.SourceLoop]]:
+    """Each of the variant's loop records with the source loop it names.
+
+    Raises ValueError unless the records name every loop of the kernel and of the jit
+    functions it calls exactly once.
+    """
+    loops: Dict[Tuple[str, int], sass.SourceLoop] = {}
+    for fn in jit_closure(variant.fn):
+        lines, first = inspect.getsourcelines(fn.fn)
+        file = inspect.getsourcefile(fn.fn)
+        for loop in sass.source_loops(fn.__name__, "".join(lines), file, first):
+            loops[(loop.function, loop.ordinal)] = loop
+    kernel = variant.fn.__name__
+    named = [((spec.function or kernel, spec.ordinal), spec) for spec in variant.loops]
+    keys = [key for key, _ in named]
+    unknown = [key for key in keys if key not in loops]
+    missing = [loop for key, loop in loops.items() if key not in keys]
+    if unknown or missing or len(set(keys)) != len(keys):
         raise ValueError(
-            f"{variant.kernel}: the kernel body has {len(declared)} loops but its variant "
-            f"record describes {len(variant.loops)}; list every loop in source order"
+            f"{variant.kernel}: loop records {keys} must name each loop once; "
+            f"no such loop: {unknown}; not described: "
+            + ", ".join(f"{m.function} #{m.ordinal} (line {m.first})" for m in missing)
         )
-    machine = sass.MACHINES.get(arch)
-    threads = variant.num_warps * (machine.warp_size if machine else 32)
-    found: Dict[int, List[sass.Loop]] = {}
+    return [(spec, loops[key]) for key, spec in named]
+
+
+def _by_source(loops: Sequence[sass.Loop], declared: Sequence[sass.SourceLoop]):
+    """Group loops by the source loop they compile; the unmatched ones separately."""
+    found: Dict[sass.SourceLoop, List[sass.Loop]] = {}
     unmatched = []
-    for loop in sass.find_loops(sass_text):
-        source = sass.attribute_loop(loop, declared, file)
+    for loop in loops:
+        source = sass.attribute_loop(loop, declared)
         if source is None:
             unmatched.append(loop)
         else:
-            found.setdefault(source.index, []).append(loop)
+            found.setdefault(source, []).append(loop)
+    return found, unmatched
+
+
+def _loops(variant: Any, arch: int, sass_text: str, ptx_text: str) -> List[Dict[str, Any]]:
+    """One entry per loop of the kernel's body, measured on its SASS loop(s).
+
+    ptxas unrolls simple loops (a SASS trip then runs several source trips, with a
+    remainder after it); the unroll factor comes from the global memory operations of the
+    SASS loop over those of the PTX loop, and counts are given per source trip. Of several
+    SASS loops for one source loop, the most unrolled (the one long rows spend their time
+    in) is reported.
+    """
+    pairs = declared_loops(variant)
+    declared = [source for _, source in pairs]
+    machine = sass.MACHINES.get(arch)
+    threads = variant.num_warps * (machine.warp_size if machine else 32)
+    found, unmatched = _by_source(sass.find_loops(sass_text), declared)
+    ptx_found, _ = _by_source(sass.find_ptx_loops(ptx_text), declared)
     entries = []
-    for source, spec in zip(declared, variant.loops):
-        loops = found.get(source.index, [])
+    for spec, source in pairs:
+        loops = found.get(source, [])
         entry: Dict[str, Any] = {
             "name": spec.name,
-            "source_line": source.first,
+            "source": f"{source.function}:{source.first}",
             "bytes_per_element": spec.bytes_per_element,
             "elements_per_thread": spec.elements_per_iteration / threads,
             "sass_loops": len(loops),
         }
-        if loops:
-            # Several SASS loops for one source loop (versioned or split by the compiler):
-            # the one with most instructions per trip bounds the rest.
-            worst = max(loops, key=lambda lp: lp.count())
-            entry["instructions"] = worst.count()
-            entry["mufu"] = worst.count_family("MUFU")
-            entry["nested"] = worst.nested
-            entry["histogram"] = dict(worst.histogram().most_common())
-            if machine and spec.bytes_per_element:
-                bounds = sass.ceiling(
-                    worst.count(),
-                    entry["mufu"],
-                    entry["elements_per_thread"],
-                    spec.bytes_per_element,
-                    machine,
-                )
-                entry.update(
-                    instructions_per_element=bounds.instructions_per_element,
-                    mufu_per_element=bounds.mufu_per_element,
-                    ceiling_issue=bounds.issue,
-                    ceiling_mufu=bounds.mufu,
-                    ceiling=bounds.ceiling,
-                    bound=bounds.bound,
-                )
-            else:
-                entry["instructions_per_element"] = worst.count() / entry["elements_per_thread"]
         entries.append(entry)
+        if not loops:
+            entry["note"] = "no SASS loop (a single trip, or compiled out)"
+            continue
+        unrolls = [sass.unroll_factor(lp, ptx_found.get(source, [])) for lp in loops]
+        main, unroll = max(zip(loops, unrolls), key=lambda p: ((p[1] or 1), p[0].count()))
+        if unroll is None:
+            entry["note"] = "unroll factor unknown (taken as 1)"
+        unroll = unroll or 1
+        per_trip = main.count() / unroll
+        entry.update(
+            unroll=unroll,
+            instructions=per_trip,
+            mufu=main.count_family("MUFU") / unroll,
+            nested=main.nested,
+            histogram={k: v / unroll for k, v in main.histogram().most_common()},
+            instructions_per_element=per_trip / entry["elements_per_thread"],
+        )
+        if machine and spec.bytes_per_element:
+            bounds = sass.ceiling(
+                per_trip,
+                entry["mufu"],
+                entry["elements_per_thread"],
+                spec.bytes_per_element,
+                machine,
+            )
+            entry.update(
+                mufu_per_element=bounds.mufu_per_element,
+                ceiling_issue=bounds.issue,
+                ceiling_mufu=bounds.mufu,
+                ceiling=bounds.ceiling,
+                bound=bounds.bound,
+            )
     for loop in unmatched:
         entries.append(
             {
                 "name": "?",
-                "source_line": loop.back_edge.line,
+                "source": f"{loop.back_edge.file}:{loop.back_edge.line}",
                 "bytes_per_element": None,
                 "sass_loops": 1,
                 "instructions": loop.count(),
@@ -288,7 +414,7 @@ def table(rows: Sequence[Dict[str, Any]], min_ceiling: float) -> str:
                 f"{row['shared'] if first else '':>6} {loop['name']:<10} "
                 f"{_fmt(loop.get('bytes_per_element'), 'd'):>4} "
                 f"{_fmt(loop.get('elements_per_thread'), '.3g'):>6} "
-                f"{_fmt(loop.get('instructions'), 'd'):>5} "
+                f"{_fmt(loop.get('instructions'), '.4g'):>5} "
                 f"{_fmt(loop.get('instructions_per_element'), '.1f'):>8} "
                 f"{_fmt(loop.get('mufu_per_element'), '.2f'):>7} "
                 f"{_fmt(loop.get('ceiling'), '.0%'):>7}  {status if first else ''}"
@@ -337,15 +463,16 @@ def run(
     modules: Sequence[str],
     archs: Sequence[int],
     jobs: int,
-    name_filter: Optional[str] = None,
+    name_filters: Optional[Sequence[str]] = None,
     dump_dir: Optional[str] = None,
+    cache_dir: Optional[str] = None,
 ) -> List[Dict[str, Any]]:
     """Compile and analyse every selected variant for every arch, in ``jobs`` processes."""
     variants = load_variants(modules)
     chosen = [
         i
         for i, v in enumerate(variants)
-        if name_filter is None or name_filter in f"{v.kernel}/{v.variant}"
+        if not name_filters or any(f in f"{v.kernel}/{v.variant}" for f in name_filters)
     ]
     tasks = [(i, arch) for i in chosen for arch in archs]
     import multiprocessing
@@ -357,7 +484,7 @@ def run(
         max_workers=max(1, jobs),
         mp_context=context,
         initializer=_init_worker,
-        initargs=(list(modules), dump_dir),
+        initargs=(list(modules), dump_dir, cache_dir),
     ) as pool:
         futures = [pool.submit(analyse, i, arch) for i, arch in tasks]
         for n, future in enumerate(futures, 1):
@@ -375,11 +502,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.aot", description=__doc__)
     parser.add_argument("--modules", help="comma-separated modules with aot_variants()")
     parser.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)))
-    parser.add_argument("--filter", help="substring of 'kernel/variant' to compile")
+    parser.add_argument(
+        "--filter",
+        action="append",
+        help="compile only variants whose 'kernel/variant' contains this (repeatable: any)",
+    )
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--min-ceiling", type=float, default=MIN_CEILING)
     parser.add_argument("--json", help="write every result (loop histograms included) here")
     parser.add_argument("--dump-dir", help="keep each compilation's SASS and PTX here")
+    parser.add_argument(
+        "--cache-dir", help="reuse results whose kernel source, options and tool are unchanged"
+    )
     parser.add_argument("--breakdown", action="store_true", help="print loop opcode counts")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     args = parser.parse_args(argv)
@@ -392,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import triton
 
     print(f"triton {triton.__version__}; modules: {', '.join(modules)}; {args.jobs} jobs")
-    rows = run(modules, archs, args.jobs, args.filter, args.dump_dir)
+    rows = run(modules, archs, args.jobs, args.filter, args.dump_dir, args.cache_dir)
     if not rows:
         print(f"no variant matches --filter {args.filter!r}")
         return 1
@@ -401,7 +535,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for row in rows:
             for loop in row.get("loops") or []:
                 if "histogram" in loop:
-                    counts = ", ".join(f"{k} {v}" for k, v in loop["histogram"].items())
+                    counts = ", ".join(f"{k} {v:g}" for k, v in loop["histogram"].items())
                     print(
                         f"{row['kernel']}/{row['variant']} sm_{row['arch']} {loop['name']}: "
                         f"{counts}"

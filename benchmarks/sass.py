@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import re
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -85,39 +86,37 @@ def parse_sass(text: str) -> List[Instruction]:
     return instructions
 
 
-def _labels(text: str, instructions: Sequence[Instruction]) -> Dict[str, int]:
-    """Label -> address of the instruction that follows it."""
+def _labels(text: str, instruction_re: re.Pattern, label_re: re.Pattern) -> Dict[str, int]:
+    """Label -> position (address or line number) of the instruction that follows it."""
     labels: Dict[str, int] = {}
     pending: List[str] = []
-    for raw in text.splitlines():
-        m = _LABEL_RE.match(raw)
+    for number, raw in enumerate(text.splitlines()):
+        m = label_re.match(raw)
         if m:
             pending.append(m.group("label"))
             continue
-        m = _INSTR_RE.match(raw)
+        m = instruction_re.match(raw)
         if m and pending:
+            position = int(m.group("addr"), 16) if "addr" in m.groupdict() else number
             for label in pending:
-                labels[label] = int(m.group("addr"), 16)
+                labels[label] = position
             pending = []
     return labels
 
 
-def find_loops(text: str) -> List[Loop]:
-    """Loops of one kernel's SASS (``nvdisasm -c -g`` text), in address order.
-
-    A loop is a backward branch (``BRA`` to a label at or before it). A loop that contains
-    another is marked ``nested`` and its body excludes the inner loop's instructions, so
-    each instruction counts towards its innermost loop only.
-    """
-    instructions = parse_sass(text)
-    labels = _labels(text, instructions)
+def _loops(
+    instructions: Sequence[Instruction],
+    labels: Dict[str, int],
+    is_branch,
+    target_re: re.Pattern,
+) -> List[Loop]:
     spans: List[Tuple[int, int]] = []
     for ins in instructions:
-        if ins.family != "BRA":
+        if not is_branch(ins):
             continue
-        m = _TARGET_RE.search(ins.text)
+        m = target_re.search(ins.text)
         target = labels.get(m.group("label")) if m else None
-        # `BRA` to itself is the trap after the kernel's last EXIT, not a loop.
+        # A branch to itself is the trap after the kernel's last EXIT, not a loop.
         if target is not None and target < ins.addr:
             spans.append((target, ins.addr))
     # Several backward branches to one label (a `continue`) form one loop: keep the last.
@@ -137,52 +136,122 @@ def find_loops(text: str) -> List[Loop]:
     return loops
 
 
+def find_loops(text: str) -> List[Loop]:
+    """Loops of one kernel's SASS (``nvdisasm -c -g`` text), in address order.
+
+    A loop is a backward branch (``BRA`` to a label before it). A loop that contains
+    another is marked ``nested`` and its body excludes the inner loop's instructions, so
+    each instruction counts towards its innermost loop only.
+    """
+    return _loops(
+        parse_sass(text),
+        _labels(text, _INSTR_RE, _LABEL_RE),
+        lambda i: i.family == "BRA",
+        _TARGET_RE,
+    )
+
+
+_PTX_FILE_RE = re.compile(r'^\s*\.file\s+(?P<id>\d+)\s+"(?P<path>[^"]+)"')
+_PTX_LOC_RE = re.compile(r"^\s*\.loc\s+(?P<id>\d+)\s+(?P<line>\d+)")
+_PTX_LABEL_RE = re.compile(r"^(?P<label>\$L__BB\w+):")
+_PTX_INSTR_RE = re.compile(r"^\s+(?P<text>(?:@!?%\w+\s+)?[a-z][\w.]*[^;]*);")
+_PTX_TARGET_RE = re.compile(r"(?P<label>\$L__BB\w+)")
+
+
+def parse_ptx(text: str) -> List[Instruction]:
+    """Instructions of a PTX listing with their ``.loc`` source lines; ``addr`` is the
+    line number in ``text``."""
+    files: Dict[str, str] = {}
+    for raw in text.splitlines():
+        m = _PTX_FILE_RE.match(raw)
+        if m:
+            files[m.group("id")] = m.group("path")
+    instructions = []
+    file = line = None
+    for number, raw in enumerate(text.splitlines()):
+        m = _PTX_LOC_RE.match(raw)
+        if m:
+            file, line = files.get(m.group("id")), int(m.group("line"))
+            continue
+        m = _PTX_INSTR_RE.match(raw)
+        if not m:
+            continue
+        body = re.sub(r"^@!?%\w+\s+", "", m.group("text").strip())
+        instructions.append(Instruction(number, body.split()[0], body, file, line))
+    return instructions
+
+
+def find_ptx_loops(text: str) -> List[Loop]:
+    """Loops of one kernel's PTX, as :func:`find_loops` finds them in SASS."""
+    return _loops(
+        parse_ptx(text),
+        _labels(text, _PTX_INSTR_RE, _PTX_LABEL_RE),
+        lambda i: i.family == "bra",
+        _PTX_TARGET_RE,
+    )
+
+
+_GLOBAL_SASS = ("LDG", "STG", "ATOMG", "REDG", "RED")
+_GLOBAL_PTX = ("ld.global", "st.global", "atom.global", "red.global")
+
+
+def global_memory_ops(loop: Loop) -> int:
+    """Global loads, stores and atomics in a SASS or PTX loop body."""
+    return sum(1 for i in loop.body if i.family in _GLOBAL_SASS or i.opcode.startswith(_GLOBAL_PTX))
+
+
+def unroll_factor(sass_loop: Loop, ptx_loops: Sequence[Loop]) -> Optional[int]:
+    """How many source-loop trips one trip of ``sass_loop`` runs (ptxas unrolls simple
+    loops), from its global memory operations over those of the PTX loop(s) it compiles;
+    None when that ratio is not a whole number (or there is no memory operation)."""
+    ptx = sum(global_memory_ops(lp) for lp in ptx_loops)
+    sass_ops = global_memory_ops(sass_loop)
+    if not ptx or not sass_ops or sass_ops % ptx:
+        return None
+    return sass_ops // ptx
+
+
 @dataclass(frozen=True)
 class SourceLoop:
-    """A ``for`` / ``while`` statement of a kernel: absolute first and last source line."""
+    """A ``for`` / ``while`` statement of a jit function: absolute first and last line."""
 
-    index: int  # position among the kernel's loops, in source order
+    function: str  # the function's name
+    ordinal: int  # position among that function's loops, in source order
+    file: str
     first: int
     last: int
 
 
-def source_loops(source: str, first_line: int) -> List[SourceLoop]:
-    """The loops of a function's source text, whose first line is ``first_line`` in its file."""
-    tree = ast.parse(_dedent(source))
+def source_loops(function: str, source: str, file: str, first_line: int) -> List[SourceLoop]:
+    """The loops of a function's source text, whose first line is ``first_line`` in ``file``."""
+    tree = ast.parse(textwrap.dedent(source))
     nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))]
     nodes.sort(key=lambda n: (n.lineno, n.col_offset))
     offset = first_line - 1
     return [
-        SourceLoop(i, n.lineno + offset, (n.end_lineno or n.lineno) + offset)
+        SourceLoop(function, i, file, n.lineno + offset, (n.end_lineno or n.lineno) + offset)
         for i, n in enumerate(nodes)
     ]
 
 
-def _dedent(source: str) -> str:
-    import textwrap
-
-    return textwrap.dedent(source)
-
-
-def attribute_loop(loop: Loop, loops: Sequence[SourceLoop], file: str) -> Optional[SourceLoop]:
+def attribute_loop(loop: Loop, loops: Sequence[SourceLoop]) -> Optional[SourceLoop]:
     """The innermost source loop that ``loop`` compiles, or None.
 
-    The backward branch carries the line of its ``for`` statement; when it does not (code
-    inlined from elsewhere), the source line most of the body comes from decides.
+    The backward branch carries the file and line of its ``for`` statement (in the kernel or
+    in a jit function inlined into it); failing that, the source loop most of the body's
+    instructions come from decides.
     """
 
-    def innermost(line: Optional[int]) -> Optional[SourceLoop]:
+    def innermost(file: Optional[str], line: Optional[int]) -> Optional[SourceLoop]:
         if line is None:
             return None
-        around = [s for s in loops if s.first <= line <= s.last]
+        around = [s for s in loops if s.file == file and s.first <= line <= s.last]
         return max(around, key=lambda s: s.first) if around else None
 
-    edge = loop.back_edge
-    if edge.file == file:
-        found = innermost(edge.line)
-        if found is not None:
-            return found
-    votes = Counter(innermost(i.line) for i in loop.body if i.file == file)
+    found = innermost(loop.back_edge.file, loop.back_edge.line)
+    if found is not None:
+        return found
+    votes = Counter(innermost(i.file, i.line) for i in loop.body)
     votes.pop(None, None)
     return votes.most_common(1)[0][0] if votes else None
 

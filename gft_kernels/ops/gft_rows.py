@@ -299,7 +299,10 @@ def aot_variants() -> list:
                     args,
                     meta,
                     # Rows with coefficient 0 only write zeros; the others read and write.
-                    [HotLoop("zero-fill", size, block), HotLoop("gradient", 2 * size, block)],
+                    [
+                        HotLoop("zero-fill", size, block, ordinal=0),
+                        HotLoop("gradient", 2 * size, block, ordinal=1),
+                    ],
                 )
             )
     return dedupe(records)

@@ -39,7 +39,7 @@ class AotTensor:
 
 @dataclass(frozen=True)
 class HotLoop:
-    """One ``for`` loop of a kernel's body, in source order, and the traffic it streams.
+    """One loop of a kernel (in its body or in a jit function it calls) and its traffic.
 
     Attributes:
         name: what the loop does, e.g. ``"stats"`` or ``"gradient"``.
@@ -47,11 +47,15 @@ class HotLoop:
             bf16 pass, 4 for a bf16 read plus write); None for a loop that does not stream
             memory (reported, never held to the bandwidth ceiling).
         elements_per_iteration: elements one program handles per trip (the block size).
+        function: name of the jit function whose body holds the loop; None: the kernel.
+        ordinal: which of that function's loops, counted in source order from 0.
     """
 
     name: str
     bytes_per_element: Optional[int]
     elements_per_iteration: int
+    function: Optional[str] = None
+    ordinal: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class KernelVariant:
         constexprs: parameter name -> value for every ``constexpr`` entry of ``signature``.
         attrs: ``{(param index,): [["tt.divisibility", 16]]}`` for 16-divisible arguments.
         num_warps, num_stages: launch options (``num_stages`` None: Triton's default).
-        loops: every ``for`` loop written in ``fn``'s body, in source order.
+        loops: every loop of ``fn`` and of the jit functions it calls (each described once,
+            however many times it is inlined).
     """
 
     kernel: str
