@@ -104,18 +104,23 @@ def _labels(text: str, instruction_re: re.Pattern, label_re: re.Pattern) -> Dict
     return labels
 
 
-def _loops(
-    instructions: Sequence[Instruction],
-    labels: Dict[str, int],
-    is_branch,
-    target_re: re.Pattern,
-) -> List[Loop]:
+def _label_target(labels: Dict[str, int], family: str, target_re: re.Pattern):
+    """``target_of`` for listings whose branches name labels."""
+
+    def target_of(ins: Instruction) -> Optional[int]:
+        if ins.family != family:
+            return None
+        m = target_re.search(ins.text)
+        return labels.get(m.group("label")) if m else None
+
+    return target_of
+
+
+def _loops(instructions: Sequence[Instruction], target_of) -> List[Loop]:
+    """Loops formed by backward branches; ``target_of(ins)`` is a branch's target or None."""
     spans: List[Tuple[int, int]] = []
     for ins in instructions:
-        if not is_branch(ins):
-            continue
-        m = target_re.search(ins.text)
-        target = labels.get(m.group("label")) if m else None
+        target = target_of(ins)
         # A branch to itself is the trap after the kernel's last EXIT, not a loop.
         if target is not None and target < ins.addr:
             spans.append((target, ins.addr))
@@ -143,12 +148,62 @@ def find_loops(text: str) -> List[Loop]:
     another is marked ``nested`` and its body excludes the inner loop's instructions, so
     each instruction counts towards its innermost loop only.
     """
-    return _loops(
-        parse_sass(text),
-        _labels(text, _INSTR_RE, _LABEL_RE),
-        lambda i: i.family == "BRA",
-        _TARGET_RE,
-    )
+    labels = _labels(text, _INSTR_RE, _LABEL_RE)
+    return _loops(parse_sass(text), _label_target(labels, "BRA", _TARGET_RE))
+
+
+_RAW_TARGET_RE = re.compile(r"\bBRA\s+(?:`\()?0x(?P<addr>[0-9a-fA-F]+)")
+
+
+def split_raw_sass(text: str, starts: Sequence[int]) -> List[List[Instruction]]:
+    """Split ``nvdisasm -b <arch>`` output of concatenated kernels (the kernel ``k`` starting
+    at byte ``starts[k]``) into one instruction list per kernel, addresses and branch
+    targets made relative to the kernel's start. Raw listings carry no source lines."""
+    kernels: List[List[Instruction]] = [[] for _ in starts]
+    bounds = list(starts) + [float("inf")]
+    k = 0
+    for raw in text.splitlines():
+        m = _INSTR_RE.match(raw)
+        if not m:
+            continue
+        addr = int(m.group("addr"), 16)
+        while addr >= bounds[k + 1]:
+            k += 1
+        body = _PRED_RE.sub("", m.group("text").strip())
+        target = _RAW_TARGET_RE.search(body)
+        if target:
+            relative = int(target.group("addr"), 16) - starts[k]
+            body = body[: target.start("addr")] + f"{relative:x}" + body[target.end("addr") :]
+        opcode = body.split()[0] if body else ""
+        kernels[k].append(Instruction(addr - starts[k], opcode, body, None, None))
+    return kernels
+
+
+def find_raw_loops(instructions: Sequence[Instruction]) -> List[Loop]:
+    """Loops of one kernel from :func:`split_raw_sass`, in address order."""
+
+    def target_of(ins: Instruction) -> Optional[int]:
+        m = _RAW_TARGET_RE.search(ins.text) if ins.family == "BRA" else None
+        return int(m.group("addr"), 16) if m else None
+
+    return _loops(instructions, target_of)
+
+
+def elf_section(image: bytes, name: str) -> bytes:
+    """The bytes of section ``name`` of a little-endian ELF64 image (a cubin)."""
+    import struct
+
+    if image[:4] != b"\x7fELF" or image[4] != 2:
+        raise ValueError("cubin: not an ELF64 image")
+    shoff = struct.unpack_from("<Q", image, 0x28)[0]
+    entsize, count, names_index = struct.unpack_from("<HHH", image, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", image, shoff + i * entsize) for i in range(count)]
+    names_offset = headers[names_index][4]
+    for name_at, _, _, _, offset, size in headers:
+        start = names_offset + name_at
+        if image[start : image.index(b"\0", start)].decode() == name:
+            return image[offset : offset + size]
+    raise ValueError(f"cubin: no section {name!r}")
 
 
 _PTX_FILE_RE = re.compile(r'^\s*\.file\s+(?P<id>\d+)\s+"(?P<path>[^"]+)"')
@@ -183,12 +238,8 @@ def parse_ptx(text: str) -> List[Instruction]:
 
 def find_ptx_loops(text: str) -> List[Loop]:
     """Loops of one kernel's PTX, as :func:`find_loops` finds them in SASS."""
-    return _loops(
-        parse_ptx(text),
-        _labels(text, _PTX_INSTR_RE, _PTX_LABEL_RE),
-        lambda i: i.family == "bra",
-        _PTX_TARGET_RE,
-    )
+    labels = _labels(text, _PTX_INSTR_RE, _PTX_LABEL_RE)
+    return _loops(parse_ptx(text), _label_target(labels, "bra", _PTX_TARGET_RE))
 
 
 _GLOBAL_SASS = ("LDG", "STG", "ATOMG", "REDG", "RED")

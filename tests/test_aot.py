@@ -111,6 +111,29 @@ def test_unroll_factor_from_memory_operations_of_sass_and_ptx():
     assert sass.unroll_factor(plain, [ptx_loop]) == 1
 
 
+def test_raw_listing_of_two_kernels_is_split_and_rebased():
+    # nvdisasm -b SM90a over two concatenated .text sections: kernel 1 starts at 0x40 and
+    # its loop branches back to 0x50 (0x10 within the kernel).
+    listing = """\
+        /*0000*/                   MOV R2, RZ ;
+        /*0010*/                   FADD R2, R2, R3 ;
+        /*0020*/              @P0 BRA 0x10 ;
+        /*0030*/                   EXIT ;
+        /*0040*/                   MOV R2, RZ ;
+        /*0050*/                   LDG.E R4, desc[UR4][R8.64] ;
+        /*0060*/                   FADD R2, R2, R4 ;
+        /*0070*/              @!P0 BRA 0x50 ;
+        /*0080*/                   EXIT ;
+"""
+    first, second = sass.split_raw_sass(listing, [0x0, 0x40])
+    assert [i.addr for i in second] == [0x0, 0x10, 0x20, 0x30, 0x40]
+    (loop_a,) = sass.find_raw_loops(first)
+    (loop_b,) = sass.find_raw_loops(second)
+    assert (loop_a.start, loop_a.end, loop_a.count()) == (0x10, 0x20, 2)
+    assert (loop_b.start, loop_b.end, loop_b.count()) == (0x10, 0x30, 3)
+    assert sass.global_memory_ops(loop_b) == 1
+
+
 def test_nested_loops_count_each_instruction_once():
     text = """\
 .L_x_0:
