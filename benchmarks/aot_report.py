@@ -17,16 +17,16 @@ def failures(row: Dict[str, Any], min_ceiling: float) -> List[str]:
         return [row["error"]]
     why = []
     if row["spill_stores"] or row["spill_loads"]:
-        why.append(f"spills {row['spill_stores']} B stored / {row['spill_loads']} B loaded")
+        why.append(f"spills: {row['spill_stores']} B stored, {row['spill_loads']} B loaded")
     if row["local"] or row["stack"]:
-        why.append(f"local memory {row['local']} B, stack {row['stack']} B")
+        why.append(f"local memory: {row['local']} B local, {row['stack']} B stack")
     if row["arch"] == GATED_ARCH and row["dtype"] in GATED_DTYPES:
         for loop in row["loops"]:
             if loop.get("ceiling") is not None and loop["ceiling"] < min_ceiling:
                 why.append(
-                    f"loop {loop['name']!r}: {loop['instructions_per_element']:.1f} instr/elem "
-                    f"caps {sass.MACHINES[row['arch']].name} at {loop['ceiling']:.0%} of HBM "
-                    f"({loop['bound']}-bound) < {min_ceiling:.0%}"
+                    f"ceiling: loop {loop['name']!r}, {loop['instructions_per_element']:.1f} "
+                    f"instr/elem, caps {sass.MACHINES[row['arch']].name} at "
+                    f"{loop['ceiling']:.0%} of HBM ({loop['bound']}-bound) < {min_ceiling:.0%}"
                 )
     return why
 
@@ -91,7 +91,7 @@ def summary(rows: Sequence[Dict[str, Any]], min_ceiling: float) -> str:
         why = failures(row, min_ceiling)
         failed += bool(why)
         for reason in why:
-            kind = reason.split(":")[0] if ":" in reason else reason.split()[0]
+            kind = reason.split(":")[0]
             kinds[kind] = kinds.get(kind, 0) + 1
     lines.append("")
     lines.append(f"{len(rows)} compilations, {failed} failing")

@@ -269,7 +269,7 @@ def declared_loops(variant: Any) -> List[Tuple[Any, sass.SourceLoop]]:
     missing = [loop for key, loop in loops.items() if key not in keys]
     if unknown or missing or len(set(keys)) != len(keys):
         raise ValueError(
-            f"{variant.kernel}: loop records {keys} must name each loop once; "
+            f"loop records: {variant.kernel} names {keys}, which must name each loop once; "
             f"no such loop: {unknown}; not described: "
             + ", ".join(f"{m.function} #{m.ordinal} (line {m.first})" for m in missing)
         )

@@ -274,15 +274,30 @@ class SourceLoop:
 
 
 def source_loops(function: str, source: str, file: str, first_line: int) -> List[SourceLoop]:
-    """The loops of a function's source text, whose first line is ``first_line`` in ``file``."""
+    """The loops of a function's source text, whose first line is ``first_line`` in ``file``
+    (``tl.static_range`` loops excluded: the compiler unrolls them)."""
     tree = ast.parse(textwrap.dedent(source))
-    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))]
+    nodes = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.While) or (isinstance(n, ast.For) and not _unrolled(n))
+    ]
     nodes.sort(key=lambda n: (n.lineno, n.col_offset))
     offset = first_line - 1
     return [
         SourceLoop(function, i, file, n.lineno + offset, (n.end_lineno or n.lineno) + offset)
         for i, n in enumerate(nodes)
     ]
+
+
+def _unrolled(node: ast.For) -> bool:
+    """``for ... in tl.static_range(...)``: unrolled by the compiler, never a loop."""
+    call = node.iter
+    if not isinstance(call, ast.Call):
+        return False
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return name == "static_range"
 
 
 def attribute_loop(loop: Loop, loops: Sequence[SourceLoop]) -> Optional[SourceLoop]:
