@@ -1,4 +1,4 @@
-# `make test` and `make bench` each create .venv here and install what they need.
+# `make test`, `make bench` and `make aot` each create .venv here and install what they need.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # build. pyproject keeps the open range (torch>=2.4) for real users.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test bench build lint clean
+.PHONY: test bench aot build lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: build
 
 bench: build
 	$(PY) -m benchmarks
+
+# Compiles every Triton kernel variant for sm_80 and sm_90 with no GPU and checks registers,
+# spills and the main loops' instruction counts (benchmarks/README.md). Results are cached
+# by kernel source and tool version, so a second run only compiles what changed.
+aot: $(STAMP)
+	$(PY) -m benchmarks.aot --cache-dir $(VENV)/aot-cache
 
 lint: $(STAMP)
 	$(PY) -m ruff check gft_kernels integration benchmarks tests

@@ -1,7 +1,7 @@
 """Test configuration: Triton kernels run under the interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before triton is first imported, which is why this happens
-at conftest import time, before any test module imports gft_kernels.ops.
+at conftest import time, before any test module imports the Triton backend.
 """
 
 import os

@@ -1,8 +1,8 @@
 """The ``triton`` backend: launch wrappers of the Triton row kernels.
 
-Kernels: :mod:`.row_pass` (the fused token pass and the vocab-block statistics) and
-:mod:`.row_grad` (gradient rows). Launch configurations come from :mod:`.tuning`, which
-also lists every variant the wrappers can launch (for ``make aot``).
+Kernels: :mod:`.row_pass` (the fused token pass and the column-block statistics) and
+:mod:`.row_grad` (gradient rows). Every launch is built by :mod:`.tuning`, which also lists
+every variant the wrappers can launch (for ``make aot``).
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
 from gft_kernels.backends.base import PartialStats, RowParams, TokenPass
 from gft_kernels.backends.token_terms import (
@@ -22,22 +21,12 @@ from gft_kernels.backends.token_terms import (
     value_flags,
 )
 from gft_kernels.backends.triton import tuning
-from gft_kernels.backends.triton.row_grad import LOG2E, row_grad_kernel
+from gft_kernels.backends.triton.row_grad import row_grad_kernel
 from gft_kernels.backends.triton.row_pass import partial_stats_kernel, token_pass_kernel
-from gft_kernels.backends.triton.tuning import launch_config
 
 
-def _transform(params: RowParams):
-    """``(TRANSFORM, logit_scale, cap, slope)`` kernel arguments."""
-    if params.logit_softcap is not None:
-        return 2, params.logit_scale, params.logit_softcap, params.softcap_slope
-    if params.logit_scale != 1.0:
-        return 1, params.logit_scale, 1.0, 0.0
-    return 0, 1.0, 1.0, 0.0
-
-
-def _same_skew(stride_a: int, stride_b: int, n_rows: int, vec: int) -> bool:
-    return n_rows <= 1 or (stride_a - stride_b) % vec == 0
+def _vectors(n: int, device: torch.device, count: int, *shape: int):
+    return [torch.empty(n, *shape, dtype=torch.float32, device=device) for _ in range(count)]
 
 
 class TritonRows:
@@ -59,64 +48,23 @@ class TritonRows:
         grad_out: Optional[torch.Tensor] = None,
     ) -> TokenPass:
         n_rows, n_cols = logits.shape
-        cfg = launch_config(n_cols, logits.dtype, "token_pass")
+        cfg = tuning.launch_config(logits.dtype, params.logit_softcap is not None)
         if tuning.row_segments(n_rows, n_cols, cfg.block_v, logits.device) > 1:
             return self._split_token_pass(
-                logits,
-                targets,
-                advantages,
-                mask,
-                params,
-                tokens_per_advantage,
-                with_stats,
-                grad_weights,
-                grad_out,
-            )
-        dev = logits.device
-        vec = lambda: torch.empty(n_rows, dtype=torch.float32, device=dev)  # noqa: E731
-        loss, logprobs, probs, row_max, sum_exp, scale = (vec() for _ in range(6))
-        entropy = vec() if with_stats else None
-        flags = torch.empty(n_rows, dtype=torch.int32, device=dev)
-        write_grad = grad_out is not None
-        kind, logit_scale, cap, slope = _transform(params)
+                logits, targets, advantages, mask, params, tokens_per_advantage, with_stats,
+                grad_weights, grad_out,
+            )  # fmt: skip
+        loss, logprobs, probs, row_max, sum_exp, scale = _vectors(n_rows, logits.device, 6)
+        entropy = _vectors(n_rows, logits.device, 1)[0] if with_stats else None
+        flags = torch.empty(n_rows, dtype=torch.int32, device=logits.device)
+        outputs = (loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags)
+        grid, args, meta = tuning.token_pass_launch(
+            logits, logits.stride(0), n_rows, n_cols, targets, advantages,
+            tokens_per_advantage, mask, grad_weights, grad_out,
+            grad_out.stride(0) if grad_out is not None else 0, outputs, params, with_stats,
+        )  # fmt: skip
         if n_rows:
-            token_pass_kernel[(n_rows,)](
-                logits,
-                logits.stride(0),
-                targets,
-                advantages,
-                tokens_per_advantage,
-                mask if mask is not None else flags,
-                grad_weights if write_grad else loss,
-                grad_out if write_grad else logits,
-                grad_out.stride(0) if write_grad else 0,
-                loss,
-                logprobs,
-                probs,
-                entropy if with_stats else loss,
-                row_max,
-                sum_exp,
-                scale,
-                flags,
-                n_cols,
-                params.ignore_index,
-                params.tau,
-                params.inv_temperature,
-                params.inv_temperature * LOG2E,
-                logit_scale,
-                cap,
-                slope,
-                BLOCK_V=cfg.block_v,
-                VEC=cfg.vec,
-                UNIT_T=params.unit_temperature,
-                WITH_STATS=with_stats,
-                TRANSFORM=kind,
-                HAS_MASK=mask is not None,
-                WRITE_GRAD=write_grad,
-                SAME_SKEW=write_grad
-                and _same_skew(logits.stride(0), grad_out.stride(0), n_rows, cfg.vec),
-                num_warps=cfg.num_warps,
-            )
+            token_pass_kernel[grid](*args, **meta)
         raise_for_flags(
             flags, targets, mask, advantages, tokens_per_advantage, n_cols, params.ignore_index
         )
@@ -131,70 +79,31 @@ class TritonRows:
         with_entropy: bool,
     ) -> PartialStats:
         part = self._segment_stats(logits, local_targets, params, with_entropy, segments=1)
-        return PartialStats(
-            *(
-                t.reshape(-1) if t is not None else None
-                for t in (
-                    part.row_max,
-                    part.sum_exp,
-                    part.sum_exp_1,
-                    part.weighted,
-                    part.target_logit,
-                )
-            )
-        )
+        fields = (part.row_max, part.sum_exp, part.sum_exp_1, part.weighted, part.target_logit)
+        return PartialStats(*(t.reshape(-1) if t is not None else None for t in fields))
 
     def _segment_stats(self, logits, local_targets, params, with_entropy, segments):
         """``(N, segments)`` statistics of column segments of each row."""
         n_rows, n_cols = logits.shape
-        cfg = launch_config(n_cols, logits.dtype, "partial_stats")
-        seg_len = triton.cdiv(triton.cdiv(n_cols, segments), cfg.block_v) * cfg.block_v
-        segments = triton.cdiv(n_cols, seg_len)
-        out = lambda: torch.empty(n_rows, segments, dtype=torch.float32, device=logits.device)  # noqa: E731
-        row_max, sum_exp, sum_exp_1, target_logit = (out() for _ in range(4))
-        weighted = out() if with_entropy else None
-        kind, logit_scale, cap, slope = _transform(params)
+        cfg = tuning.launch_config(logits.dtype, params.logit_softcap is not None)
+        segments = triton_cdiv(n_cols, tuning.segment_length(n_cols, segments, cfg.block_v))
+        row_max, sum_exp, sum_exp_1, target_logit = _vectors(n_rows, logits.device, 4, segments)
+        weighted = _vectors(n_rows, logits.device, 1, segments)[0] if with_entropy else None
+        outputs = (row_max, sum_exp, sum_exp_1, weighted, target_logit)
+        grid, args, meta = tuning.partial_stats_launch(
+            logits, logits.stride(0), n_rows, n_cols, segments, local_targets, outputs, params,
+            with_entropy,
+        )  # fmt: skip
         if n_rows:
-            partial_stats_kernel[(n_rows, segments)](
-                logits,
-                logits.stride(0),
-                local_targets,
-                row_max,
-                sum_exp,
-                sum_exp_1,
-                weighted if with_entropy else sum_exp,
-                target_logit,
-                n_cols,
-                seg_len,
-                params.inv_temperature * LOG2E,
-                logit_scale,
-                cap,
-                slope,
-                BLOCK_V=cfg.block_v,
-                VEC=cfg.vec,
-                UNIT_T=params.unit_temperature,
-                WITH_ENTROPY=with_entropy,
-                TRANSFORM=kind,
-                num_warps=cfg.num_warps,
-            )
+            partial_stats_kernel[grid](*args, **meta)
         return PartialStats(row_max, sum_exp, sum_exp_1, weighted, target_logit)
 
-    def _split_token_pass(
-        self,
-        logits,
-        targets,
-        advantages,
-        mask,
-        params,
-        tokens_per_advantage,
-        with_stats,
-        grad_weights,
-        grad_out,
-    ):
+    def _split_token_pass(self, logits, targets, advantages, mask, params,
+                          tokens_per_advantage, with_stats, grad_weights, grad_out):  # fmt: skip
         """Few rows: each row's columns are split across programs, and the segments'
         statistics are combined exactly (the same algebra as vocab-parallel shards)."""
         n_rows, n_cols = logits.shape
-        cfg = launch_config(n_cols, logits.dtype, "partial_stats")
+        cfg = tuning.launch_config(logits.dtype, params.logit_softcap is not None)
         flags = value_flags(
             targets, mask, advantages, tokens_per_advantage, n_cols, params.ignore_index
         )
@@ -237,32 +146,16 @@ class TritonRows:
         out: torch.Tensor,
     ) -> torch.Tensor:
         n_rows, n_cols = logits.shape
-        kind, logit_scale, cap, slope = _transform(params)
-        cfg = launch_config(n_cols, logits.dtype, "row_grad")
-        segments = tuning.row_segments(n_rows, n_cols, cfg.block_v, logits.device)
-        seg_len = triton.cdiv(triton.cdiv(n_cols, segments), cfg.block_v) * cfg.block_v
+        cfg = tuning.launch_config(logits.dtype, params.logit_softcap is not None)
+        segments = tuning.row_segments(n_rows, n_cols, cfg.grad_block, logits.device)
+        grid, args, meta = tuning.row_grad_launch(
+            logits, logits.stride(0), n_rows, n_cols, out, out.stride(0), targets, row_max,
+            sum_exp, grad_rows, scale, params, segments,
+        )  # fmt: skip
         if n_rows:
-            row_grad_kernel[(n_rows, triton.cdiv(n_cols, seg_len))](
-                logits,
-                logits.stride(0),
-                out,
-                out.stride(0),
-                targets,
-                row_max,
-                sum_exp,
-                grad_rows,
-                scale,
-                n_cols,
-                seg_len,
-                params.inv_temperature,
-                params.inv_temperature * LOG2E,
-                logit_scale,
-                cap,
-                slope,
-                BLOCK_V=cfg.block_v,
-                VEC=cfg.vec,
-                SAME_SKEW=_same_skew(logits.stride(0), out.stride(0), n_rows, cfg.vec),
-                TRANSFORM=kind,
-                num_warps=cfg.num_warps,
-            )
+            row_grad_kernel[grid](*args, **meta)
         return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

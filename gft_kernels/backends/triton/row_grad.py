@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def transform_logits(z, TRANSFORM: tl.constexpr, logit_scale, cap, slope):
     if TRANSFORM == 2:
         # tanh(u) = 1 - 2 / (exp(2u) + 1); exp2 of a clamped argument keeps it finite.
         u = z * slope
-        e = tl.exp2(tl.minimum(2.0 * LOG2E * u, 126.0))
+        e = tl.math.exp2(tl.minimum(2.0 * LOG2E * u, 126.0))
         return cap * (1.0 - 2.0 / (e + 1.0))
     elif TRANSFORM == 1:
         return z * logit_scale
@@ -58,7 +58,7 @@ def _grad_block(
     slope,
 ):
     zt = transform_logits(z_raw, TRANSFORM, logit_scale, cap, slope)
-    g = tl.exp2((zt - row_max) * scaled_inv_t) * coef_over_sum
+    g = tl.math.exp2((zt - row_max) * scaled_inv_t) * coef_over_sum
     g = tl.where(offs == target, g - coef, g)
     if TRANSFORM != 0:
         g = g * transform_slope(zt, TRANSFORM, logit_scale, cap)
@@ -66,9 +66,11 @@ def _grad_block(
 
 
 @triton.jit
-def aligned_head(row_offset, VEC: tl.constexpr):
-    """Elements from ``row_offset`` (in elements) to the next multiple of ``VEC``."""
-    return (VEC - row_offset % VEC) % VEC
+def aligned_head(row_ptr, VEC: tl.constexpr):
+    """Elements from ``row_ptr`` to the next 16-byte boundary (``VEC`` elements are 16
+    bytes), read from the address itself: right for any base address and row stride."""
+    misaligned = (row_ptr.to(tl.int64, bitcast=True) % 16) // (16 // VEC)
+    return (VEC - misaligned) % VEC
 
 
 @triton.jit
@@ -98,7 +100,7 @@ def write_grad_row(
     cols = tl.arange(0, BLOCK_V)
     coef_over_sum = coef / sum_exp
     out_ty = grad_ptr.dtype.element_ty
-    head = tl.minimum(aligned_head(row_offset, VEC), n_cols)
+    head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
     # The (< VEC) elements before the first aligned one.
     in_head = cols < head
     z = tl.load(logits_ptr + row_offset + cols, mask=in_head, other=0.0).to(tl.float32)
@@ -119,7 +121,7 @@ def write_grad_row(
     n_full = (n_cols - head) // BLOCK_V
     for k in range(0, n_full):
         start = head + k * BLOCK_V
-        z = tl.load(logits_ptr + tl.multiple_of(row_offset + start, VEC) + cols).to(tl.float32)
+        z = tl.load(tl.multiple_of(logits_ptr + row_offset + start, 16) + cols).to(tl.float32)
         g = _grad_block(
             z,
             start + cols,
@@ -134,7 +136,7 @@ def write_grad_row(
             slope,
         )
         if SAME_SKEW:
-            tl.store(grad_ptr + tl.multiple_of(grad_offset + start, VEC) + cols, g.to(out_ty))
+            tl.store(tl.multiple_of(grad_ptr + grad_offset + start, 16) + cols, g.to(out_ty))
         else:
             tl.store(grad_ptr + grad_offset + start + cols, g.to(out_ty))
     start = head + n_full * BLOCK_V

@@ -25,84 +25,108 @@ from gft_kernels.backends.triton.row_grad import (
     zero_row,
 )
 
-LN2 = 0.6931471805599453
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 BAD_TARGET: tl.constexpr = tl.constexpr(1)
 BAD_MASK: tl.constexpr = tl.constexpr(2)
 BAD_ADVANTAGE: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
-def _fold_block(
-    z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T: tl.constexpr, WITH_ENTROPY: tl.constexpr
-):
-    """Fold one block of transformed logits (``-inf`` padding) into the row state."""
-    new_m = tl.maximum(m, tl.max(z, axis=0))
-    # Shift by 0 while everything seen is -inf (exp2 then gives 0, not NaN).
+def _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T: tl.constexpr,
+                WITH_ENTROPY: tl.constexpr):
+    """Fold a ``[SLOTS, VEC]`` block of transformed logits (``-inf`` padding) into the
+    per-slot running state (each ``[SLOTS]``).
+
+    Each slot is one 16-byte vector position held by one thread, with its own running max:
+    the per-trip reductions run over ``VEC`` elements inside a thread, never across threads
+    (the slots are combined once per row, in :func:`summarize_row`). Exponentials are
+    ``exp2`` of ``(z' - m) * log2(e) / T``: the difference first, so no product is fused
+    with a rounded offset.
+    """
+    new_m = tl.maximum(m, tl.max(z, axis=1))
+    # Shift by 0 while a slot has seen only -inf (exp2 then gives 0, not NaN); the old max
+    # is -inf then and its factor exp2(-inf) = 0 clears the (zero) sums.
     shift = tl.where(new_m == -float("inf"), 0.0, new_m)
-    # log2-scaled offset of the old max: d2 = (old - new) log2(e) / T <= 0; -inf while
-    # nothing finite was seen (then the sums are 0 and the factor exp2(-inf) = 0).
-    d2_t = (m - shift) * scaled_inv_t
-    x2 = (z - shift) * scaled_inv_t
-    e_t = tl.exp2(x2)
-    r_t = tl.exp2(d2_t)
+    delta = m - shift
+    x = z - shift[:, None]
+    x2_t = x * scaled_inv_t
+    e_t = tl.math.exp2(x2_t)
+    r_t = tl.math.exp2(delta * scaled_inv_t)
     if WITH_ENTROPY:
-        # W' = r (W + d S) re-centres sum e * x on the new max; x in natural units.
-        carried = tl.where(sum_t > 0.0, acc_w + d2_t * LN2 * sum_t, 0.0)  # no -inf * 0
-        acc_w = r_t * carried + tl.sum(tl.where(e_t > 0.0, e_t * (x2 * LN2), 0.0), axis=0)
-    sum_t = sum_t * r_t + tl.sum(e_t, axis=0)
+        # W' = r (W + d S) re-centres sum e * x2 on the new max (log2 units); the clamp
+        # keeps e * x2 at 0, not 0 * -inf, for -inf logits.
+        carried = tl.where(sum_t > 0.0, acc_w + delta * scaled_inv_t * sum_t, 0.0)
+        acc_w = r_t * carried + tl.sum(e_t * tl.maximum(x2_t, -1.0e30), axis=1)
+    sum_t = sum_t * r_t + tl.sum(e_t, axis=1)
     if UNIT_T:
         sum_1 = sum_t
     else:
-        sum_1 = sum_1 * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((z - shift) * LOG2E), axis=0)
+        r_1 = tl.math.exp2(delta * LOG2E)
+        sum_1 = sum_1 * r_1 + tl.sum(tl.math.exp2(x * LOG2E), axis=1)
     return new_m, sum_t, sum_1, acc_w
 
 
 @triton.jit
-def summarize_row(
-    logits_ptr,
-    row_offset,
-    n_cols,
-    scaled_inv_t,
-    BLOCK_V: tl.constexpr,
-    VEC: tl.constexpr,
-    UNIT_T: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr,
-    TRANSFORM: tl.constexpr,
-    logit_scale,
-    cap,
-    slope,
-):
+def _load_slots(logits_ptr, offset, slots, mask, TRANSFORM: tl.constexpr, logit_scale, cap,
+                slope, MASKED: tl.constexpr):
+    if MASKED:
+        z = tl.load(logits_ptr + offset + slots, mask=mask, other=0.0).to(tl.float32)
+        z = transform_logits(z, TRANSFORM, logit_scale, cap, slope)
+        return tl.where(mask, z, -float("inf"))  # padding after the transform (tanh(-inf))
+    else:
+        z = tl.load(logits_ptr + offset + slots).to(tl.float32)
+        return transform_logits(z, TRANSFORM, logit_scale, cap, slope)
+
+
+@triton.jit
+def summarize_row(logits_ptr, row_offset, n_cols, scaled_inv_t, BLOCK_V: tl.constexpr,
+                  VEC: tl.constexpr, UNIT_T: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                  TRANSFORM: tl.constexpr, logit_scale, cap, slope):
     """``(m, S_t, S_1, W)`` of one row: max of ``z'``, ``sum exp((z' - m) / T)``,
-    ``sum exp(z' - m)`` and ``sum e x`` with ``x = (z' - m) / T``."""
-    cols = tl.arange(0, BLOCK_V)
-    m = -float("inf")
-    sum_t = 0.0
-    sum_1 = 0.0
-    acc_w = 0.0
-    head = tl.minimum(aligned_head(row_offset, VEC), n_cols)
-    z = tl.load(logits_ptr + row_offset + cols, mask=cols < head, other=-float("inf"))
-    z = transform_logits(z.to(tl.float32), TRANSFORM, logit_scale, cap, slope)
-    z = tl.where(cols < head, z, -float("inf"))
-    m, sum_t, sum_1, acc_w = _fold_block(
-        z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
-    )
+    ``sum exp(z' - m)`` and ``sum e x`` with ``x = (z' - m) / T`` (natural units).
+
+    The row is walked from its first 16-byte-aligned element in whole unmasked blocks
+    (vector loads whatever the vocabulary size or row stride), with one masked block for
+    the elements before that point and one for the tail.
+    """
+    SLOTS: tl.constexpr = BLOCK_V // VEC
+    slots = tl.arange(0, SLOTS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    m = tl.full([SLOTS], -float("inf"), tl.float32)
+    sum_t = tl.zeros([SLOTS], tl.float32)
+    sum_1 = tl.zeros([SLOTS], tl.float32)
+    acc_w = tl.zeros([SLOTS], tl.float32)
+    head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
+    z = _load_slots(logits_ptr, row_offset, slots, slots < head, TRANSFORM, logit_scale, cap,
+                    slope, True)
+    m, sum_t, sum_1, acc_w = _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T,
+                                         WITH_ENTROPY)
     n_full = (n_cols - head) // BLOCK_V
     for k in range(0, n_full):
-        offset = tl.multiple_of(row_offset + head + k * BLOCK_V, VEC)
-        z = tl.load(logits_ptr + offset + cols).to(tl.float32)
-        z = transform_logits(z, TRANSFORM, logit_scale, cap, slope)
-        m, sum_t, sum_1, acc_w = _fold_block(
-            z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
-        )
-    offs = head + n_full * BLOCK_V + cols
-    in_tail = offs < n_cols
-    z = tl.load(logits_ptr + row_offset + offs, mask=in_tail, other=-float("inf"))
-    z = transform_logits(z.to(tl.float32), TRANSFORM, logit_scale, cap, slope)
-    z = tl.where(in_tail, z, -float("inf"))  # tanh(-inf) is -cap: pad after the transform
-    m, sum_t, sum_1, acc_w = _fold_block(
-        z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
-    )
-    return m, sum_t, sum_1, acc_w
+        block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
+        z = _load_slots(block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, slope,
+                        False)
+        m, sum_t, sum_1, acc_w = _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T,
+                                             WITH_ENTROPY)
+    start = head + n_full * BLOCK_V
+    z = _load_slots(logits_ptr, row_offset + start, slots, start + slots < n_cols, TRANSFORM,
+                    logit_scale, cap, slope, True)
+    m, sum_t, sum_1, acc_w = _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T,
+                                         WITH_ENTROPY)
+    # Combine the slots once per row (the same algebra as blocks on different ranks).
+    row_max = tl.max(m, axis=0)
+    shift = tl.where(row_max == -float("inf"), 0.0, row_max)
+    delta = m - shift
+    f_t = tl.math.exp2(delta * scaled_inv_t)
+    total_t = tl.sum(sum_t * f_t, axis=0)
+    if UNIT_T:
+        total_1 = total_t
+    else:
+        total_1 = tl.sum(sum_1 * tl.math.exp2(delta * LOG2E), axis=0)
+    weighted = 0.0
+    if WITH_ENTROPY:
+        slot_w = tl.where(sum_t > 0.0, f_t * (acc_w + delta * scaled_inv_t * sum_t), 0.0)
+        weighted = tl.sum(slot_w, axis=0) * LN2
+    return row_max, total_t, total_1, weighted
 
 
 @triton.jit
@@ -140,6 +164,7 @@ def token_pass_kernel(
     HAS_MASK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SAME_SKEW: tl.constexpr,
+    GRAD_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -181,7 +206,7 @@ def token_pass_kernel(
         shift = tl.where(finite, m, 0.0)
         log_sum = tl.log(sum_t)
         logp = (z_y - shift) * inv_t - log_sum
-        q = tl.exp2((z_y - shift) * LOG2E) / sum_1
+        q = tl.math.exp2((z_y - shift) * LOG2E) / sum_1
         dcr = tl.where(q <= tau, q, 1.0)
         live = valid & finite
         scale = tl.where(live, adv * dcr, 0.0)
@@ -194,9 +219,11 @@ def token_pass_kernel(
         if WITH_STATS:
             tl.store(entropy_ptr + row, tl.where(finite, log_sum - acc_w / sum_t, 0.0))
         if WRITE_GRAD:
+            # The gradient walk has its own, smaller block: with the statistics' block it
+            # would need more registers than 512 threads can have.
             coef = tl.load(grad_weights_ptr + row).to(tl.float32) * scale * inv_t
             if coef == 0.0:
-                zero_row(grad_ptr + grad_offset, n_cols, BLOCK_V)
+                zero_row(grad_ptr + grad_offset, n_cols, GRAD_BLOCK)
             else:
                 write_grad_row(
                     logits_ptr,
@@ -209,7 +236,7 @@ def token_pass_kernel(
                     sum_t,
                     coef,
                     scaled_inv_t,
-                    BLOCK_V,
+                    GRAD_BLOCK,
                     VEC,
                     SAME_SKEW,
                     TRANSFORM,
@@ -228,7 +255,7 @@ def token_pass_kernel(
         if WITH_STATS:
             tl.store(entropy_ptr + row, 0.0)
         if WRITE_GRAD:
-            zero_row(grad_ptr + grad_offset, n_cols, BLOCK_V)
+            zero_row(grad_ptr + grad_offset, n_cols, GRAD_BLOCK)
 
 
 @triton.jit

@@ -1,44 +1,66 @@
-"""Launch configurations of the Triton row kernels (one source for the wrappers and AOT).
+"""Launch configurations and launch arguments of the Triton row kernels.
 
-Chosen from the kernels' SASS compiled ahead of time for sm_90 (``make aot``): a row loop
-is bandwidth-bound only if it issues few enough instructions per element, which favours
-wide blocks and many warps per row. Under the interpreter (CPU tensors, tests) the block
-size only changes how numpy batches the work.
+One source for the wrappers (:mod:`gft_kernels.backends.triton`) and for the ahead-of-time
+check (``make aot``, through :func:`aot_variants`): every launch is built here, so the
+check compiles exactly what the wrappers launch.
+
+Configurations come from the kernels' SASS compiled for sm_90: a row loop stays
+bandwidth-bound only if it issues few instructions per element, which wants wide blocks
+(16 elements per thread for 16-bit logits) and no cross-thread reduction per trip (the
+statistics keep one running max per 16-byte slot). The block never shrinks to the row
+length: short rows are masked, and rows too few to fill the GPU are split into column
+segments (:func:`row_segments`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import triton
 
-KERNELS = ("token_pass", "partial_stats", "row_grad")
+from gft_kernels.backends.base import RowParams
+from gft_kernels.backends.triton.row_grad import row_grad_kernel
+from gft_kernels.backends.triton.row_pass import partial_stats_kernel, token_pass_kernel
+
+LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    block_v: int  # elements of a row per loop step
+    block_v: int  # elements of a row per trip of the statistics loop
+    grad_block: int  # elements per trip of the gradient walk
     num_warps: int
-    vec: int  # elements per 16-byte vector (alignment unit of the unmasked loads)
+    vec: int  # elements per 16-byte vector (the slot width and alignment unit)
 
 
-# Largest block per element size: 16-bit logits move half the bytes per element, so a
-# block of them holds twice the elements for the same registers per thread.
+# Statistics block per element size (bytes): 16 elements per thread at 16 warps for
+# 16-bit logits, 8 for fp32 (same registers).
 MAX_BLOCK = {4: 4096, 2: 8192}
-_WARPS = {4096: 16, 8192: 16}
+GRAD_BLOCK = 4096
+NUM_WARPS = 16
 
 
-def launch_config(n_cols: int, dtype: torch.dtype, kernel: str) -> LaunchConfig:
+def launch_config(dtype: torch.dtype, softcap: bool = False) -> LaunchConfig:
     element_bytes = torch.finfo(dtype).bits // 8
-    block = min(triton.next_power_of_2(max(n_cols, 16)), MAX_BLOCK.get(element_bytes, 4096))
-    warps = _WARPS.get(block, 16 if block >= 4096 else (8 if block >= 1024 else 4))
-    return LaunchConfig(block_v=block, num_warps=warps, vec=16 // element_bytes)
+    block = MAX_BLOCK.get(element_bytes, 4096)
+    if softcap:
+        # tanh's extra live values spill at 16 elements per thread; the soft-capped loop is
+        # bound by the exp unit anyway (see SOFTCAP_MIN_CEILING), so half the block costs
+        # nothing.
+        block = max(block // 2, 16 // element_bytes)
+    return LaunchConfig(
+        block_v=block,
+        grad_block=min(GRAD_BLOCK, block),
+        num_warps=NUM_WARPS,
+        vec=min(16 // element_bytes, block),
+    )
 
 
 # Programs a launch should have to fill the GPU (about two per SM); None: two per SM of
 # the current CUDA device, and no splitting on CPU tensors (the interpreter).
-MIN_PROGRAMS = None
+MIN_PROGRAMS: Optional[int] = None
 # Segments of at least this many blocks keep the per-program fixed costs small.
 MIN_SEGMENT_BLOCKS = 4
 
@@ -54,3 +76,210 @@ def row_segments(n_rows: int, n_cols: int, block_v: int, device: torch.device) -
         return 1
     blocks = triton.cdiv(n_cols, block_v)
     return max(1, min(triton.cdiv(wanted, n_rows), blocks // MIN_SEGMENT_BLOCKS))
+
+
+def segment_length(n_cols: int, segments: int, block_v: int) -> int:
+    """Columns per segment: a whole number of blocks (so segments start aligned)."""
+    return triton.cdiv(triton.cdiv(n_cols, segments), block_v) * block_v
+
+
+def transform_args(params: RowParams) -> Tuple[int, float, float, float]:
+    """``(TRANSFORM, logit_scale, cap, slope)``: 2 soft-cap, 1 scale, 0 none."""
+    if params.logit_softcap is not None:
+        return 2, params.logit_scale, params.logit_softcap, params.softcap_slope
+    if params.logit_scale != 1.0:
+        return 1, params.logit_scale, 1.0, 0.0
+    return 0, 1.0, 1.0, 0.0
+
+
+def same_skew(a, stride_a: int, b, stride_b: int, n_rows: int, vec: int) -> bool:
+    """Whether every row of buffers ``a`` and ``b`` starts at the same address modulo 16
+    bytes (``vec`` elements), so that one aligned walk serves both."""
+    element = 16 // vec
+    bases = (a.data_ptr() - b.data_ptr()) % 16 == 0
+    return bases and (n_rows <= 1 or ((stride_a - stride_b) * element) % 16 == 0)
+
+
+Launch = Tuple[Tuple[int, ...], Tuple[Any, ...], Dict[str, Any]]
+
+
+def token_pass_launch(logits, stride_row, n_rows, n_cols, targets, advantages,
+                      tokens_per_advantage, mask, grad_weights, grad_out, stride_grad, outputs,
+                      params: RowParams, with_stats: bool) -> Launch:  # fmt: skip
+    """Grid, arguments and meta-parameters of one ``token_pass_kernel`` launch.
+
+    ``outputs`` is ``(loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags)``
+    (``entropy`` None without stats); tensors may be AOT stand-ins.
+    """
+    cfg = launch_config(logits.dtype, params.logit_softcap is not None)
+    loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags = outputs
+    kind, logit_scale, cap, slope = transform_args(params)
+    write_grad = grad_out is not None
+    args = (
+        logits, stride_row, targets, advantages, tokens_per_advantage,
+        mask if mask is not None else flags,
+        grad_weights if write_grad else loss,
+        grad_out if write_grad else logits,
+        stride_grad if write_grad else 0,
+        loss, logprobs, probs, entropy if with_stats else loss, row_max, sum_exp, scale, flags,
+        n_cols, params.ignore_index, params.tau, params.inv_temperature,
+        params.inv_temperature * LOG2E, logit_scale, cap, slope,
+    )  # fmt: skip
+    meta = dict(
+        BLOCK_V=cfg.block_v,
+        VEC=cfg.vec,
+        UNIT_T=params.unit_temperature,
+        WITH_STATS=with_stats,
+        TRANSFORM=kind,
+        HAS_MASK=mask is not None,
+        WRITE_GRAD=write_grad,
+        SAME_SKEW=write_grad
+        and same_skew(logits, stride_row, grad_out, stride_grad, n_rows, cfg.vec),
+        GRAD_BLOCK=cfg.grad_block,
+        num_warps=cfg.num_warps,
+    )
+    return (n_rows,), args, meta
+
+
+def partial_stats_launch(logits, stride_row, n_rows, n_cols, segments, local_targets, outputs,
+                         params: RowParams, with_entropy: bool) -> Launch:  # fmt: skip
+    """One ``partial_stats_kernel`` launch over ``(rows, segments)``; ``outputs`` is
+    ``(row_max, sum_exp, sum_exp_1, weighted, target_logit)``, each ``(N, segments)``."""
+    cfg = launch_config(logits.dtype, params.logit_softcap is not None)
+    row_max, sum_exp, sum_exp_1, weighted, target_logit = outputs
+    kind, logit_scale, cap, slope = transform_args(params)
+    seg_len = segment_length(n_cols, segments, cfg.block_v)
+    args = (
+        logits, stride_row, local_targets, row_max, sum_exp, sum_exp_1,
+        weighted if with_entropy else sum_exp, target_logit, n_cols, seg_len,
+        params.inv_temperature * LOG2E, logit_scale, cap, slope,
+    )  # fmt: skip
+    meta = dict(
+        BLOCK_V=cfg.block_v,
+        VEC=cfg.vec,
+        UNIT_T=params.unit_temperature,
+        WITH_ENTROPY=with_entropy,
+        TRANSFORM=kind,
+        num_warps=cfg.num_warps,
+    )
+    return (n_rows, triton.cdiv(n_cols, seg_len)), args, meta
+
+
+def row_grad_launch(logits, stride_row, n_rows, n_cols, out, stride_out, targets, row_max,
+                    sum_exp, grad_rows, scale, params: RowParams, segments: int) -> Launch:  # fmt: skip
+    """One ``row_grad_kernel`` launch over ``(rows, segments)``."""
+    cfg = launch_config(logits.dtype, params.logit_softcap is not None)
+    kind, logit_scale, cap, slope = transform_args(params)
+    seg_len = segment_length(n_cols, segments, cfg.grad_block)
+    args = (
+        logits, stride_row, out, stride_out, targets, row_max, sum_exp, grad_rows, scale,
+        n_cols, seg_len, params.inv_temperature, params.inv_temperature * LOG2E, logit_scale,
+        cap, slope,
+    )  # fmt: skip
+    meta = dict(
+        BLOCK_V=cfg.grad_block,
+        VEC=cfg.vec,
+        SAME_SKEW=same_skew(logits, stride_row, out, stride_out, n_rows, cfg.vec),
+        TRANSFORM=kind,
+        num_warps=cfg.num_warps,
+    )
+    return (n_rows, triton.cdiv(n_cols, seg_len)), args, meta
+
+
+# --- ahead-of-time variants (make aot) --------------------------------------------------
+
+_AOT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_AOT_PARAMS = {
+    "T=1": RowParams(tau=0.1, temperature=1.0),
+    "T!=1": RowParams(tau=0.1, temperature=0.7),
+    "T=1/softcap": RowParams(tau=0.1, temperature=1.0, logit_softcap=30.0),
+    "T!=1/softcap": RowParams(tau=0.1, temperature=0.7, logit_softcap=30.0),
+    "T=1/scale": RowParams(tau=0.1, temperature=1.0, logit_scale=0.5),
+}
+
+
+# tanh costs two operations of the exp/reciprocal unit (MUFU) per element; with the
+# statistics' one (T = 1) or two (T != 1) exponentials a soft-capped statistics loop is
+# bound by that unit at ~80% / ~59% of H100 HBM bandwidth, whatever the instruction count.
+SOFTCAP_MIN_CEILING = 0.55
+
+
+def _stats_loop(size: int, cfg: LaunchConfig, params: RowParams):
+    from gft_kernels.backends.triton.variants import HotLoop
+
+    gate = SOFTCAP_MIN_CEILING if params.logit_softcap is not None else None
+    return HotLoop("stats", size, cfg.block_v, "summarize_row", min_ceiling=gate)
+
+
+def aot_variants() -> List[Any]:
+    """Every compilation the wrappers can launch, as ``KernelVariant`` records.
+
+    Logits fp32/bf16/fp16; temperature 1 or not; no transform, a logit scale or a
+    soft-cap; stats or not; a mask or not; the gradient written in the pass or not, with
+    matching or different row skews; row lengths and strides that are and are not
+    16-divisible (Triton specialises integers on that), and an unaligned base address.
+    """
+    from gft_kernels.backends.triton.variants import AotTensor, HotLoop, dedupe, launch_variant
+
+    f32, i64, i32 = AotTensor(torch.float32), AotTensor(torch.int64), AotTensor(torch.int32)
+    records = []
+    for dtype, label in _AOT_DTYPES.items():
+        size = torch.finfo(dtype).bits // 8
+        for n_cols in (151936, 50257):
+            vocab = "V%16=0" if n_cols % 16 == 0 else "V%16!=0"
+            for aligned in (True, False):
+                logits = AotTensor(dtype, aligned)
+                where = vocab + ("" if aligned else "/unaligned-base")
+                for pname, params in _AOT_PARAMS.items():
+                    cfg = launch_config(dtype, params.logit_softcap is not None)
+                    for with_stats in (False, True):
+                        for mask in (None, AotTensor(torch.uint8)):
+                            for grad_stride in (None, n_cols, n_cols + 1):
+                                outputs = (f32, f32, f32, f32 if with_stats else None, f32,
+                                           f32, f32, i32)  # fmt: skip
+                                write = grad_stride is not None
+                                grid, args, meta = token_pass_launch(
+                                    logits, n_cols, 2, n_cols, i64, f32, 1, mask,
+                                    f32 if write else None, logits if write else None,
+                                    grad_stride or 0, outputs, params, with_stats,
+                                )  # fmt: skip
+                                # The gradient loops are compiled out without WRITE_GRAD.
+                                loops = [
+                                    _stats_loop(size, cfg, params),
+                                    HotLoop("zero-fill", size, cfg.grad_block, "zero_row"),
+                                    HotLoop("gradient", 2 * size, cfg.grad_block,
+                                            "write_grad_row"),
+                                ]  # fmt: skip
+                                switches = [pname, "stats" if with_stats else "loss",
+                                            "mask" if mask is not None else "no-mask"]  # fmt: skip
+                                if write:
+                                    skew = "same" if meta["SAME_SKEW"] else "other"
+                                    switches.append(f"grad-in-pass/{skew}-skew")
+                                records.append(launch_variant(
+                                    "token_pass", "/".join([label, *switches, where]), label,
+                                    token_pass_kernel, args, meta, loops,
+                                ))  # fmt: skip
+                    for with_entropy in (False, True):
+                        outs = (f32, f32, f32, f32 if with_entropy else None, f32)
+                        grid, args, meta = partial_stats_launch(
+                            logits, n_cols, 2, n_cols, 4, i64, outs, params, with_entropy
+                        )
+                        records.append(launch_variant(
+                            "partial_stats",
+                            f"{label}/{pname}/{'entropy' if with_entropy else 'sums'}/{where}",
+                            label, partial_stats_kernel, args, meta,
+                            [_stats_loop(size, cfg, params)],
+                        ))  # fmt: skip
+                    for out_stride in (n_cols, n_cols + 1):
+                        grid, args, meta = row_grad_launch(
+                            logits, n_cols, 2, n_cols, AotTensor(dtype), out_stride, i64, f32,
+                            f32, f32, f32, params, 1,
+                        )  # fmt: skip
+                        skew = "same" if meta["SAME_SKEW"] else "other"
+                        records.append(launch_variant(
+                            "row_grad", f"{label}/{pname}/{skew}-skew/{where}", label,
+                            row_grad_kernel, args, meta,
+                            [HotLoop("zero-fill", size, cfg.grad_block, "zero_row"),
+                             HotLoop("gradient", 2 * size, cfg.grad_block, "write_grad_row")],
+                        ))  # fmt: skip
+    return dedupe(records)

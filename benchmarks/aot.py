@@ -1,0 +1,145 @@
+"""``python -m benchmarks.aot`` (``make aot``): compile every Triton kernel variant without a GPU.
+
+Every module of ``gft_kernels`` that defines ``aot_variants()`` lists the compilations its
+wrappers can launch (:class:`gft_kernels.backends.triton.variants.KernelVariant`). Each is compiled with
+``triton.compile`` for each target architecture (sm_80 and sm_90 by default), then read
+(:mod:`benchmarks.aot_worker`):
+
+- registers, spills and stack from the ptxas report, local and shared memory from
+  ``cuobjdump --dump-resource-usage`` (plus the shared memory Triton allocates itself);
+- each hot loop from the SASS (``nvdisasm``): instructions per trip over the elements one
+  thread handles per trip (``elements_per_iteration / (num_warps * 32)``) gives the
+  instructions per element, and with the loop's bytes per element the fraction of HBM
+  bandwidth that instruction issue (and the MUFU unit) allows (:mod:`benchmarks.sass`).
+
+Exits 1 on a compile failure, a spill, local memory, or a loop of a gated dtype (bf16) whose
+sm_90 ceiling is below ``--min-ceiling`` (0.85); the table and the summary say why
+(:mod:`benchmarks.aot_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence
+
+from benchmarks import aot_report, aot_worker
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_ARCHS = (80, 90)
+
+
+def discover_modules(package_dir: pathlib.Path = ROOT / "gft_kernels") -> List[str]:
+    """Modules under ``package_dir`` whose source defines ``aot_variants`` (found by text, so
+    nothing else is imported)."""
+    names = []
+    for path in sorted(package_dir.rglob("*.py")):
+        if "def aot_variants(" in path.read_text(encoding="utf-8"):
+            rel = path.relative_to(package_dir.parent).with_suffix("")
+            names.append(".".join(rel.parts))
+    return names
+
+
+def load_variants(modules: Sequence[str]) -> List[Any]:
+    """Every module's ``aot_variants()``, concatenated in module order."""
+    variants = []
+    for name in modules:
+        variants.extend(importlib.import_module(name).aot_variants())
+    return variants
+
+
+def run(
+    modules: Sequence[str],
+    archs: Sequence[int],
+    jobs: int,
+    name_filters: Optional[Sequence[str]] = None,
+    dump_dir: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+) -> List[Dict[str, Any]]:
+    """Compile and analyse every selected variant for every arch, in ``jobs`` processes."""
+    variants = load_variants(modules)
+    chosen = [
+        i
+        for i, v in enumerate(variants)
+        if not name_filters or any(f in f"{v.kernel}/{v.variant}" for f in name_filters)
+    ]
+    tasks = [(i, arch) for i in chosen for arch in archs]
+    # Batches amortise the disassembler's start-up; several per process balance the load.
+    size = max(1, min(32, math.ceil(len(tasks) / (4 * max(1, jobs)))))
+    batches = [tasks[i : i + size] for i in range(0, len(tasks), size)]
+    rows: List[Dict[str, Any]] = []
+    start = time.perf_counter()
+    with ProcessPoolExecutor(
+        max_workers=max(1, jobs),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=aot_worker.init_worker,
+        initargs=(load_variants, list(modules), dump_dir, cache_dir),
+    ) as pool:
+        futures = [pool.submit(aot_worker.analyse_batch, batch) for batch in batches]
+        for future in futures:
+            rows.extend(future.result())
+            print(
+                f"  compiled {len(rows)}/{len(tasks)} ({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.aot", description=__doc__)
+    parser.add_argument("--modules", help="comma-separated modules with aot_variants()")
+    parser.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)))
+    parser.add_argument(
+        "--filter",
+        action="append",
+        help="compile only variants whose 'kernel/variant' contains this (repeatable: any)",
+    )
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--min-ceiling", type=float, default=aot_report.MIN_CEILING)
+    parser.add_argument("--json", help="write every result (loop histograms included) here")
+    parser.add_argument("--dump-dir", help="keep each compilation's SASS and PTX here")
+    parser.add_argument(
+        "--cache-dir", help="reuse results whose kernel source, options and tool are unchanged"
+    )
+    parser.add_argument("--breakdown", action="store_true", help="print loop opcode counts")
+    parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    args = parser.parse_args(argv)
+    modules = args.modules.split(",") if args.modules else discover_modules()
+    archs = [int(a) for a in args.arch.split(",")]
+    if args.list:
+        for v in load_variants(modules):
+            print(f"{v.kernel}/{v.variant}")
+        return 0
+    import triton
+
+    print(f"triton {triton.__version__}; modules: {', '.join(modules)}; {args.jobs} jobs")
+    rows = run(modules, archs, args.jobs, args.filter, args.dump_dir, args.cache_dir)
+    if not rows:
+        print(f"no variant matches --filter {args.filter!r}")
+        return 1
+    print(aot_report.table(rows, args.min_ceiling))
+    if args.breakdown:
+        print(aot_report.breakdown(rows))
+    print(aot_report.summary(rows, args.min_ceiling))
+    print(aot_report.machines_note())
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    failed = [row for row in rows if aot_report.failures(row, args.min_ceiling)]
+    if failed:
+        print(f"make aot: FAILED ({len(failed)} of {len(rows)} compilations; reasons above)")
+        return 1
+    print("make aot: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

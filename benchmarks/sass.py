@@ -1,0 +1,437 @@
+"""Reading compiled CUDA kernels: ptxas report, resource usage, SASS loops, bandwidth ceiling.
+
+Pure text processing (no Triton, no GPU), used by :mod:`benchmarks.aot`:
+
+- :func:`parse_ptxas_log` / :func:`parse_resource_usage`: registers, spills, stack, local
+  and shared memory from ``ptxas -v`` and ``cuobjdump --dump-resource-usage``;
+- :func:`parse_sass` / :func:`find_loops`: instructions of ``nvdisasm -c -g`` output with
+  their source lines, and the loops (backward branches) among them;
+- :func:`source_loops` / :func:`attribute_loop`: which ``for`` statement of the kernel's
+  source a SASS loop compiles;
+- :class:`Machine` / :func:`ceiling`: the fraction of HBM bandwidth a loop can reach when
+  instruction issue (or the special-function unit) is the only other limit.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import textwrap
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+_LINE_RE = re.compile(r'//## File "(?P<file>[^"]+)", line (?P<line>\d+)')
+_INSTR_RE = re.compile(r"^\s*/\*(?P<addr>[0-9a-fA-F]+)\*/\s+(?P<text>[^;]*);")
+_LABEL_RE = re.compile(r"^\s*(?P<label>\.L_x_\d+):")
+_TARGET_RE = re.compile(r"`\((?P<label>\.L_x_\d+)\)")
+_PRED_RE = re.compile(r"^@!?U?P[T0-9]+\s+")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One SASS instruction: byte address, opcode (with modifiers), source file and line."""
+
+    addr: int
+    opcode: str
+    text: str
+    file: Optional[str]
+    line: Optional[int]
+
+    @property
+    def family(self) -> str:
+        """Opcode without modifiers: ``LDG.E.128`` -> ``LDG``."""
+        return self.opcode.split(".")[0]
+
+
+@dataclass
+class Loop:
+    """A SASS loop: the instructions from a branch target up to the backward branch to it."""
+
+    start: int  # address of the first instruction of the body
+    end: int  # address of the backward branch
+    body: List[Instruction]
+    nested: bool = False  # contains another loop (its body is excluded from ``body``)
+
+    @property
+    def back_edge(self) -> Instruction:
+        return self.body[-1]
+
+    def count(self) -> int:
+        """Instructions issued per trip (NOPs excluded; both sides of a branch counted)."""
+        return sum(1 for i in self.body if i.family != "NOP")
+
+    def count_family(self, family: str) -> int:
+        return sum(1 for i in self.body if i.family == family)
+
+    def histogram(self) -> Counter:
+        return Counter(i.family for i in self.body if i.family != "NOP")
+
+
+def parse_sass(text: str) -> List[Instruction]:
+    """Instructions of ``nvdisasm -c -g`` output; labels are resolved by :func:`find_loops`."""
+    instructions = []
+    file = line = None
+    for raw in text.splitlines():
+        m = _LINE_RE.search(raw)
+        if m:
+            file, line = m.group("file"), int(m.group("line"))
+            continue
+        m = _INSTR_RE.match(raw)
+        if not m:
+            continue
+        body = _PRED_RE.sub("", m.group("text").strip())
+        opcode = body.split()[0] if body else ""
+        instructions.append(Instruction(int(m.group("addr"), 16), opcode, body, file, line))
+    return instructions
+
+
+def _labels(text: str, instruction_re: re.Pattern, label_re: re.Pattern) -> Dict[str, int]:
+    """Label -> position (address or line number) of the instruction that follows it."""
+    labels: Dict[str, int] = {}
+    pending: List[str] = []
+    for number, raw in enumerate(text.splitlines()):
+        m = label_re.match(raw)
+        if m:
+            pending.append(m.group("label"))
+            continue
+        m = instruction_re.match(raw)
+        if m and pending:
+            position = int(m.group("addr"), 16) if "addr" in m.groupdict() else number
+            for label in pending:
+                labels[label] = position
+            pending = []
+    return labels
+
+
+def _label_target(labels: Dict[str, int], family: str, target_re: re.Pattern):
+    """``target_of`` for listings whose branches name labels."""
+
+    def target_of(ins: Instruction) -> Optional[int]:
+        if ins.family != family:
+            return None
+        m = target_re.search(ins.text)
+        return labels.get(m.group("label")) if m else None
+
+    return target_of
+
+
+def _loops(instructions: Sequence[Instruction], target_of) -> List[Loop]:
+    """Loops formed by backward branches; ``target_of(ins)`` is a branch's target or None."""
+    spans: List[Tuple[int, int]] = []
+    for ins in instructions:
+        target = target_of(ins)
+        # A branch to itself is the trap after the kernel's last EXIT, not a loop.
+        if target is not None and target < ins.addr:
+            spans.append((target, ins.addr))
+    # Several backward branches to one label (a `continue`) form one loop: keep the last.
+    by_start: Dict[int, int] = {}
+    for start, end in spans:
+        by_start[start] = max(end, by_start.get(start, end))
+    spans = sorted(by_start.items())
+    loops = []
+    for start, end in spans:
+        inner = [(s, e) for s, e in spans if start <= s and e <= end and (s, e) != (start, end)]
+        body = [
+            i
+            for i in instructions
+            if start <= i.addr <= end and not any(s <= i.addr <= e for s, e in inner)
+        ]
+        loops.append(Loop(start, end, body, nested=bool(inner)))
+    return loops
+
+
+def find_loops(text: str) -> List[Loop]:
+    """Loops of one kernel's SASS (``nvdisasm -c -g`` text), in address order.
+
+    A loop is a backward branch (``BRA`` to a label before it). A loop that contains
+    another is marked ``nested`` and its body excludes the inner loop's instructions, so
+    each instruction counts towards its innermost loop only.
+    """
+    labels = _labels(text, _INSTR_RE, _LABEL_RE)
+    return _loops(parse_sass(text), _label_target(labels, "BRA", _TARGET_RE))
+
+
+_RAW_TARGET_RE = re.compile(r"\bBRA\s+(?:`\()?0x(?P<addr>[0-9a-fA-F]+)")
+
+
+def split_raw_sass(text: str, starts: Sequence[int]) -> List[List[Instruction]]:
+    """Split ``nvdisasm -b <arch>`` output of concatenated kernels (the kernel ``k`` starting
+    at byte ``starts[k]``) into one instruction list per kernel, addresses and branch
+    targets made relative to the kernel's start. Raw listings carry no source lines."""
+    kernels: List[List[Instruction]] = [[] for _ in starts]
+    bounds = list(starts) + [float("inf")]
+    k = 0
+    for raw in text.splitlines():
+        m = _INSTR_RE.match(raw)
+        if not m:
+            continue
+        addr = int(m.group("addr"), 16)
+        while addr >= bounds[k + 1]:
+            k += 1
+        body = _PRED_RE.sub("", m.group("text").strip())
+        target = _RAW_TARGET_RE.search(body)
+        if target:
+            relative = int(target.group("addr"), 16) - starts[k]
+            body = body[: target.start("addr")] + f"{relative:x}" + body[target.end("addr") :]
+        opcode = body.split()[0] if body else ""
+        kernels[k].append(Instruction(addr - starts[k], opcode, body, None, None))
+    return kernels
+
+
+def find_raw_loops(instructions: Sequence[Instruction]) -> List[Loop]:
+    """Loops of one kernel from :func:`split_raw_sass`, in address order."""
+
+    def target_of(ins: Instruction) -> Optional[int]:
+        m = _RAW_TARGET_RE.search(ins.text) if ins.family == "BRA" else None
+        return int(m.group("addr"), 16) if m else None
+
+    return _loops(instructions, target_of)
+
+
+def elf_section(image: bytes, name: str) -> bytes:
+    """The bytes of section ``name`` of a little-endian ELF64 image (a cubin)."""
+    import struct
+
+    if image[:4] != b"\x7fELF" or image[4] != 2:
+        raise ValueError("cubin: not an ELF64 image")
+    shoff = struct.unpack_from("<Q", image, 0x28)[0]
+    entsize, count, names_index = struct.unpack_from("<HHH", image, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", image, shoff + i * entsize) for i in range(count)]
+    names_offset = headers[names_index][4]
+    for name_at, _, _, _, offset, size in headers:
+        start = names_offset + name_at
+        if image[start : image.index(b"\0", start)].decode() == name:
+            return image[offset : offset + size]
+    raise ValueError(f"cubin: no section {name!r}")
+
+
+_PTX_FILE_RE = re.compile(r'^\s*\.file\s+(?P<id>\d+)\s+"(?P<path>[^"]+)"')
+_PTX_LOC_RE = re.compile(r"^\s*\.loc\s+(?P<id>\d+)\s+(?P<line>\d+)")
+_PTX_LABEL_RE = re.compile(r"^(?P<label>\$L__BB\w+):")
+_PTX_INSTR_RE = re.compile(r"^\s+(?P<text>(?:@!?%\w+\s+)?[a-z][\w.]*[^;]*);")
+_PTX_TARGET_RE = re.compile(r"(?P<label>\$L__BB\w+)")
+
+
+def parse_ptx(text: str) -> List[Instruction]:
+    """Instructions of a PTX listing with their ``.loc`` source lines; ``addr`` is the
+    line number in ``text``."""
+    files: Dict[str, str] = {}
+    for raw in text.splitlines():
+        m = _PTX_FILE_RE.match(raw)
+        if m:
+            files[m.group("id")] = m.group("path")
+    instructions = []
+    file = line = None
+    for number, raw in enumerate(text.splitlines()):
+        m = _PTX_LOC_RE.match(raw)
+        if m:
+            file, line = files.get(m.group("id")), int(m.group("line"))
+            continue
+        m = _PTX_INSTR_RE.match(raw)
+        if not m:
+            continue
+        body = re.sub(r"^@!?%\w+\s+", "", m.group("text").strip())
+        instructions.append(Instruction(number, body.split()[0], body, file, line))
+    return instructions
+
+
+def find_ptx_loops(text: str) -> List[Loop]:
+    """Loops of one kernel's PTX, as :func:`find_loops` finds them in SASS."""
+    labels = _labels(text, _PTX_INSTR_RE, _PTX_LABEL_RE)
+    return _loops(parse_ptx(text), _label_target(labels, "bra", _PTX_TARGET_RE))
+
+
+_GLOBAL_SASS = ("LDG", "STG", "ATOMG", "REDG", "RED")
+_GLOBAL_PTX = ("ld.global", "st.global", "atom.global", "red.global")
+
+
+def global_memory_ops(loop: Loop) -> int:
+    """Global loads, stores and atomics in a SASS or PTX loop body."""
+    return sum(1 for i in loop.body if i.family in _GLOBAL_SASS or i.opcode.startswith(_GLOBAL_PTX))
+
+
+def unroll_factor(sass_loop: Loop, ptx_loops: Sequence[Loop]) -> Optional[int]:
+    """How many source-loop trips one trip of ``sass_loop`` runs (ptxas unrolls simple
+    loops), from its global memory operations over those of the PTX loop(s) it compiles;
+    None when that ratio is not a whole number (or there is no memory operation)."""
+    ptx = sum(global_memory_ops(lp) for lp in ptx_loops)
+    sass_ops = global_memory_ops(sass_loop)
+    if not ptx or not sass_ops or sass_ops % ptx:
+        return None
+    return sass_ops // ptx
+
+
+@dataclass(frozen=True)
+class SourceLoop:
+    """A ``for`` / ``while`` statement of a jit function: absolute first and last line."""
+
+    function: str  # the function's name
+    ordinal: int  # position among that function's loops, in source order
+    file: str
+    first: int
+    last: int
+
+
+def source_loops(function: str, source: str, file: str, first_line: int) -> List[SourceLoop]:
+    """The loops of a function's source text, whose first line is ``first_line`` in ``file``
+    (``tl.static_range`` loops excluded: the compiler unrolls them)."""
+    tree = ast.parse(textwrap.dedent(source))
+    nodes = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.While) or (isinstance(n, ast.For) and not _unrolled(n))
+    ]
+    nodes.sort(key=lambda n: (n.lineno, n.col_offset))
+    offset = first_line - 1
+    return [
+        SourceLoop(function, i, file, n.lineno + offset, (n.end_lineno or n.lineno) + offset)
+        for i, n in enumerate(nodes)
+    ]
+
+
+def _unrolled(node: ast.For) -> bool:
+    """``for ... in tl.static_range(...)``: unrolled by the compiler, never a loop."""
+    call = node.iter
+    if not isinstance(call, ast.Call):
+        return False
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return name == "static_range"
+
+
+def attribute_loop(loop: Loop, loops: Sequence[SourceLoop]) -> Optional[SourceLoop]:
+    """The innermost source loop that ``loop`` compiles, or None.
+
+    The backward branch carries the file and line of its ``for`` statement (in the kernel or
+    in a jit function inlined into it); failing that, the source loop most of the body's
+    instructions come from decides.
+    """
+
+    def innermost(file: Optional[str], line: Optional[int]) -> Optional[SourceLoop]:
+        if line is None:
+            return None
+        around = [s for s in loops if s.file == file and s.first <= line <= s.last]
+        return max(around, key=lambda s: s.first) if around else None
+
+    found = innermost(loop.back_edge.file, loop.back_edge.line)
+    if found is not None:
+        return found
+    votes = Counter(innermost(i.file, i.line) for i in loop.body)
+    votes.pop(None, None)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(log: str) -> Dict[str, int]:
+    """``registers``, ``stack``, ``spill_stores``, ``spill_loads`` (bytes) from ``ptxas -v``.
+
+    Raises ValueError when the report has no register line (no log was captured).
+    """
+    regs = _PTXAS_REGS.search(log)
+    if regs is None:
+        raise ValueError(f"ptxas log: no 'Used N registers' line in {log!r}")
+    out = {"registers": int(regs.group(1)), "stack": 0, "spill_stores": 0, "spill_loads": 0}
+    spill = _PTXAS_SPILL.search(log)
+    if spill:
+        out["stack"], out["spill_stores"], out["spill_loads"] = map(int, spill.groups())
+    smem = _PTXAS_SMEM.search(log)
+    out["static_smem"] = int(smem.group(1)) if smem else 0
+    return out
+
+
+_RESOURCE_RE = re.compile(r"Function (?P<name>\S+):\s*\n\s*(?P<fields>REG:.*)")
+
+
+def parse_resource_usage(text: str, kernel: str) -> Dict[str, int]:
+    """``REG``, ``STACK``, ``SHARED``, ``LOCAL``... of ``kernel`` from cuobjdump's report."""
+    for m in _RESOURCE_RE.finditer(text):
+        if m.group("name") == kernel:
+            fields = {}
+            for item in m.group("fields").split():
+                key, _, value = item.partition(":")
+                if value.isdigit():
+                    fields[key] = int(value)
+            return fields
+    raise ValueError(f"resource usage: no entry for function {kernel!r} in {text!r}")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The GPU a compute capability's ceiling is computed for.
+
+    ``issue_per_clock``: warp instructions an SM issues per clock (one per scheduler);
+    ``mufu_per_clock``: special-function results (ex2, lg2, rcp...) per SM per clock.
+    """
+
+    name: str
+    sms: int
+    clock_hz: float
+    hbm_bytes_per_s: float
+    issue_per_clock: int = 4
+    mufu_per_clock: int = 16
+    warp_size: int = 32
+
+
+# Published figures: H100 SXM5 (132 SMs, 1.98 GHz max boost, 3.35 TB/s HBM3) and A100 SXM4
+# 80GB (108 SMs, 1.41 GHz boost, 2.039 TB/s HBM2e); both issue 4 warp instructions and 16
+# MUFU results per SM per clock.
+MACHINES: Dict[int, Machine] = {
+    90: Machine("H100 SXM5", 132, 1.98e9, 3.35e12),
+    80: Machine("A100 SXM4 80GB", 108, 1.41e9, 2.039e12),
+}
+
+
+@dataclass
+class LoopCeiling:
+    """Bandwidth bounds of one loop; fractions of HBM bandwidth, capped at 1."""
+
+    instructions_per_element: float
+    mufu_per_element: float
+    issue: float
+    mufu: float
+    ceiling: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ceiling = min(self.issue, self.mufu)
+
+    @property
+    def bound(self) -> str:
+        if self.ceiling >= 1.0:
+            return "hbm"
+        return "issue" if self.issue <= self.mufu else "mufu"
+
+
+def ceiling(
+    instructions: int,
+    mufu: int,
+    elements_per_thread: float,
+    bytes_per_element: float,
+    machine: Machine,
+) -> LoopCeiling:
+    """Bounds of a loop whose body of ``instructions`` (``mufu`` of them MUFU) handles
+    ``elements_per_thread`` elements per thread per trip, moving ``bytes_per_element``.
+
+    Issue: ``sms * issue_per_clock * clock * warp_size / (instructions / elements)`` elements
+    per second; MUFU: ``sms * mufu_per_clock * clock / (mufu / elements)``. Each times the
+    bytes per element, over HBM bandwidth. Assumes full issue every clock (no stalls): an
+    upper bound, not a prediction.
+    """
+    per_element = instructions / elements_per_thread
+    mufu_per_element = mufu / elements_per_thread
+    rate = machine.sms * machine.clock_hz
+    issue_elems = rate * machine.issue_per_clock * machine.warp_size / per_element
+    mufu_elems = rate * machine.mufu_per_clock / mufu_per_element if mufu else float("inf")
+    hbm = machine.hbm_bytes_per_s
+    return LoopCeiling(
+        per_element,
+        mufu_per_element,
+        min(1.0, issue_elems * bytes_per_element / hbm),
+        min(1.0, mufu_elems * bytes_per_element / hbm),
+    )
