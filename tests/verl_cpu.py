@@ -17,7 +17,6 @@ from types import ModuleType
 from typing import Any, Dict, Optional
 
 import torch
-
 from verl.plugin.platform import platform_manager
 from verl.plugin.platform.platform_base import PlatformBase
 from verl.plugin.platform.platform_manager import PlatformRegistry, set_platform
@@ -105,8 +104,12 @@ class _CPUDeviceModule(ModuleType):
         super().__init__("verl_cpu_device")
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("max_memory_allocated", "max_memory_reserved", "memory_allocated",
-                    "memory_reserved"):
+        if name in (
+            "max_memory_allocated",
+            "max_memory_reserved",
+            "memory_allocated",
+            "memory_reserved",
+        ):
             return lambda *args, **kwargs: 0
         if name == "mem_get_info":
             return lambda *args, **kwargs: (0, 0)
@@ -142,27 +145,40 @@ def free_port() -> int:
 def init_process_group(rank: int = 0, world_size: int = 1, port: Optional[int] = None) -> None:
     """gloo process group from the RANK / WORLD_SIZE / MASTER_* environment verl reads."""
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or os.environ.get("MASTER_PORT") or free_port()),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port or os.environ.get("MASTER_PORT") or free_port()),
     )
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
-def save_tiny_qwen2(path: str, *, tied: bool, vocab: int = 96, seed: int = 0) -> None:
+def save_tiny_qwen2(
+    path: str, *, tied: bool, vocab: int = 96, seed: int = 0, logit_scale: float = 40.0
+) -> None:
     """A 2-layer Qwen2 with random weights, saved as a Hugging Face checkpoint."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
         architectures=["Qwen2ForCausalLM"],
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # logits of a useful spread: q on both sides of tau
-        model.get_output_embeddings().weight.mul_(40.0)
+        model.model.norm.weight.mul_(logit_scale)
     model.save_pretrained(path)
 
 
@@ -182,23 +198,35 @@ def build_actor_engine(
 
     register_default_engine_for_cpu()
     model_config = HFModelConfig(
-        path=model_path, load_tokenizer=False, external_lib=external_lib,
-        override_config={"attn_implementation": "sdpa"}, use_remove_padding=use_remove_padding,
+        path=model_path,
+        load_tokenizer=False,
+        external_lib=external_lib,
+        override_config={"attn_implementation": "sdpa"},
+        use_remove_padding=use_remove_padding,
         enable_gradient_checkpointing=False,
     )
     engine_config = FSDPEngineConfig(
-        strategy="fsdp2", model_dtype="fp32", use_torch_compile=False,
+        strategy="fsdp2",
+        model_dtype="fp32",
+        use_torch_compile=False,
         mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
     )
     object.__setattr__(engine_config, "use_remove_padding", use_remove_padding)
     optimizer_config = FSDPOptimizerConfig(
-        optimizer="SGD", lr=lr, weight_decay=0.0, clip_grad=1e9, total_training_steps=1,
+        optimizer="SGD",
+        lr=lr,
+        weight_decay=0.0,
+        clip_grad=1e9,
+        total_training_steps=1,
     )
     from verl.trainer.config import CheckpointConfig
 
     engine = EngineRegistry.new(
-        model_type="language_model", backend="fsdp2", model_config=model_config,
-        engine_config=engine_config, optimizer_config=optimizer_config,
+        model_type="language_model",
+        backend="fsdp2",
+        model_config=model_config,
+        engine_config=engine_config,
+        optimizer_config=optimizer_config,
         checkpoint_config=CheckpointConfig(),
     )
     engine.initialize()
@@ -224,7 +252,6 @@ def make_batch(
     ``(B, response_width)``.
     """
     from tensordict import TensorDict
-
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding
 
@@ -234,8 +261,8 @@ def make_batch(
     prompt_mask = torch.zeros(batch, prompt_width, dtype=torch.long)
     response_mask = torch.zeros(batch, response_width, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        prompt_ids[i, prompt_width - len(p):] = torch.tensor(p)
-        prompt_mask[i, prompt_width - len(p):] = 1
+        prompt_ids[i, prompt_width - len(p) :] = torch.tensor(p)
+        prompt_mask[i, prompt_width - len(p) :] = 1
         response_ids[i, : len(r)] = torch.tensor(r)
         response_mask[i, : len(r)] = 1
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
