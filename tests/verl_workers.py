@@ -6,8 +6,9 @@ mini-batch and runs ``engine.train_batch`` with verl's ``ppo_loss`` (the loss fu
 verl's actor worker hands its engine), then saves what the test compares to
 ``<out>/rank<k>.pt``: per step (one loss aggregation mode, temperature and input
 layout each, all from the checkpoint's weights: the optimizer's learning rate is 0) the
-micro-batch losses and metrics and the full gradient of every parameter, and optionally the log-probs of verl's inference path and the errors raised for
-unsupported configurations.
+micro-batch losses and metrics, the full gradient of every parameter and the step's peak
+memory increase; optionally the log-probs of verl's inference path and the errors raised
+for unsupported configurations.
 """
 
 from __future__ import annotations

@@ -84,9 +84,8 @@ def aggregation_weights(
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask: expected a (batch, response_length) tensor, got {shape}")
     if loss_agg_mode not in VERL_LOSS_AGG_MODES:
-        raise ValueError(
-            f"loss_agg_mode: expected one of {', '.join(VERL_LOSS_AGG_MODES)}, got {loss_agg_mode!r}"
-        )
+        modes = ", ".join(VERL_LOSS_AGG_MODES)
+        raise ValueError(f"loss_agg_mode: expected one of {modes}, got {loss_agg_mode!r}")
     dp = _count("dp_size", dp_size, positive=True)
     tokens = _count("batch_num_tokens", batch_num_tokens, positive=False)
     sequences = _count("global_batch_size", global_batch_size, positive=False)
