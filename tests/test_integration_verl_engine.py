@@ -220,3 +220,45 @@ def test_fused_engine_two_ranks_tied_head(tmp_path):
     results = run_actor_update(tmp_path, world=2, **run)
     assert all(r["engine"] == "GFTFSDPEngine" for r in results)
     check_steps(results, TWO_RANK_STEPS, model_path, responses)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fused_head_peak_memory_next_to_verl_logits_path(tmp_path):
+    """One actor update of the same mini-batch (4 x 512 response tokens, vocabulary 32000)
+    with the fused engine and with verl's default engine (logits, log-softmax and their
+    gradient; the plug-in loss): the step's peak memory (resident-set increase, each in
+    its own process) must be well below verl's, and the losses equal."""
+    vocab, length = 32000, 512
+    model_path = str(tmp_path / "model")
+    verl_cpu.save_tiny_qwen2(model_path, tied=False, vocab=vocab)
+    g = torch.Generator().manual_seed(0)
+    responses = [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in PROMPTS]
+    steps = [{"mode": "token-mean", "temperature": 1.0, "packed": True}]
+    runs = [
+        make_run(model_path, responses, steps=steps, micro_batch_size=4, fused=fused)
+        for fused in (True, False)
+    ]
+    outs = [tmp_path / "fused", tmp_path / "verl"]
+    for out in outs:
+        out.mkdir()
+    ports = [verl_cpu.free_port(), verl_cpu.free_port()]
+    mp.spawn(
+        verl_workers.independent_updates,
+        args=(runs, ports, [str(o) for o in outs]),
+        nprocs=2,
+        join=True,
+    )
+    fused, default = (torch.load(o / "rank0.pt", weights_only=False) for o in outs)
+    assert fused["engine"] == "GFTFSDPEngine" and default["engine"] == "FSDPEngineWithLMHead"
+    mib = [r["steps"][0]["peak_rss_increase"] / 2**20 for r in (fused, default)]
+    tokens = sum(len(r) for r in responses)
+    print(
+        f"\nactor step peak memory, {tokens} response tokens, V={vocab}: fused GFT head "
+        f"{mib[0]:.0f} MiB, verl logits path {mib[1]:.0f} MiB (logits alone "
+        f"{tokens * vocab * 4 / 2**20:.0f} MiB)"
+    )
+    assert math.isclose(
+        sum(fused["steps"][0]["losses"]), sum(default["steps"][0]["losses"]), rel_tol=1e-4
+    )
+    assert mib[0] < 0.5 * mib[1]

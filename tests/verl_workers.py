@@ -143,3 +143,9 @@ def actor_update(rank: int, world: int, port: int, run: Dict[str, Any], out_dir:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def independent_updates(index: int, runs: list, ports: list, out_dirs: list) -> None:
+    """Process ``index`` runs ``runs[index]`` as its own one-rank job (for side-by-side
+    peak-memory measurements: each process's peak is its own)."""
+    actor_update(0, 1, ports[index], runs[index], out_dirs[index])
