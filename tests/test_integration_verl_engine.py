@@ -15,6 +15,7 @@ two data-parallel ranks, tied and untied heads, packed and padded inputs.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -49,11 +50,17 @@ def sample_responses(model_path: str, seed: int = 0):
     return responses
 
 
-def reference(model_path, responses, *, mode, temperature):
-    """fp64: the mini-batch loss through verl's agg_loss, its gradients, log p and entropy."""
-    model = AutoModelForCausalLM.from_pretrained(
+@functools.lru_cache(maxsize=4)
+def reference_model(model_path):
+    return AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float64, attn_implementation="sdpa"
     )
+
+
+def reference(model_path, responses, *, mode, temperature):
+    """fp64: the mini-batch loss through verl's agg_loss, its gradients, log p and entropy."""
+    model = reference_model(model_path)
+    model.zero_grad(set_to_none=True)
     width = max(RESPONSE_LENGTHS)
     losses = torch.zeros(len(PROMPTS), width, dtype=torch.float64)
     mask = torch.zeros(len(PROMPTS), width, dtype=torch.bool)
