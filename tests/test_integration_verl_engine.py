@@ -174,12 +174,15 @@ ONE_RANK_STEPS = [
     {"mode": "seq-mean-token-sum", "temperature": 0.7, "packed": False},
     {"mode": "seq-mean-token-mean", "temperature": 1.3, "packed": True},
     {"mode": "seq-mean-token-sum-norm", "temperature": 0.7, "packed": False},
+    # verl's V1 trainer layout: every field nested, nothing padded.
+    {"mode": "seq-mean-token-mean", "temperature": 0.7, "packed": True, "nested": True},
 ]
 
 
 @pytest.mark.distributed
 def test_fused_engine_one_rank_every_mode_inference_and_refusals(tmp_path):
-    """Untied head, 2 micro-batches of 2; packed (verl's remove-padding) and padded input."""
+    """Untied head, 2 micro-batches of 2; packed (verl's remove-padding) and padded input,
+    the legacy and the V1 trainer's data layouts."""
     model_path, responses = tiny_model(tmp_path, tied=False)
     run = make_run(
         model_path,

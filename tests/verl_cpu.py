@@ -286,3 +286,40 @@ def make_batch(
     td = left_right_2_no_padding(td)
     tu.assign_non_tensor(td, temperature=temperature, **(extra or {}))
     return td
+
+
+def make_nested_batch(
+    prompts: list,
+    responses: list,
+    advantages: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    old_log_probs: Optional[torch.Tensor] = None,
+    extra: Optional[Dict[str, Any]] = None,
+):
+    """The same mini-batch in the layout verl's V1 trainer hands its actor: one record per
+    rollout (no padding anywhere), stacked by verl's own ``list_of_dict_to_tensordict`` into
+    nested tensors. ``advantages`` is ``(B,)``; ``old_log_probs`` ``(B, >= max length)``."""
+    from verl.utils import tensordict_utils as tu
+
+    records = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        prompt, response = torch.tensor(p), torch.tensor(r)
+        ids = torch.cat([prompt, response])
+        old = torch.zeros(len(r)) if old_log_probs is None else old_log_probs[i, : len(r)]
+        records.append(
+            {
+                "prompts": prompt,
+                "responses": response,
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "position_ids": torch.arange(len(ids)),
+                "response_mask": torch.ones_like(response),
+                "loss_mask": torch.ones_like(response),
+                "advantages": torch.full((len(r),), float(advantages[i])),
+                "old_log_probs": old.float(),
+            }
+        )
+    td = tu.list_of_dict_to_tensordict(records)
+    tu.assign_non_tensor(td, temperature=temperature, **(extra or {}))
+    return td

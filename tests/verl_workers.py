@@ -70,7 +70,16 @@ def actor_update(rank: int, world: int, port: int, run: Dict[str, Any], out_dir:
         calculate_entropy=run.get("calculate_entropy", False),
     )
 
-    def batch(temperature: float = 1.0, **more: Any):
+    def batch(temperature: float = 1.0, nested: bool = False, **more: Any):
+        if nested:  # verl's V1 trainer layout
+            return verl_cpu.make_nested_batch(
+                run["prompts"][share],
+                run["responses"][share],
+                run["advantages"][share],
+                temperature=temperature,
+                old_log_probs=run["old_log_probs"][share],
+                extra={**extra, **more},
+            )
         return verl_cpu.make_batch(
             run["prompts"][share],
             run["responses"][share],
@@ -113,7 +122,11 @@ def actor_update(rank: int, world: int, port: int, run: Dict[str, Any], out_dir:
     for step in run["steps"]:
         # lr = 0: every step starts from the checkpoint's weights, as the reference does.
         config = _actor_config(run, loss_agg_mode=step["mode"])
-        data = batch(temperature=step["temperature"], use_remove_padding=step["packed"])
+        data = batch(
+            temperature=step["temperature"],
+            nested=step.get("nested", False),
+            use_remove_padding=step["packed"],
+        )
         rss_before = _rss_bytes()
         with engine.train_mode(zero_grad_on_exit=False):
             out = engine.train_batch(data, loss_function=partial(ppo_loss, config=config))
