@@ -3,14 +3,11 @@
 - :class:`GFTConfig`: ``TrainingArguments`` plus the GFT options.
 - :class:`GFTDataCollator`: prompt groups in, padded rows with group advantages out.
 - :class:`GFTTrainer`: ``Trainer`` with the fused GFT head and optional self-sampling.
-- :func:`verl_policy_loss` / :func:`verl_policy_loss_with_metrics`: the GFT policy loss in
-  verl's policy-loss calling convention (no verl import).
 
-Needs ``transformers`` and ``accelerate`` (``pip install gft-kernels[hf]``); the verl loss
-needs only torch.
+Needs ``transformers`` and ``accelerate`` (``pip install gft-kernels[hf]``). verl users
+import :mod:`gft_kernels.integration.verl` (``pip install gft-kernels[verl]``); nothing
+here imports verl.
 """
-
-from .verl import verl_policy_loss, verl_policy_loss_with_metrics
 
 __all__ = [
     "GFTConfig",
@@ -22,8 +19,6 @@ __all__ = [
     "SOURCE_CODES",
     "create_model",
     "default_attn_implementation",
-    "verl_policy_loss",
-    "verl_policy_loss_with_metrics",
 ]
 
 _LAZY = {
@@ -40,7 +35,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    # transformers is imported on first use only: verl users need torch alone.
+    # transformers is imported on first use only.
     if name in _LAZY:
         import importlib
 

@@ -26,6 +26,7 @@ loss and the averaged gradients are the single-process gradients: the losses of 
 """
 
 import copy
+import inspect
 import socket
 
 import fsdp_workers as workers
@@ -51,10 +52,11 @@ pytestmark = pytest.mark.skipif(
 HIDDEN = 32
 WORLD = 2
 
-try:  # transformers' own FSDP2 (DistributedConfig), in recent transformers only
-    from transformers.distributed import DistributedConfig  # noqa: F401
+try:  # transformers' own FSDP2 (DistributedConfig(fsdp_size=...)), in recent transformers only
+    from transformers.distributed import DistributedConfig
 
-    HAS_HF_FSDP = True
+    # Older releases (e.g. 5.10, which verl 0.9 pins) have the class without FSDP.
+    HAS_HF_FSDP = "fsdp_size" in inspect.signature(DistributedConfig).parameters
 except ImportError:
     HAS_HF_FSDP = False
 try:  # FSDP2's public API (torch >= 2.6)
