@@ -1,4 +1,5 @@
-# `make test` and `make bench` each create .venv here and install what they need.
+# `make test` and `make bench` each create .venv here and install what they need
+# (`make gpu-check` uses an environment of its own, see below).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # build. pyproject keeps the open range (torch>=2.4) for real users.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test bench build lint clean
+.PHONY: test bench build lint clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +30,17 @@ test: build
 bench: build
 	$(PY) -m benchmarks
 
+# On a CUDA machine: an environment of its own (GPU_VENV) with a CUDA build of torch, never
+# the TORCH_PIN above (the base interpreter's torch if it has CUDA, else `pip install torch`,
+# from the index in $$TORCH_CUDA_INDEX when set); then the tests without the Triton
+# interpreter, the benchmarks on CUDA, and a dated section appended to benchmarks/RESULTS.md.
+# The steps are in benchmarks/gpu_check.py (--dry-run prints them).
+GPU_VENV ?= .venv-gpu
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON) --venv $(GPU_VENV)
+
 lint: $(STAMP)
 	$(PY) -m ruff check gft_kernels integration benchmarks tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info benchmarks/out
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info benchmarks/out
