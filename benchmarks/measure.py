@@ -172,9 +172,12 @@ def time_case(
         except Exception as err:  # reported in the table; the other impls go on
             out[impl.name].error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
             active[:] = [(i, f) for i, f in active if i.name != impl.name]
+            gc.collect()  # what the failed run left in reference cycles
             return None
         finally:
-            gc.collect()
+            # Young generations only: a full collection costs ~0.1 s with torch loaded, more
+            # than many runs; tensors are freed by reference counting anyway.
+            gc.collect(1)
 
     def rounds(wants_run: Callable[[Impl], bool]):
         r = 0
@@ -186,6 +189,7 @@ def time_case(
             yield todo[shift:] + todo[:shift]
             r += 1
 
+    gc.collect()
     warm = {impl.name: Warmup(policy.for_impl(impl)) for impl, _ in impls}
     for order in rounds(lambda i: warm[i.name].needs_more()):
         for impl, fn in order:
@@ -200,6 +204,8 @@ def time_case(
     for impl, _ in impls:
         out[impl.name].warmup = list(warm[impl.name].samples)
         out[impl.name].warmup_stable = warm[impl.name].stable
+
+    gc.collect()
 
     def wants_timed(impl: Impl) -> bool:
         return policy.wants_timed_run(out[impl.name].fwd_bwd)

@@ -61,7 +61,7 @@ PARALLEL_PROBES, PARALLEL_PROBES_MAX_LOGITS_BYTES = 2, 3 << 29
 # implementation and case, at least ~0.5 s of timed samples. CUDA runs take milliseconds:
 # more runs cost nothing there, and the tolerance can be tighter.
 CPU_POLICY = RunPolicy(warmup_budget_s=3.0, rel_tol=0.10, min_timed_s=0.5, max_repeats=30)
-QUICK_POLICY = RunPolicy(warmup_budget_s=1.0, rel_tol=0.10, min_timed_s=0.25, max_repeats=10)
+QUICK_POLICY = RunPolicy(warmup_budget_s=0.5, rel_tol=0.10, min_timed_s=0.2, max_repeats=8)
 CUDA_POLICY = RunPolicy(
     min_warmup=3,
     warmup_budget_s=2.0,
@@ -195,7 +195,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         default=None,
         metavar="S",
         help="seconds of adaptive warm-up per implementation and case (default: 3 on CPU, "
-        "1 with --quick, 2 on CUDA)",
+        "0.5 with --quick, 2 on CUDA)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +283,8 @@ def test_report_has_no_thresholds_of_its_own(monkeypatch):
     monkeypatch.setattr(targets_module, "TARGETS", patched)
     after = report.target_lines(results, "cpu")
     assert any(line.startswith("MISS  cpu-logits-vs-naive") for line in after)
+
+
+def test_readme_shows_the_target_table():
+    readme = (Path(report.__file__).parent / "README.md").read_text()
+    assert format_targets(markdown=True) in readme
