@@ -34,10 +34,11 @@ bench: build
 # the TORCH_PIN above (the base interpreter's torch if it has CUDA, else `pip install torch`,
 # from the index in $$TORCH_CUDA_INDEX when set); then the tests without the Triton
 # interpreter, the benchmarks on CUDA, and a dated section appended to benchmarks/RESULTS.md.
-# The steps are in benchmarks/gpu_check.py (--dry-run prints them).
+# The steps are in benchmarks/gpu_check.py (GPU_CHECK_ARGS=--dry-run prints them).
 GPU_VENV ?= .venv-gpu
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON) --venv $(GPU_VENV)
+	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON) --venv $(GPU_VENV) $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gft_kernels integration benchmarks tests

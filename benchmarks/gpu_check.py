@@ -329,7 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gpu-check plan (GPU: {gpu['name'] if gpu else 'none found here'}):")
         for step in setup + checks:
             print(f"  {step.title}: {step.shell()}")
-        print(f"  record: append a section to {args.results_md}")
+        print(f"  record: append a section to {_relative(str(args.results_md.resolve()))}")
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
