@@ -168,7 +168,10 @@ def check_steps(venv: Path, out: Path, bench_args: Sequence[str]) -> List[Step]:
         ),
         Step(
             "benchmarks on CUDA",
-            [py, "-m", "benchmarks", "--device", "cuda", "--out", str(out), *bench_args],
+            # A path inside the repository is passed relative to it: the runner writes its
+            # command line into the tables recorded in RESULTS.md.
+            [py, "-m", "benchmarks", "--device", "cuda", "--out", _relative(str(out))]
+            + list(bench_args),
             env={"TRITON_INTERPRET": None},
             log="bench.log",
         ),
@@ -311,7 +314,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    out = args.out or REPO_ROOT / "benchmarks" / "out" / f"gpu-check-{now:%Y%m%d-%H%M%S}"
+    default_out = REPO_ROOT / "benchmarks" / "out" / f"gpu-check-{now:%Y%m%d-%H%M%S}"
+    out = args.out.resolve() if args.out else default_out
     venv = args.venv if args.venv.is_absolute() else REPO_ROOT / args.venv
     gpu = gpu_info()
     if gpu is None and not args.dry_run:

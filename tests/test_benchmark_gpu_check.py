@@ -70,6 +70,11 @@ def test_checks_run_without_the_triton_interpreter(tmp_path):
     assert tests.argv[1:4] == ["-m", "pytest", "tests"]
     assert bench.argv[1:5] == ["-m", "benchmarks", "--device", "cuda"]
     assert bench.argv[-1] == "--no-plots"
+    # Inside the repository the output folder is named relative to it (the runner records
+    # its command line in the tables).
+    inside = gpu_check.REPO_ROOT / "benchmarks" / "out" / "x"
+    _, bench = gpu_check.check_steps(tmp_path / "venv", inside, [])
+    assert bench.argv[-2:] == ["--out", "benchmarks/out/x"]
 
 
 def test_run_step_removes_the_interpreter_variable(tmp_path, monkeypatch):
