@@ -362,7 +362,7 @@ def write_outputs(meta: dict, results: List[dict], out: Path, plots: bool = True
     print(report.LEGEND)
     print(
         "peak = fwd+bwd peak over the inputs "
-        f"({'CUDA allocator' if meta['device'] == 'cuda' else 'RSS, one subprocess each'})."
+        f"({'CUDA allocator' if meta['device'] == 'cuda' else 'RSS, in a fresh subprocess'})."
     )
     print(report.loss_check_line(results))
     targets = report.target_lines(results, meta["device"])
