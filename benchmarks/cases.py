@@ -297,7 +297,7 @@ def quick_cases() -> List[Case]:
     """``--quick``: small shapes, a smoke test that still fills every table and plot.
 
     Two sizes per sweep (N at V=8192, V at N=256) are what the plots need; the bf16 head is
-    tiny because bf16 GEMMs are slow on CPUs without bf16 matrix instructions. Under a
+    tiny because bf16 GEMMs are slow on CPUs without bf16 matrix instructions. About a
     minute on 2 cores.
     """
     quick = {"seq_len": 64, "repeats": 2}
