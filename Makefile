@@ -1,4 +1,5 @@
-# `make test`, `make bench` and `make aot` each create .venv here and install what they need.
+# `make test`, `make bench` and `make aot` each create .venv here and install what they need
+# (`make gpu-check` uses an environment of its own, see below).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # build. pyproject keeps the open range (torch>=2.4) for real users.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test bench aot build lint clean
+.PHONY: test bench aot build lint clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +36,19 @@ bench: build
 aot: $(STAMP)
 	$(PY) -m benchmarks.aot --cache-dir $(VENV)/aot-cache
 
+# On a CUDA machine: an environment of its own (GPU_VENV) with a CUDA build of torch, never
+# the TORCH_PIN above (the base interpreter's torch if it has CUDA, else `pip install torch`,
+# from the index in $$TORCH_CUDA_INDEX when set); then the tests without the Triton
+# interpreter, the benchmarks on CUDA, and a dated section appended to benchmarks/RESULTS.md.
+# The steps are in benchmarks/gpu_check.py (GPU_CHECK_ARGS=--dry-run prints them).
+GPU_VENV ?= .venv-gpu
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --python $(PYTHON) --venv $(GPU_VENV) $(GPU_CHECK_ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check gft_kernels integration benchmarks tests
 	$(PY) -m ruff format --check gft_kernels integration benchmarks tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info benchmarks/out
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info benchmarks/out

@@ -48,6 +48,9 @@ QWEN25_05B = Head("Qwen2.5-0.5B", 896, 151936)
 LLAMA32_1B = Head("Llama-3.2-1B", 2048, 128256)
 TINYLLAMA_11B = Head("TinyLlama-1.1B", 2048, 32000)
 TOY_HEAD = Head("toy", 256, 8192)  # --quick and pytest only
+# bf16 smoke cases: a CPU without bf16 matrix instructions runs bf16 GEMMs one to two orders
+# of magnitude slower than fp32 (5 s for the toy head's dh = G W at N=512 on an AVX2 EPYC).
+TINY_HEAD = Head("tiny", 128, 2048)  # --quick and pytest only
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,11 @@ class Case:
     head: Optional[Head] = None  # fused-linear only
     zero_adv_share: float = 0.0  # share of sequences whose advantage is exactly 0
     seq_len: int = 256  # tokens per sequence (N = B * seq_len)
-    repeats: int = 3  # timed fwd+bwd samples per implementation (CPU)
-    warmup: int = 1  # untimed runs before the samples; 0 for cases where one run costs > 10 s
+    repeats: int = 3  # timed fwd+bwd samples per implementation, at least (CPU)
+    # Warm-up runs before the samples, at least; more until the times are stable (within a
+    # time budget, see benchmarks.run_policy). 0: no warm-up at all, for cases where one run
+    # costs > 10 s (the process is already warm from the smaller cases before them).
+    warmup: int = 1
     # Implementations not run in this case, with the reason printed in the table.
     skip: Tuple[Tuple[str, str], ...] = ()
     # Name of the case whose naive result is the reference here when naive is skipped.
@@ -186,8 +192,19 @@ _BUDGET_COMPILE = "over the full run's time budget here (compile + runs); measur
 _BUDGET_TORCH = (
     "over the full run's time budget here (~1 min per run on 2 cores); measured at smaller N"
 )
-_ZERO_NAIVE = "naive does the same work at any zero share: reference from the 0% case"
-BUDGET_SKIPS = (_BUDGET_COMPILE, _BUDGET_TORCH)
+_BUDGET_CAREFUL = "over the full run's time budget here; measured on the fp32 head"
+_ZERO_NAIVE = "does the same work at any zero share: reference from the 0% case"
+_ZERO_FLOOR = "the floor is the 0% case's"
+BUDGET_SKIPS = (_BUDGET_COMPILE, _BUDGET_TORCH, _BUDGET_CAREFUL)
+# What a case with zero advantages leaves out: the peers that do the same work at any share
+# (their figures come from the 0% case named as its baseline) and the floor rows.
+ZERO_SHARE_SKIPS = (
+    ("naive", _ZERO_NAIVE),
+    ("naive+compile", _ZERO_NAIVE),
+    ("careful", _ZERO_NAIVE),
+    ("floor:mem", _ZERO_FLOOR),
+    ("floor:gemm", _ZERO_FLOOR),
+)
 
 
 def full_cases() -> List[Case]:
@@ -197,7 +214,7 @@ def full_cases() -> List[Case]:
     # N=1024 for the time-vs-V plot. N=1024, V=151936 is the native-CPU headline.
     for vocab in (32000, 151936):
         for n in (512, 1024, 2048):
-            tags = ("headline-cpu",) if (vocab, n) == (151936, 1024) else ()
+            tags = ("headline-logits-cpu",) if (vocab, n) == (151936, 1024) else ()
             # N=2048, V=151936: the naive run alone takes ~10 s here, the process is warm.
             heavy = n * vocab > 1024 * 151936
             runs = {"repeats": 2, "warmup": 0} if heavy else {"repeats": 3}
@@ -208,7 +225,7 @@ def full_cases() -> List[Case]:
             1024,
             151936,
             zero_adv_share=0.5,
-            skip=(("naive", _ZERO_NAIVE), ("naive+compile", _ZERO_NAIVE)),
+            skip=ZERO_SHARE_SKIPS,
             baseline=_logits_case(1024, 151936).name,
             tags=("zero-adv",),
         )
@@ -222,7 +239,10 @@ def full_cases() -> List[Case]:
     heavy = (("naive+compile", _BUDGET_COMPILE), ("gft:torch", _BUDGET_TORCH))
     cases.append(_fused_case(QWEN25_05B, 512, repeats=2))
     cases.append(_fused_case(QWEN25_05B, 1024, warmup=0, repeats=2, skip=no_compile))
-    cases.append(_fused_case(QWEN25_05B, 2048, warmup=0, repeats=2, skip=no_compile))
+    # N=2048 fp32: where the fused head's time is compared with its three bare GEMMs.
+    cases.append(
+        _fused_case(QWEN25_05B, 2048, warmup=0, repeats=2, skip=no_compile, tags=("headline-gemm",))
+    )
     cases.append(
         _fused_case(
             QWEN25_05B,
@@ -230,7 +250,7 @@ def full_cases() -> List[Case]:
             zero_adv_share=0.5,
             warmup=0,
             repeats=2,
-            skip=(("naive", _ZERO_NAIVE), ("naive+compile", _ZERO_NAIVE)),
+            skip=ZERO_SHARE_SKIPS,
             baseline=_fused_case(QWEN25_05B, 2048).name,
             tags=("zero-adv",),
         )
@@ -238,40 +258,64 @@ def full_cases() -> List[Case]:
     cases.append(
         _fused_case(QWEN25_05B, 4096, warmup=0, repeats=1, skip=heavy, tags=("headline-memory",))
     )
-    cases.append(_fused_case(QWEN25_05B, 4096, "bfloat16", warmup=0, repeats=1, skip=heavy))
+    cases.append(
+        _fused_case(
+            QWEN25_05B,
+            4096,
+            "bfloat16",
+            warmup=0,
+            repeats=1,
+            skip=heavy + (("careful", _BUDGET_CAREFUL),),
+        )
+    )
     # Other real heads, one size each.
     cases.append(_fused_case(LLAMA32_1B, 512, warmup=0, repeats=2, skip=no_compile))
     cases.append(_fused_case(TINYLLAMA_11B, 1024, warmup=0, repeats=2, skip=no_compile))
-    # GPU only: micro-batch sizes of real training (DESIGN §4: 4k-32k tokens), out of reach of
+    # GPU only: micro-batch sizes of real training (4k-32k tokens), out of reach of
     # the CPU run's time budget.
     gpu = {"devices": ("cuda",)}
-    cases.append(_logits_case(8192, 151936, **gpu))
-    cases.append(_logits_case(8192, 151936, "bfloat16", **gpu))
-    cases.append(_fused_case(QWEN25_05B, 8192, **gpu))
-    cases.append(_fused_case(QWEN25_05B, 16384, "bfloat16", **gpu))
-    cases.append(_fused_case(LLAMA32_1B, 8192, "bfloat16", **gpu))
+    cases.append(_logits_case(8192, 151936, tags=("headline-logits-gpu",), **gpu))
+    cases.append(_logits_case(8192, 151936, "bfloat16", tags=("headline-logits-gpu",), **gpu))
+    cases.append(_fused_case(QWEN25_05B, 8192, tags=("headline-gemm",), **gpu))
+    cases.append(
+        _fused_case(
+            QWEN25_05B,
+            8192,
+            zero_adv_share=0.5,
+            skip=ZERO_SHARE_SKIPS,
+            baseline=_fused_case(QWEN25_05B, 8192).name,
+            tags=("zero-adv",),
+            **gpu,
+        )
+    )
+    cases.append(_fused_case(QWEN25_05B, 16384, "bfloat16", tags=("headline-gemm",), **gpu))
+    cases.append(_fused_case(LLAMA32_1B, 8192, "bfloat16", tags=("headline-gemm",), **gpu))
     return _validate(cases)
 
 
 def quick_cases() -> List[Case]:
-    """``--quick``: small shapes, a smoke test that still fills every table and plot."""
-    toy = TOY_HEAD
+    """``--quick``: small shapes, a smoke test that still fills every table and plot.
+
+    Two sizes per sweep (N at V=8192, V at N=256) are what the plots need; the bf16 head is
+    tiny because bf16 GEMMs are slow on CPUs without bf16 matrix instructions. About a
+    minute on 2 cores.
+    """
+    quick = {"seq_len": 64, "repeats": 2}
     cases = [
-        _logits_case(256, 8192, seq_len=64, repeats=2),
-        _logits_case(512, 8192, seq_len=64, repeats=2),
-        _logits_case(512, 32000, seq_len=64, repeats=2),
+        _logits_case(256, 8192, **quick),
+        _logits_case(512, 8192, **quick),
+        _logits_case(256, 16384, **quick),
         _logits_case(
             512,
-            32000,
-            seq_len=64,
-            repeats=2,
+            8192,
             zero_adv_share=0.5,
-            skip=(("naive", _ZERO_NAIVE), ("naive+compile", _ZERO_NAIVE)),
-            baseline=_logits_case(512, 32000, seq_len=64).name,
+            skip=ZERO_SHARE_SKIPS,
+            baseline=_logits_case(512, 8192, seq_len=64).name,
+            **quick,
         ),
-        _fused_case(toy, 256, seq_len=64, repeats=2),
-        _fused_case(toy, 512, seq_len=64, repeats=2),
-        _fused_case(toy, 512, "bfloat16", seq_len=64, repeats=2),
+        _fused_case(TOY_HEAD, 256, **quick),
+        _fused_case(TOY_HEAD, 512, **quick),
+        _fused_case(TINY_HEAD, 128, "bfloat16", **quick),
     ]
     return _validate(cases)
 
@@ -286,7 +330,7 @@ def pytest_cases(op: str) -> List[Case]:
     elif op == "fused_linear_gft_loss":
         cases = [
             _fused_case(TOY_HEAD, 512, seq_len=64),
-            _fused_case(TOY_HEAD, 512, "bfloat16", seq_len=64),
+            _fused_case(TINY_HEAD, 256, "bfloat16", seq_len=64),
         ]
     else:
         raise ValueError(f"unknown op {op!r}")

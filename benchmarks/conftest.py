@@ -3,6 +3,9 @@
 Kernels run natively: CUDA when there is a device, else the CPU backends. The Triton
 interpreter (``TRITON_INTERPRET``) is deliberately not set here; it is a correctness tool and
 the Triton rows are skipped on a CPU-only machine with the reason.
+
+Each benchmark is warmed up as the runner does (until its fwd+bwd times are stable, within a
+time budget: :mod:`benchmarks.run_policy`) before pytest-benchmark's timed rounds.
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ import torch
 
 from benchmarks.cases import Case
 from benchmarks.implementations import Impl, build, skip_reason
-from benchmarks.measure import CaseSetup
+from benchmarks.measure import CaseSetup, run_once, settle_allocator
+from benchmarks.run_policy import RunPolicy, Warmup
 from benchmarks.runner import usable_cores
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROUNDS = 5
+WARMUP = RunPolicy(min_warmup=1, warmup_budget_s=2.0)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # All usable cores, as the runner does; the benchmark JSON records the count.
+    # All usable cores and the allocator's steady state, as the runner does; the benchmark
+    # JSON records the thread count.
     torch.set_num_threads(usable_cores())
+    settle_allocator()
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +83,15 @@ def run_benchmark(benchmark, case_setups: Dict[str, CaseSetup]) -> Callable:
         benchmark.extra_info.update(
             case=case.to_json(), impl=impl.name, phase=phase, threads=torch.get_num_threads()
         )
-        warmup = max(1, impl.min_warmup)
+        warm = Warmup(WARMUP.for_impl(impl))
+        while warm.needs_more():
+            warm.add(run_once(fn, setup, restore)[2])
+        benchmark.extra_info.update(warmup_runs=len(warm.samples), warmup_stable=warm.stable)
         if phase == "bwd":
             # The forward runs in pedantic's untimed setup; only backward() is timed.
-            benchmark.pedantic(backward, setup=forward_first, rounds=ROUNDS, warmup_rounds=warmup)
+            benchmark.pedantic(backward, setup=forward_first, rounds=ROUNDS, warmup_rounds=0)
         else:
             target = forward if phase == "fwd" else forward_backward
-            benchmark.pedantic(target, setup=fresh, rounds=ROUNDS, warmup_rounds=warmup)
+            benchmark.pedantic(target, setup=fresh, rounds=ROUNDS, warmup_rounds=0)
 
     return run

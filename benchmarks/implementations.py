@@ -6,14 +6,23 @@ why it cannot run here (:func:`skip_reason`). Nothing heavy is imported at modul
 ``gft_kernels.fused_linear_gft_loss``, the native CPU kernel and Liger-Kernel are looked up
 when a case asks for them, so a missing piece becomes a stated skip instead of a crash.
 
+Peers (what the library is compared with):
+
 * ``naive``: :func:`gft_kernels.reference.gft_loss_reference` on full logits (fused-linear
-  cases first form ``hidden @ weight.T``).
+  cases first form ``hidden @ weight.T``): a transcription of the published code.
 * ``naive+compile``: the same function under ``torch.compile`` (inductor; C++ on CPU).
-* ``gft:<backend>``: the library, one row per backend (``torch``, ``cpu``, ``triton``).
-* ``gft:inplace``: logits-level only, ``backend="auto"`` with ``inplace_backward=True``
-  (the gradient overwrites the logits: no extra ``N x V`` buffer).
-* ``liger``: the composed peer, Liger-Kernel's (fused linear) cross-entropy for per-token
-  ``log p`` and the GFT coefficient applied in PyTorch.
+* ``careful``: the loss in plain, careful PyTorch (:mod:`benchmarks.careful_torch`): one
+  ``log_softmax``, one ``gather``, no copies; the fused form chunks the head under
+  checkpointing.
+* ``liger``: the best composed peer, Liger-Kernel's (fused linear) cross-entropy for
+  per-token ``log p`` and the GFT coefficient applied in PyTorch (CUDA only).
+
+Ours: ``gft:<backend>`` (``torch``, ``cpu``, ``triton``), and ``gft:inplace`` (logits-level,
+``backend="auto"`` with ``inplace_backward=True``: no extra ``N x V`` buffer).
+
+Floors (:mod:`benchmarks.floors`), the least work of the case, timed alike: ``floor:mem``
+(logits level: a read pass and a read-and-write pass) and ``floor:gemm`` (fused head: the
+three GEMMs of forward and backward).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from benchmarks import floors
+from benchmarks.careful_torch import careful_fused_linear_gft_loss, careful_gft_loss
 from benchmarks.cases import LOSS_AGG_MODE, OPS, TAU, TEMPERATURE, Case
 
 Inputs = Dict[str, torch.Tensor]
@@ -52,11 +63,19 @@ class Impl:
     mutates_inputs: bool = False
     # Untimed runs needed before the first sample whatever the case says (compilation).
     min_warmup: int = 0
+    # A floor row (not a loss): no loss check, no memory probe; the "/ floor" reference.
+    floor: bool = False
 
 
 IMPLS: Tuple[Impl, ...] = (
     Impl("naive", "gft_kernels.reference on full logits (the published formula)", OPS),
     Impl("naive+compile", "the naive reference under torch.compile (inductor)", OPS, min_warmup=1),
+    Impl(
+        "careful",
+        "plain careful PyTorch: one log_softmax + gather, DCR from the same statistics; "
+        "fused: checkpointed chunks of the head",
+        OPS,
+    ),
     Impl("gft:torch", "gft_kernels, backend='torch' (chunked PyTorch)", OPS, ours=True),
     Impl("gft:cpu", "gft_kernels, backend='cpu' (native C++ kernel)", OPS, ours=True),
     Impl("gft:triton", "gft_kernels, backend='triton'", OPS, ours=True),
@@ -72,6 +91,20 @@ IMPLS: Tuple[Impl, ...] = (
         "Liger-Kernel (fused linear) cross-entropy -> log p, GFT coefficient in PyTorch",
         OPS,
         mutates_inputs=True,
+    ),
+    Impl(
+        "floor:mem",
+        "floor: a read pass over the logits + a read-and-write pass into a fresh N x V buffer",
+        ("gft_loss",),
+        floor=True,
+    ),
+    Impl(
+        "floor:gemm",
+        "floor: the three GEMMs of the head (z = h W^T, dh = G W, dW = G^T h), nothing else",
+        ("fused_linear_gft_loss",),
+        # Its first call makes its N x V buffers: never a timed one.
+        min_warmup=1,
+        floor=True,
     ),
 )
 IMPL_BY_NAME = {impl.name: impl for impl in IMPLS}
@@ -92,7 +125,7 @@ def _short(err: BaseException, limit: int = 160) -> str:
 def native_cpu_reason() -> Optional[str]:
     """None when the native CPU kernel builds/loads here, else why not."""
     try:
-        from gft_kernels.cpu import native
+        from gft_kernels.backends import native
     except ImportError as err:
         return f"native CPU kernel not available ({_short(err)})"
     try:
@@ -138,6 +171,8 @@ def skip_reason(impl: Impl, case: Case, device: torch.device, quick: bool) -> Op
 
         if "inplace_backward" not in inspect.signature(gft_loss).parameters:
             return "not available: gft_loss has no inplace_backward option"
+    if impl.name == "careful" and LOSS_AGG_MODE != "token-mean":
+        return "the careful PyTorch peer is written for token-mean"
     if impl.name == "liger":
         if device.type != "cuda":
             return LIGER_CPU_SKIP
@@ -196,14 +231,36 @@ def _liger_fused(x: Inputs) -> torch.Tensor:
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     hidden, targets = x["hidden"], x["targets"]
+    # A reduced-precision head accumulates dW in fp32, as ours does (Liger's default would
+    # accumulate in the head's dtype).
+    accum = None if x["weight"].dtype == torch.float32 else torch.float32
     nll = liger_fused_linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]),
         x["weight"],
         targets.reshape(-1),
         reduction="none",
+        accum_dtype=accum,
     )
     advantages = x["advantages"].unsqueeze(-1).expand_as(targets).reshape(-1)
     return _gft_from_logprobs(-nll, advantages, x["mask"].reshape(-1))
+
+
+def _careful_logits(x: Inputs) -> torch.Tensor:
+    return careful_gft_loss(
+        x["logits"], x["targets"], x["advantages"], x["mask"], tau=TAU, temperature=TEMPERATURE
+    )
+
+
+def _careful_fused(x: Inputs) -> torch.Tensor:
+    return careful_fused_linear_gft_loss(
+        x["hidden"],
+        x["weight"],
+        x["targets"],
+        x["advantages"],
+        x["mask"],
+        tau=TAU,
+        temperature=TEMPERATURE,
+    )
 
 
 def _ours_logits(backend: str, inplace: bool = False) -> LossFn:
@@ -283,4 +340,10 @@ def build(impl: Impl, case: Case) -> LossFn:
         return _ours_logits(backend) if logits_level else _ours_fused(backend)
     if impl.name == "liger":
         return _liger_logits if logits_level else _liger_fused
+    if impl.name == "careful":
+        return _careful_logits if logits_level else _careful_fused
+    if impl.name == "floor:mem":
+        return floors.memory_floor
+    if impl.name == "floor:gemm":
+        return floors.bare_gemms()
     raise ValueError(f"unknown implementation {impl.name!r}")

@@ -4,8 +4,9 @@ Time: one *run* is the loss call (``fwd``) followed by ``loss.backward()`` (``bw
 is the wall time of both. On CUDA the three marks are CUDA events (no host sync inside the
 run); on CPU they are ``time.perf_counter`` readings. The implementations of a case run
 round-robin, one run each per round with the start rotated every round, so that machine drift
-(thermal, other tenants of a VM) hits all of them alike. Every sample is kept; tables report
-the median.
+(thermal, other tenants of a VM) hits all of them alike: first the warm-up until stable, then
+the timed runs (how many of each: :mod:`benchmarks.run_policy`). Every sample is kept; tables
+report the median.
 
 Peak memory, fwd+bwd, over the baseline after setup (inputs allocated, gradients cleared):
 
@@ -36,6 +37,7 @@ import torch
 
 from benchmarks.cases import Case, grad_inputs, make_inputs
 from benchmarks.implementations import Impl, Inputs, LossFn
+from benchmarks.run_policy import RunPolicy, Warmup
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MB = 1024.0 * 1024.0
@@ -49,8 +51,43 @@ class ImplTiming:
     bwd: List[float] = field(default_factory=list)
     fwd_bwd: List[float] = field(default_factory=list)
     warmup: List[float] = field(default_factory=list)  # fwd+bwd of the untimed runs
+    warmup_stable: Optional[bool] = None  # None: no adaptive warm-up for this case
     loss: Optional[float] = None  # loss value of the first run (before any input mutation)
     error: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- allocator
+
+# mallopt parameters (malloc.h) and glibc's largest dynamic mmap threshold on 64-bit.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+STEADY_MMAP_THRESHOLD = 32 << 20
+
+
+def settle_allocator() -> Optional[str]:
+    """Start glibc's malloc in the state a long-running process reaches on its own.
+
+    glibc serves large blocks with mmap and raises that threshold each time it frees such a
+    block, up to 32 MiB (the trim threshold follows at twice that). Until it has risen, the
+    same buffers come back as fresh pages that fault in on first touch, call after call;
+    this ramp is one cause of slow first calls. Setting both thresholds to their final values
+    skips it without changing the steady state: blocks up to 32 MiB are reused from the
+    heap, larger ones are still mapped per allocation (what a training loop pays too).
+    Returns a description for the results' metadata; None where this is not glibc or the
+    environment already sets the thresholds.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD) == 1
+        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 2 * STEADY_MMAP_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return None
+    if not ok:
+        return None
+    return "glibc mmap threshold 32 MiB, trim threshold 64 MiB (their steady state)"
 
 
 # --------------------------------------------------------------------------- one run
@@ -116,12 +153,14 @@ def run_once(fn: LossFn, setup: CaseSetup, restore: bool) -> Tuple[float, float,
 def time_case(
     setup: CaseSetup,
     impls: Sequence[Tuple[Impl, LossFn]],
-    *,
-    warmup: int,
-    repeats: int,
+    policy: RunPolicy,
     on_run: Optional[Callable[[str, str], None]] = None,
 ) -> Dict[str, ImplTiming]:
-    """Warm-up, then ``repeats`` round-robin rounds over ``impls``; errors end that impl only."""
+    """Warm-up until stable, then timed runs; both round-robin over ``impls``.
+
+    Each round runs every implementation that still needs a run once, the start rotated
+    from round to round. An error ends that implementation only (reported in the table).
+    """
     out = {impl.name: ImplTiming() for impl, _ in impls}
     active = list(impls)
 
@@ -133,29 +172,52 @@ def time_case(
         except Exception as err:  # reported in the table; the other impls go on
             out[impl.name].error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
             active[:] = [(i, f) for i, f in active if i.name != impl.name]
+            gc.collect()  # what the failed run left in reference cycles
             return None
         finally:
-            gc.collect()
+            # Young generations only: a full collection costs ~0.1 s with torch loaded, more
+            # than many runs; tensors are freed by reference counting anyway.
+            gc.collect(1)
 
-    rounds_w = max([warmup] + [impl.min_warmup for impl, _ in impls])
-    for r in range(rounds_w):
-        for impl, fn in list(active):
-            if r < max(warmup, impl.min_warmup):
-                result = attempt(impl, fn, "warm-up")
-                if result is not None:
-                    out[impl.name].warmup.append(result[2])
-                    if out[impl.name].loss is None:
-                        out[impl.name].loss = result[3]
-    for r in range(repeats):
-        order = list(active)
-        shift = r % max(1, len(order))
-        for impl, fn in order[shift:] + order[:shift]:
+    def rounds(wants_run: Callable[[Impl], bool]):
+        r = 0
+        while True:
+            todo = [(i, f) for i, f in active if wants_run(i)]
+            if not todo:
+                return
+            shift = r % len(todo)
+            yield todo[shift:] + todo[:shift]
+            r += 1
+
+    gc.collect()
+    warm = {impl.name: Warmup(policy.for_impl(impl)) for impl, _ in impls}
+    for order in rounds(lambda i: warm[i.name].needs_more()):
+        for impl, fn in order:
             if all(i.name != impl.name for i, _ in active):
                 continue
-            result = attempt(impl, fn, f"run {r + 1}/{repeats}")
+            result = attempt(impl, fn, f"warm-up {len(warm[impl.name].samples) + 1}")
             if result is None:
                 continue
+            warm[impl.name].add(result[2])
+            if out[impl.name].loss is None:
+                out[impl.name].loss = result[3]
+    for impl, _ in impls:
+        out[impl.name].warmup = list(warm[impl.name].samples)
+        out[impl.name].warmup_stable = warm[impl.name].stable
+
+    gc.collect()
+
+    def wants_timed(impl: Impl) -> bool:
+        return policy.wants_timed_run(out[impl.name].fwd_bwd)
+
+    for order in rounds(wants_timed):
+        for impl, fn in order:
+            if all(i.name != impl.name for i, _ in active):
+                continue
             timing = out[impl.name]
+            result = attempt(impl, fn, f"run {len(timing.fwd_bwd) + 1}")
+            if result is None:
+                continue
             timing.fwd.append(result[0])
             timing.bwd.append(result[1])
             timing.fwd_bwd.append(result[2])
@@ -230,29 +292,23 @@ def peak_rss_during(run: Callable[[], None]) -> Dict[str, object]:
 
 def probe_memory_subprocess(
     case: Case,
-    impl: Impl,
+    impls: Sequence[Impl],
     *,
     device: str,
     threads: int,
     warmup: int,
     timeout_s: float = 1800.0,
-) -> Dict[str, object]:
-    """Run ``python -m benchmarks.memory_probe`` for one (case, implementation)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.memory_probe",
-        "--case",
-        case.to_spec(),
-        "--impl",
-        impl.name,
-        "--device",
-        device,
-        "--threads",
-        str(threads),
-        "--warmup",
-        str(warmup),
-    ]
+) -> Dict[str, Dict[str, object]]:
+    """Run ``python -m benchmarks.memory_probe`` for ``impls`` on one case, in turn.
+
+    The full run gives each implementation a process of its own (one item in ``impls``);
+    ``--quick`` measures all of a case's implementations in one process. Returns a result
+    (or ``{"error": ...}``) per implementation name.
+    """
+    cmd = [sys.executable, "-m", "benchmarks.memory_probe", "--case", case.to_spec()]
+    for impl in impls:
+        cmd += ["--impl", impl.name]
+    cmd += ["--device", device, "--threads", str(threads), "--warmup", str(warmup)]
     env = dict(os.environ)
     # The probe imports this checkout (benchmarks and gft_kernels) wherever it is run from.
     env["PYTHONPATH"] = os.pathsep.join(
@@ -263,20 +319,34 @@ def probe_memory_subprocess(
     # with it, every large tensor is mapped when allocated and unmapped when freed, so RSS
     # follows the live tensors.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    # Two probes may run side by side, each with all cores' worth of OpenMP threads: busy-
+    # waiting threads of one probe would then starve the other (a 2 s probe took 26 s on a
+    # 2-core machine). A probe measures memory, not time, so passive waiting costs nothing.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     start = time.perf_counter()
+    names = [impl.name for impl in impls]
     try:
         proc = subprocess.run(
             cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
         )
     except subprocess.TimeoutExpired:
-        return {"error": f"memory probe timed out after {timeout_s:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        return {"error": f"memory probe failed (rc={proc.returncode}): {tail[-300:]}"}
-    result = json.loads(lines[-1])
-    result["probe_wall_s"] = time.perf_counter() - start
-    return result
+        return {
+            name: {"error": f"memory probe timed out after {timeout_s:.0f} s"} for name in names
+        }
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            found[result.get("impl")] = result
+    wall = time.perf_counter() - start
+    tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    out: Dict[str, Dict[str, object]] = {}
+    for name in names:
+        if name in found:
+            out[name] = {**found[name], "probe_wall_s": wall, "probe_impls": len(names)}
+        else:
+            out[name] = {"error": f"memory probe failed (rc={proc.returncode}): {tail[-300:]}"}
+    return out
 
 
 # --------------------------------------------------------------------------- CUDA memory

@@ -1,10 +1,12 @@
-"""Results: ratios to the naive reference, terminal tables, JSON and plots.
+"""Results: ratios to the peers and the floor, terminal tables, JSON and plots.
 
 A result is a JSON-ready dict per case: ``{"case": Case.to_json(), "impls": {name: {...}}}``
 where each implementation entry holds ``status`` (``ok``/``skipped``/``error``), ``reason``,
-every timing sample in ms, medians, the loss value and the peak memory. :func:`add_ratios`
-adds the comparison with the naive reference of the same case (or of the case named in
-``baseline``) and the loss agreement; everything printed is derived from those dicts.
+every timing sample in ms (warm-up included), medians, the loss value and the peak memory.
+:func:`add_ratios` adds the comparisons with the two peers of the same case (or of the case
+named in ``baseline``): ``naive`` (the published code) and ``careful`` (plain careful
+PyTorch), with the case's floor row, and the loss agreement; everything printed is derived
+from those dicts. Target verdicts come from :mod:`benchmarks.targets`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ import statistics
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from benchmarks import targets as target_table
+
 PHASES = ("fwd", "bwd", "fwd_bwd")
+# The peers every row is compared with (speedup and memory fraction), in table order.
+PEERS = ("naive", "careful")
+FLOORS = ("floor:mem", "floor:gemm")
 # Relative loss difference to the reference above which a row is flagged: the reference
 # computes in the input dtype, so bf16 cases are only checked loosely.
 LOSS_RTOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 2e-2}
@@ -26,40 +33,72 @@ def median(values: Sequence[float]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def _naive_entry(result: Result, by_name: Dict[str, Result]) -> Tuple[Optional[dict], str]:
-    """The naive entry this case compares with, and the case it comes from."""
+def is_floor(name: str, entry: dict) -> bool:
+    # Older results.json files have no "floor" field: the name says it.
+    return bool(entry.get("floor", name in FLOORS))
+
+
+def _peer_entry(
+    result: Result, by_name: Dict[str, Result], peer: str
+) -> Tuple[Optional[dict], str]:
+    """The ``peer`` entry this case compares with, and the case it comes from."""
     case = result["case"]
-    entry = result["impls"].get("naive")
+    entry = result["impls"].get(peer)
     if entry and entry["status"] == "ok":
         return entry, case["name"]
     base = case.get("baseline")
     if base and base in by_name:
-        entry = by_name[base]["impls"].get("naive")
+        entry = by_name[base]["impls"].get(peer)
         if entry and entry["status"] == "ok":
             return entry, base
     return None, ""
 
 
+def _floor_entry(result: Result) -> Optional[dict]:
+    for name, entry in result["impls"].items():
+        if is_floor(name, entry) and entry["status"] == "ok":
+            return entry
+    return None
+
+
+def _vs(entry: dict, ref: dict, source: str) -> Dict[str, object]:
+    ratios: Dict[str, object] = {"baseline_case": source}
+    for phase in PHASES:
+        mine, theirs = entry["median_ms"].get(phase), ref["median_ms"].get(phase)
+        ratios[f"speedup_{phase}"] = theirs / mine if mine and theirs else None
+    mem, ref_mem = _peak(entry), _peak(ref)
+    ratios["memory_fraction"] = mem / ref_mem if mem is not None and ref_mem else None
+    return ratios
+
+
 def add_ratios(results: List[Result]) -> None:
-    """Speedup (naive time / time), memory fraction (peak / naive peak), loss agreement."""
+    """Per entry: ``vs_naive``/``vs_careful`` (speedup = peer time / time, memory fraction =
+    peak / peer peak), ``vs_floor`` (time / floor time) and the loss agreement with naive."""
     by_name = {r["case"]["name"]: r for r in results}
     for result in results:
-        naive, source = _naive_entry(result, by_name)
-        same_case = source == result["case"]["name"]
         rtol = LOSS_RTOL.get(result["case"]["dtype"], 1e-3)
-        for entry in result["impls"].values():
-            entry["vs_naive"] = None
-            if entry["status"] != "ok" or naive is None:
+        floor = _floor_entry(result)
+        peers = {peer: _peer_entry(result, by_name, peer) for peer in PEERS}
+        for name, entry in result["impls"].items():
+            for peer in PEERS:
+                entry[f"vs_{peer}"] = None
+            entry["vs_floor"] = None
+            if entry["status"] != "ok":
                 continue
-            ratios: Dict[str, object] = {"baseline_case": source}
-            for phase in PHASES:
-                mine, ref = entry["median_ms"].get(phase), naive["median_ms"].get(phase)
-                ratios[f"speedup_{phase}"] = ref / mine if mine and ref else None
-            mem, ref_mem = _peak(entry), _peak(naive)
-            ratios["memory_fraction"] = mem / ref_mem if mem is not None and ref_mem else None
-            entry["vs_naive"] = ratios
-            # Losses agree only where the inputs are the same: same case.
-            if same_case and entry.get("loss") is not None and naive.get("loss") is not None:
+            for peer, (ref, source) in peers.items():
+                if ref is not None:
+                    entry[f"vs_{peer}"] = _vs(entry, ref, source)
+            if floor is not None and floor["median_ms"].get("fwd_bwd"):
+                entry["vs_floor"] = entry["median_ms"]["fwd_bwd"] / floor["median_ms"]["fwd_bwd"]
+            naive, source = peers["naive"]
+            # Losses agree only where the inputs are the same: same case; floors are no loss.
+            same_case = source == result["case"]["name"]
+            if (
+                same_case
+                and not is_floor(name, entry)
+                and entry.get("loss") is not None
+                and naive.get("loss") is not None
+            ):
                 diff = abs(entry["loss"] - naive["loss"]) / max(abs(naive["loss"]), 1e-12)
                 entry["loss_rel_diff"] = diff
                 entry["loss_ok"] = diff <= rtol
@@ -100,11 +139,35 @@ def _fmt_ratio(value: Optional[float], suffix: str = "x") -> str:
     return "-" if value is None else f"{value:.2f}{suffix}"
 
 
+def _fmt_warmup(entry: dict) -> str:
+    """Warm-up runs; ``*`` when the warm-up ended on its time budget before being stable."""
+    runs = len(entry.get("warmup_ms") or [])
+    return f"{runs}{'*' if entry.get('warmup_stable') is False else ''}"
+
+
 def _groups(results: Iterable[Result]) -> Dict[str, List[Result]]:
     groups: Dict[str, List[Result]] = {}
     for result in results:
         groups.setdefault(result["case"]["group"], []).append(result)
     return groups
+
+
+HEADERS = [
+    "case",
+    "implementation",
+    "fwd ms",
+    "bwd ms",
+    "fwd+bwd ms",
+    "vs naive",
+    "vs careful",
+    "/ floor",
+    "peak MB",
+    "mem/naive",
+    "mem/careful",
+    "n",
+    "warm-up",
+]
+_NUMBER_COLUMNS = len(HEADERS) - 3
 
 
 def _table_rows(
@@ -121,11 +184,12 @@ def _table_rows(
                     notes.setdefault(key, "-")
                     continue
                 mark = notes.setdefault(key, f"[{len(notes) + 1}]")
-                rows.append([label, name, f"{entry['status']} {mark}"] + [""] * 6)
+                rows.append([label, name, f"{entry['status']} {mark}"] + [""] * _NUMBER_COLUMNS)
                 label = ""
                 continue
             med = entry["median_ms"]
-            ratios = entry.get("vs_naive") or {}
+            naive = entry.get("vs_naive") or {}
+            careful = entry.get("vs_careful") or {}
             flag = "" if entry.get("loss_ok", True) else " !loss"
             mem = _peak(entry)
             rows.append(
@@ -135,10 +199,14 @@ def _table_rows(
                     _fmt_ms(med["fwd"]),
                     _fmt_ms(med["bwd"]),
                     _fmt_ms(med["fwd_bwd"]),
-                    _fmt_ratio(ratios.get("speedup_fwd_bwd")),
+                    _fmt_ratio(naive.get("speedup_fwd_bwd")),
+                    _fmt_ratio(careful.get("speedup_fwd_bwd")),
+                    _fmt_ratio(entry.get("vs_floor")),
                     "-" if mem is None else f"{mem:.0f}",
-                    _fmt_ratio(ratios.get("memory_fraction"), ""),
+                    _fmt_ratio(naive.get("memory_fraction"), ""),
+                    _fmt_ratio(careful.get("memory_fraction"), ""),
                     str(len(entry["samples_ms"]["fwd_bwd"])),
+                    _fmt_warmup(entry),
                 ]
             )
             label = ""
@@ -155,21 +223,16 @@ def _case_label(case: dict) -> str:
     return label
 
 
-HEADERS = [
-    "case",
-    "implementation",
-    "fwd ms",
-    "bwd ms",
-    "fwd+bwd ms",
-    "speedup",
-    "peak MB",
-    "mem/naive",
-    "n",
-]
+LEGEND = (
+    "vs naive / vs careful = that peer's fwd+bwd median / this row's (speedup); / floor = "
+    "fwd+bwd / the floor row's; mem/naive, mem/careful = peak / that peer's peak; "
+    "n = timed samples; warm-up = untimed runs before them (* = stopped by the warm-up "
+    "time budget before the times were stable)."
+)
 
 
 def format_tables(results: List[Result], markdown: bool = False) -> str:
-    """One table per case group; speedup and mem/naive are fwd+bwd ratios to naive."""
+    """One table per case group; ratios are fwd+bwd medians and peaks (see ``LEGEND``)."""
     out: List[str] = []
     for title, group in _groups(results).items():
         # Markdown lists what did not run under the table instead of as rows.
@@ -209,95 +272,9 @@ def format_tables(results: List[Result], markdown: bool = False) -> str:
 # --------------------------------------------------------------------------- targets
 
 
-def _find(results: List[Result], tag: str) -> List[Result]:
-    return [r for r in results if tag in r["case"].get("tags", [])]
-
-
-def _entry(result: Result, name: str) -> Optional[dict]:
-    entry = result["impls"].get(name)
-    return entry if entry and entry["status"] == "ok" else None
-
-
 def target_lines(results: List[Result], device: str) -> List[str]:
-    """DESIGN §4 targets that this run's cases can check, with the measured figures."""
-    lines: List[str] = []
-    best = "gft:cpu" if device == "cpu" else "gft:triton"
-    for result in _find(results, "headline-cpu") if device == "cpu" else []:
-        cpu, torch_b = _entry(result, "gft:cpu"), _entry(result, "gft:torch")
-        if cpu is None:
-            lines.append(f"{result['case']['name']}: native CPU kernel not measured")
-            continue
-        speed = (cpu.get("vs_naive") or {}).get("speedup_fwd_bwd")
-        if speed is not None:
-            lines.append(
-                _verdict(f"{result['case']['name']}: gft:cpu vs naive, fwd+bwd", speed, 8.0, "x")
-            )
-        if torch_b is not None:
-            ratio = torch_b["median_ms"]["fwd_bwd"] / cpu["median_ms"]["fwd_bwd"]
-            lines.append(
-                _verdict(
-                    f"{result['case']['name']}: gft:cpu vs gft:torch, fwd+bwd", ratio, 2.5, "x"
-                )
-            )
-    for result in _find(results, "headline-memory"):
-        for name, entry in result["impls"].items():
-            if entry["status"] != "ok" or not name.startswith("gft:"):
-                continue
-            frac = (entry.get("vs_naive") or {}).get("memory_fraction")
-            if frac is not None:
-                lines.append(
-                    _verdict(
-                        f"{result['case']['name']}: {name} peak memory / naive",
-                        frac,
-                        1 / 8,
-                        "",
-                        lower_is_better=True,
-                    )
-                )
-    if device == "cpu":
-        for result in results:
-            if result["case"]["op"] != "fused_linear_gft_loss":
-                continue
-            entry = _entry(result, best)
-            speed = ((entry or {}).get("vs_naive") or {}).get("speedup_fwd_bwd")
-            if speed is not None and result["case"].get("baseline") is None:
-                lines.append(
-                    _verdict(
-                        f"{result['case']['name']}: {best} time vs naive (no worse)",
-                        speed,
-                        1.0,
-                        "x",
-                    )
-                )
-    by_name = {r["case"]["name"]: r for r in results}
-    for result in _find(results, "zero-adv"):
-        base = by_name.get(result["case"].get("baseline") or "")
-        if base is None:
-            continue
-        for name, entry in result["impls"].items():
-            ref = _entry(base, name)
-            if entry["status"] != "ok" or ref is None or not name.startswith("gft:"):
-                continue
-            ratio = ref["median_ms"]["fwd_bwd"] / entry["median_ms"]["fwd_bwd"]
-            label = f"{result['case']['name']}: {name} 50% vs 0% zero advantages"
-            if result["case"]["op"] == "fused_linear_gft_loss":
-                lines.append(_verdict(label, ratio, 1.8, "x"))
-            else:
-                # Logits level: the N x V gradient must be written in full (zeros for the
-                # dropped rows), so half the rows save at most ~1/3 of the traffic. The
-                # 1.8x target is the fused op's, where dropped tokens skip the matmuls.
-                lines.append(f"INFO  {label}: {ratio:.3g}x (the N x V gradient is written in full)")
-    return lines
-
-
-def _verdict(
-    label: str, value: float, target: float, unit: str, lower_is_better: bool = False
-) -> str:
-    ok = value <= target if lower_is_better else value >= target
-    sign = "<=" if lower_is_better else ">="
-    return (
-        f"{'PASS' if ok else 'MISS'}  {label}: {value:.3g}{unit} (target {sign} {target:.3g}{unit})"
-    )
+    """Verdicts of the targets (:data:`benchmarks.targets.TARGETS`) this run covers."""
+    return [verdict.line() for verdict in target_table.evaluate(results, device)]
 
 
 # --------------------------------------------------------------------------- JSON
@@ -319,14 +296,13 @@ def write_markdown(path: Path, meta: dict, results: List[Result], targets: List[
         f"{meta['triton']}; {meta['date']}; `{meta['command']}` ({meta.get('wall_s', 0):.0f} s)",
         "",
         format_tables(results, markdown=True),
-        "speedup = naive fwd+bwd median / fwd+bwd median; mem/naive = peak / naive peak; "
-        "n = timed samples.",
+        LEGEND,
         "",
         loss_check_line(results),
         "",
     ]
     if targets:
-        lines += ["DESIGN §4 targets covered by this run:", ""]
+        lines += ["Targets covered by this run (benchmarks/targets.py):", ""]
         lines += [f"- {line}" for line in targets] + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

@@ -1,13 +1,16 @@
 """Command line of the benchmark suite: ``python -m benchmarks [--quick] [--filter S] ...``.
 
-For every case it times all implementations side by side (round-robin), measures their peak
-memory, prints one table per case group with the ratios to the naive reference, checks the
-DESIGN §4 targets the run covers, and writes ``results.json`` and PNG plots to ``--out``.
+For every case it warms all implementations up until their times are stable, times them
+side by side (round-robin), measures their peak memory, prints one table per case group with
+the ratios to the naive and careful PyTorch peers and to the case's floor, checks the
+targets of :mod:`benchmarks.targets` that the run covers, and writes ``results.json``,
+``results.md`` and PNG plots to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -39,8 +42,11 @@ from benchmarks.measure import (
     ImplTiming,
     probe_memory_cuda,
     probe_memory_subprocess,
+    settle_allocator,
     time_case,
 )
+from benchmarks.run_policy import RunPolicy
+from benchmarks.targets import format_targets
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 # The code whose speed is measured: uncommitted changes there make the commit id "+dirty".
@@ -51,8 +57,21 @@ MEASURED_PATHS = ("gft_kernels", "csrc")
 PROBE_WARMUP_BELOW_MS = 2000.0
 # CPU memory probes run two at a time when one N x V fp32 buffer is at most this big.
 PARALLEL_PROBES, PARALLEL_PROBES_MAX_LOGITS_BYTES = 2, 3 << 29
-# CUDA runs take milliseconds: more samples cost nothing there.
-CUDA_MIN_WARMUP, CUDA_MIN_REPEATS = 3, 20
+# Warm-up and sampling (benchmarks.run_policy). CPU: a warm-up budget of a few seconds per
+# implementation and case, at least ~0.5 s of timed samples. CUDA runs take milliseconds:
+# more runs cost nothing there, and the tolerance can be tighter.
+CPU_POLICY = RunPolicy(warmup_budget_s=3.0, rel_tol=0.10, min_timed_s=0.5, max_repeats=30)
+QUICK_POLICY = RunPolicy(warmup_budget_s=0.5, rel_tol=0.10, min_timed_s=0.2, max_repeats=8)
+CUDA_POLICY = RunPolicy(
+    min_warmup=3,
+    warmup_budget_s=2.0,
+    window=5,
+    rel_tol=0.05,
+    max_warmup=200,
+    repeats=20,
+    min_timed_s=0.2,
+    max_repeats=200,
+)
 
 
 def usable_cores() -> int:
@@ -167,10 +186,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads (default: all usable cores)"
     )
-    parser.add_argument("--repeats", type=int, default=0, help="override timed runs per case")
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="exactly this many timed runs per case"
+    )
+    parser.add_argument(
+        "--warmup-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds of adaptive warm-up per implementation and case (default: 3 on CPU, "
+        "0.5 with --quick, 2 on CUDA)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--list", action="store_true", help="list the case names and exit")
+    parser.add_argument(
+        "--targets", action="store_true", help="print the performance targets table and exit"
+    )
     parser.add_argument(
         "--replot",
         action="store_true",
@@ -187,13 +219,24 @@ def select_cases(args: argparse.Namespace, device: str) -> List[Case]:
     return cases
 
 
-def _run_policy(case: Case, device: torch.device, args: argparse.Namespace) -> Tuple[int, int]:
-    warmup, repeats = case.warmup, case.repeats
-    if args.repeats > 0:
-        repeats = args.repeats
+def run_policy(case: Case, device: torch.device, args: argparse.Namespace) -> RunPolicy:
+    """Warm-up and sampling of ``case``: the device's policy with the case's counts."""
     if device.type == "cuda":
-        warmup, repeats = max(warmup, CUDA_MIN_WARMUP), max(repeats, CUDA_MIN_REPEATS)
-    return warmup, repeats
+        # Every case runs in milliseconds on a GPU: always an adaptive warm-up.
+        base = CUDA_POLICY
+        changes = {"repeats": max(case.repeats, base.repeats)}
+    else:
+        base = QUICK_POLICY if args.quick else CPU_POLICY
+        changes = {
+            "min_warmup": case.warmup,
+            "adaptive": case.warmup > 0,
+            "repeats": case.repeats,
+        }
+    if args.repeats > 0:  # an exact count
+        changes.update(repeats=args.repeats, max_repeats=args.repeats, min_timed_s=0.0)
+    if args.warmup_budget is not None:
+        changes["warmup_budget_s"] = args.warmup_budget
+    return dataclasses.replace(base, **changes)
 
 
 def _entry(impl: Impl, status: str, reason: Optional[str] = None) -> dict:
@@ -201,9 +244,11 @@ def _entry(impl: Impl, status: str, reason: Optional[str] = None) -> dict:
         "status": status,
         "reason": reason,
         "ours": impl.ours,
+        "floor": impl.floor,
         "description": impl.description,
         "samples_ms": {phase: [] for phase in report.PHASES},
         "warmup_ms": [],
+        "warmup_stable": None,
         "median_ms": {phase: None for phase in report.PHASES},
         "loss": None,
         "memory": None,
@@ -216,32 +261,41 @@ def _cpu_memory_probes(
     entries: Dict[str, dict],
     threads: int,
     progress,
+    batched: bool,
 ) -> None:
-    """One subprocess per implementation; two at a time when the case is small enough.
+    """Peak memory in subprocesses: one per implementation, two at a time when the case is
+    small enough; with ``batched`` (``--quick``) one process for all of the case's.
 
     A probe measures its own process's RSS, so running two side by side does not change the
     figures; it halves the start-up overhead (interpreter, torch import) of the full run.
     Cases whose naive run alone needs most of the RAM are probed one at a time.
     """
+    impls = [impl for impl, _ in ok]
+    if not impls:
+        return
 
-    def probe(impl: Impl) -> Tuple[str, dict]:
-        median_ms = entries[impl.name]["median_ms"]["fwd_bwd"] or 0.0
-        result = probe_memory_subprocess(
+    def probe(group: List[Impl]) -> Dict[str, dict]:
+        slowest_ms = max((entries[i.name]["median_ms"]["fwd_bwd"] or 0.0) for i in group)
+        return probe_memory_subprocess(
             case,
-            impl,
+            group,
             device="cpu",
             threads=threads,
-            warmup=1 if median_ms < PROBE_WARMUP_BELOW_MS else 0,
+            warmup=1 if slowest_ms < PROBE_WARMUP_BELOW_MS else 0,
         )
-        return impl.name, result
 
+    if batched:
+        progress.set_postfix_str("memory probe (all implementations)", refresh=True)
+        for name, result in probe(impls).items():
+            entries[name]["memory"] = result
+        return
     logits_bytes = case.n * case.vocab * 4  # fp32 N x V: the naive peak is a few of these
     workers = PARALLEL_PROBES if logits_bytes <= PARALLEL_PROBES_MAX_LOGITS_BYTES else 1
     progress.set_postfix_str(f"memory probes ({workers} at a time)", refresh=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for name, result in pool.map(probe, [impl for impl, _ in ok]):
-            entries[name]["memory"] = result
-            progress.update(1)
+        for results in pool.map(probe, [[impl] for impl in impls]):
+            for name, result in results.items():
+                entries[name]["memory"] = result
 
 
 def run_case(
@@ -267,49 +321,37 @@ def run_case(
                 reason = f"{type(err).__name__}: {err}"
         entries[impl.name] = _entry(impl, "skipped", reason)
 
-    warmup, repeats = _run_policy(case, device, args)
+    policy = run_policy(case, device, args)
     setup = CaseSetup(case, device, keep_pristine=any(i.mutates_inputs for i, _ in active))
 
     def on_run(name: str, phase: str) -> None:
         progress.set_postfix_str(f"{name} {phase}", refresh=True)
-        progress.update(1)
 
-    timings: Dict[str, ImplTiming] = time_case(
-        setup, active, warmup=warmup, repeats=repeats, on_run=on_run
-    )
+    timings: Dict[str, ImplTiming] = time_case(setup, active, policy, on_run=on_run)
     for impl, _ in active:
         timing, entry = timings[impl.name], entries[impl.name]
         entry["samples_ms"] = {"fwd": timing.fwd, "bwd": timing.bwd, "fwd_bwd": timing.fwd_bwd}
         entry["median_ms"] = {p: report.median(entry["samples_ms"][p]) for p in report.PHASES}
         entry["warmup_ms"] = timing.warmup
+        entry["warmup_stable"] = timing.warmup_stable
         entry["loss"] = timing.loss
         if timing.error is not None:
             entry["status"], entry["reason"] = "error", timing.error
 
-    ok = [(impl, fn) for impl, fn in active if entries[impl.name]["status"] == "ok"]
+    # Floors are bounds on time; their buffers say nothing about a loss's memory.
+    ok = [
+        (impl, fn) for impl, fn in active if entries[impl.name]["status"] == "ok" and not impl.floor
+    ]
     if not args.no_memory:
         if device.type == "cuda":
             for impl, fn in ok:
                 progress.set_postfix_str(f"{impl.name} memory", refresh=True)
                 entries[impl.name]["memory"] = probe_memory_cuda(fn, setup, impl.mutates_inputs)
-                progress.update(1)
         del setup
         gc.collect()  # the CPU probes below need the RAM this process held for the inputs
         if device.type == "cpu":
-            _cpu_memory_probes(case, ok, entries, threads, progress)
+            _cpu_memory_probes(case, ok, entries, threads, progress, batched=args.quick)
     return {"case": case.to_json(), "impls": entries}
-
-
-def _steps(case: Case, device: torch.device, args: argparse.Namespace) -> int:
-    """Progress-bar steps of a case: every run plus one memory probe per implementation."""
-    warmup, repeats = _run_policy(case, device, args)
-    steps = 0
-    for impl in impls_for(case.op):
-        if args.impls and impl.name not in args.impls.split(","):
-            continue
-        if skip_reason(impl, case, device, args.quick) is None:
-            steps += max(warmup, impl.min_warmup) + repeats + (0 if args.no_memory else 1)
-    return steps
 
 
 def write_outputs(meta: dict, results: List[dict], out: Path, plots: bool = True) -> None:
@@ -317,15 +359,15 @@ def write_outputs(meta: dict, results: List[dict], out: Path, plots: bool = True
     report.add_ratios(results)
     print()
     print(report.format_tables(results))
+    print(report.LEGEND)
     print(
-        "speedup = naive fwd+bwd median / fwd+bwd median; mem/naive = peak / naive peak; "
-        "n = timed samples; peak = fwd+bwd peak over the inputs "
-        f"({'CUDA allocator' if meta['device'] == 'cuda' else 'RSS, one subprocess each'})."
+        "peak = fwd+bwd peak over the inputs "
+        f"({'CUDA allocator' if meta['device'] == 'cuda' else 'RSS, in a fresh subprocess'})."
     )
     print(report.loss_check_line(results))
     targets = report.target_lines(results, meta["device"])
     if targets:
-        print("\nDESIGN §4 targets covered by this run:")
+        print("\nTargets covered by this run (python -m benchmarks --targets lists them all):")
         for line in targets:
             print("  " + line)
     out.mkdir(parents=True, exist_ok=True)
@@ -355,6 +397,9 @@ def replot(out: Path) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.targets:
+        print(format_targets())
+        return 0
     if args.replot:
         return replot(args.out)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -372,11 +417,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(device_name)
     threads = args.threads or usable_cores()
     torch.set_num_threads(threads)
+    allocator = settle_allocator()
 
     from tqdm import tqdm
 
     start = time.perf_counter()
     meta = collect_meta(device, threads, argv)  # builds the native CPU kernel if needed
+    meta["allocator"] = allocator
     where = meta["device_name"] if device.type == "cuda" else meta["cpu_model"]
     print(
         f"device: {device.type} ({where}); {meta['usable_cores']} usable cores; "
@@ -390,13 +437,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.flush()
 
     results: List[dict] = []
-    total = sum(_steps(case, device, args) for case in cases)
-    with tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True) as progress:
+    # One step per case: how many runs a case takes is known only once its times are stable.
+    with tqdm(total=len(cases), file=sys.stderr, unit="case", dynamic_ncols=True) as progress:
         for case in cases:
             progress.set_description(case.name)
             case_start = time.perf_counter()
             results.append(run_case(case, device, args, threads, progress))
             results[-1]["wall_s"] = time.perf_counter() - case_start
+            progress.update(1)
 
     meta["wall_s"] = time.perf_counter() - start
     meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

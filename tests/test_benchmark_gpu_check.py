@@ -1,0 +1,175 @@
+"""``make gpu-check``'s script, the parts that run without a GPU: the plan and the record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_check
+
+CUDA_TORCH = {"version": "2.13.0+cu128", "cuda": "12.8", "available": True, "device": "H100"}
+CPU_TORCH = {"version": "2.13.0+cpu", "cuda": None, "available": False, "device": None}
+
+
+def _titles(steps):
+    return [s.title for s in steps]
+
+
+def test_new_environment_inherits_a_cuda_torch_of_the_base(tmp_path):
+    steps = gpu_check.environment_steps(
+        "python3", tmp_path / "venv", CUDA_TORCH, None, "test,bench", None
+    )
+    assert steps[0].argv == [
+        "python3",
+        "-m",
+        "venv",
+        "--system-site-packages",
+        str(tmp_path / "venv"),
+    ]
+    assert "install a CUDA build of torch" not in _titles(steps)
+    assert all("torch==" not in " ".join(s.argv) for s in steps)
+
+
+def test_cpu_only_base_gets_torch_installed_never_the_pin(tmp_path):
+    steps = gpu_check.environment_steps(
+        "python3", tmp_path / "venv", CPU_TORCH, None, "test,bench", None
+    )
+    assert "--system-site-packages" not in steps[0].argv
+    install = steps[_titles(steps).index("install a CUDA build of torch")]
+    assert install.argv[-1] == "torch"  # unpinned: the platform's default build
+    # With an index for CUDA wheels, a CPU build already there is replaced from it.
+    steps = gpu_check.environment_steps(
+        "python3", tmp_path / "venv", CPU_TORCH, None, "test", "https://example.invalid/cu128"
+    )
+    install = steps[_titles(steps).index("install a CUDA build of torch")]
+    assert install.argv[-4:] == [
+        "--index-url",
+        "https://example.invalid/cu128",
+        "--upgrade",
+        "--force-reinstall",
+    ]
+
+
+def test_existing_environment_with_cuda_torch_is_reused(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    steps = gpu_check.environment_steps("python3", venv, CPU_TORCH, CUDA_TORCH, "test", None)
+    assert _titles(steps) == ["install the project", "build the native CPU kernel"]
+    assert steps[0].argv[-1] == ".[test]"
+
+
+def test_checks_run_without_the_triton_interpreter(tmp_path):
+    tests, bench = gpu_check.check_steps(tmp_path / "venv", tmp_path / "out", ["--no-plots"])
+    assert tests.env == {"TRITON_INTERPRET": None}
+    assert tests.shell().startswith("env -u TRITON_INTERPRET ")
+    assert tests.argv[1:4] == ["-m", "pytest", "tests"]
+    assert bench.argv[1:5] == ["-m", "benchmarks", "--device", "cuda"]
+    assert bench.argv[-1] == "--no-plots"
+    # Inside the repository the output folder is named relative to it (the runner records
+    # its command line in the tables).
+    inside = gpu_check.REPO_ROOT / "benchmarks" / "out" / "x"
+    _, bench = gpu_check.check_steps(tmp_path / "venv", inside, [])
+    assert bench.argv[-2:] == ["--out", "benchmarks/out/x"]
+
+
+def test_run_step_removes_the_interpreter_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    step = gpu_check.Step(
+        "env",
+        [sys.executable, "-c", "import os; print('TI=' + os.environ.get('TRITON_INTERPRET', '-'))"],
+        env={"TRITON_INTERPRET": None},
+        log="env.log",
+    )
+    assert gpu_check.run_step(step, tmp_path) == 0
+    assert "TI=-" in (tmp_path / "env.log").read_text()
+
+
+def test_gpu_info_parses_nvidia_smi(monkeypatch):
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/" + name)
+
+    def fake_run(argv, **kw):
+        out = "NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB\n" * 2
+        return subprocess.CompletedProcess(argv, 0, stdout=out, stderr="")
+
+    info = gpu_check.gpu_info(runner=fake_run)
+    assert info == {
+        "name": "NVIDIA H100 80GB HBM3",
+        "driver": "550.54.15",
+        "memory": "81559 MiB",
+        "count": "2",
+    }
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    assert gpu_check.gpu_info(runner=fake_run) is None
+
+
+def test_pytest_summary_line():
+    log = "tests/test_a.py ....\n==== 420 passed, 3 skipped, 2 warnings in 95.20s ====\n"
+    assert gpu_check.pytest_summary(log) == "420 passed, 3 skipped, 2 warnings in 95.20s"
+    assert gpu_check.pytest_summary("ImportError: boom").startswith("no pytest summary")
+
+
+def _fake_check_outputs(out: Path) -> None:
+    out.mkdir()
+    state = {
+        "date": "2026-11-26T10:00:00+00:00",
+        "gpu": {"name": "NVIDIA H100 80GB HBM3", "driver": "550.54.15", "memory": "81559 MiB"},
+        "torch": CUDA_TORCH,
+        "commit": "abc1234",
+        "steps": [
+            {
+                "title": "tests",
+                "command": "env -u TRITON_INTERPRET python -m pytest tests",
+                "rc": 1,
+            },
+            {"title": "bench", "command": "python -m benchmarks --device cuda", "rc": 0},
+        ],
+    }
+    (out / gpu_check.STATE_FILE).write_text(json.dumps(state))
+    (out / "pytest.log").write_text("=== 1 failed, 419 passed in 99.0s ===\n")
+    (out / "results.md").write_text("Machine: cuda (NVIDIA H100 80GB HBM3)\n\n### table\n| a |\n")
+
+
+def test_record_appends_a_dated_section(tmp_path):
+    out = tmp_path / "check"
+    _fake_check_outputs(out)
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Benchmark results\n\nearlier text\n")
+    section = gpu_check.record_from(out, results_md)
+    text = results_md.read_text()
+    assert text.startswith("# Benchmark results\n\nearlier text\n\n## GPU check: NVIDIA H100")
+    assert text.endswith(section.rstrip("\n") + "\n")
+    assert "## GPU check: NVIDIA H100 80GB HBM3, 2026-11-26" in section
+    assert "driver 550.54.15" in section and "torch 2.13.0+cu128 (CUDA 12.8)" in section
+    assert "`env -u TRITON_INTERPRET python -m pytest tests` (exit 1)" in section
+    assert "**Tests**: 1 failed, 419 passed in 99.0s" in section
+    assert "### table" in section
+
+
+def test_record_only_and_dry_run_from_the_command_line(tmp_path):
+    out = tmp_path / "check"
+    _fake_check_outputs(out)
+    results_md = tmp_path / "RESULTS.md"
+    root = Path(gpu_check.__file__).resolve().parent.parent
+    script = str(root / "benchmarks" / "gpu_check.py")
+    cmd = [sys.executable, script, "--record-only", str(out), "--results-md", str(results_md)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "## GPU check: NVIDIA H100" in results_md.read_text()
+
+    dry = [sys.executable, script, "--dry-run", "--venv", str(tmp_path / "v")]
+    proc = subprocess.run(dry + ["--results-md", str(results_md)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "env -u TRITON_INTERPRET" in proc.stdout and "--device cuda" in proc.stdout
+    assert not (tmp_path / "v").exists()  # a dry run creates nothing
+
+
+@pytest.mark.skipif(gpu_check.gpu_info() is not None, reason="this machine has a GPU")
+def test_refuses_to_run_without_a_gpu(tmp_path):
+    code = gpu_check.main(["--venv", str(tmp_path / "v"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert not (tmp_path / "v").exists() and not (tmp_path / "o").exists()
