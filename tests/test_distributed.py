@@ -1,6 +1,6 @@
 """Multi-process tests (gloo on CPU): vocab-parallel heads and data-parallel token counts."""
 
-import dist_workers as workers
+from tests import dist_workers as workers
 import pytest
 import torch
 import torch.multiprocessing as mp

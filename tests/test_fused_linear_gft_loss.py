@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKENDS, CPU, MODES, device_for, reference_fp64
+from tests.helpers import BACKENDS, CPU, MODES, device_for, reference_fp64
 
 from gft_kernels import FusedLinearGFTLoss, fused_linear_gft_loss
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKENDS, MODES, check_against_reference, device_for, make_case
+from tests.helpers import BACKENDS, MODES, check_against_reference, device_for, make_case
 
 from gft_kernels import gft_loss
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKENDS, check_against_reference, device_for, make_case, reference_fp64
+from tests.helpers import BACKENDS, check_against_reference, device_for, make_case, reference_fp64
 
 from gft_kernels import GFTLoss, gft_loss
 

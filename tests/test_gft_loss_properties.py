@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKENDS, MODES, check_against_reference, device_for
+from tests.helpers import BACKENDS, MODES, check_against_reference, device_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -29,14 +29,14 @@ import copy
 import inspect
 import socket
 
-import fsdp_workers as workers
+from tests import fsdp_workers as workers
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
 
-from test_integration_trainer import (  # noqa: E402
+from tests.test_integration_trainer import (  # noqa: E402
     VOCAB,
     gft_args,
     groups_dataset,

@@ -20,7 +20,7 @@ import textwrap
 
 import pytest
 import torch
-import verl_cpu
+from tests import verl_cpu
 from hydra.errors import InstantiationException
 from tensordict import TensorDict
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss
@@ -286,8 +286,9 @@ def test_bad_input():
 
 
 def run_python(code):
-    """Runs ``code`` in a fresh interpreter (tests/ importable) and returns its last line."""
-    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent))
+    """Runs ``code`` in a fresh interpreter (the ``tests`` package importable) and returns
+    its last line."""
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent.parent))
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -332,7 +333,7 @@ def test_fused_engine_selection_registers_for_the_device():
     assert (
         run_python(
             """
-        import verl_cpu  # the CPU platform verl resolves its device from
+        from tests import verl_cpu  # the CPU platform verl resolves its device from
         from verl.workers.config import HFModelConfig
         from verl.workers.engine import EngineRegistry
         import tempfile

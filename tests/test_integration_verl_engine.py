@@ -21,8 +21,8 @@ import math
 import pytest
 import torch
 import torch.multiprocessing as mp
-import verl_cpu
-import verl_workers
+from tests import verl_cpu
+from tests import verl_workers
 from transformers import AutoModelForCausalLM
 from verl.trainer.ppo.core_algos import agg_loss
 

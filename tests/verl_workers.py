@@ -44,7 +44,7 @@ def _rss_bytes() -> int:
 
 
 def actor_update(rank: int, world: int, port: int, run: Dict[str, Any], out_dir: str) -> None:
-    import verl_cpu
+    from tests import verl_cpu
 
     verl_cpu.init_process_group(rank, world, port)
     import torch.distributed as dist
