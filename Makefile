@@ -14,7 +14,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,bench,hf]"
+	$(PY) -m pip install -q -e ".[test,bench,hf,trl]"
 	touch $(STAMP)
 
 build: $(STAMP)

@@ -11,7 +11,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import gft_kernels.integration.trainer as trainer_module  # noqa: E402
+import gft_kernels.integration.loss as loss_module  # noqa: E402
 from gft_kernels import group_advantages  # noqa: E402
 from gft_kernels.integration import (  # noqa: E402
     GFTConfig,
@@ -119,8 +119,13 @@ def gft_args(tmp_path, **overrides) -> GFTConfig:
 
 
 def reference_loss(model, batch, args: GFTConfig) -> torch.Tensor:
-    """The naive loss on the model's full logits (prompt and padding included)."""
+    """The naive loss on the model's full logits (prompt and padding included). Normalised
+    per step, ``seq-mean-token-sum-norm`` is also divided by the step's responses."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    per_step_norm = args.loss_agg_mode == "seq-mean-token-sum-norm" and (
+        args.loss_normalization == "step"
+    )
+    divisor = batch["input_ids"].shape[0] if per_step_norm else 1
     return gft_loss_reference(
         logits[:, :-1],
         batch["input_ids"][:, 1:],
@@ -132,22 +137,23 @@ def reference_loss(model, batch, args: GFTConfig) -> torch.Tensor:
         ignore_index=-100,
         num_tokens=None,
         max_response_length=args.max_response_length,
-    )
+    ) / divisor
 
 
 CASES = [
-    # (tied embeddings, head bias, mode, max_response_length, temperature, tau)
-    (True, False, "token-mean", None, 1.0, 0.1),
-    (False, True, "seq-mean-token-mean", 3, 1.0, 0.1),  # responses truncated to 3
-    (True, False, "seq-mean-token-sum", None, 0.7, 0.5),
-    (False, True, "seq-mean-token-sum-norm", 6, 1.0, 0.1),  # Tlen 6 > longest response
-    (True, True, "sum", None, 1.0, 0.0),
+    # (tied embeddings, head bias, mode, max_response_length, temperature, tau, normalisation)
+    (True, False, "token-mean", None, 1.0, 0.1, "step"),
+    (False, True, "seq-mean-token-mean", 3, 1.0, 0.1, "step"),  # responses truncated to 3
+    (True, False, "seq-mean-token-sum", None, 0.7, 0.5, "micro_batch"),
+    (False, True, "seq-mean-token-sum-norm", 6, 1.0, 0.1, "step"),  # Tlen 6 > longest
+    (True, True, "seq-mean-token-sum-norm", 6, 1.0, 0.1, "micro_batch"),
+    (True, True, "sum", None, 1.0, 0.0, "step"),
 ]
 
 
-@pytest.mark.parametrize("tie, bias, mode, max_len, temperature, tau", CASES)
+@pytest.mark.parametrize("tie, bias, mode, max_len, temperature, tau, norm", CASES)
 def test_three_steps_match_reference_loop(tmp_path, monkeypatch, tie, bias, mode, max_len,
-                                          temperature, tau):
+                                          temperature, tau, norm):
     lr = 0.1
     model = tiny_model(tie=tie, bias=bias)
     ref_model = copy.deepcopy(model)
@@ -155,19 +161,19 @@ def test_three_steps_match_reference_loop(tmp_path, monkeypatch, tie, bias, mode
         tie and not bias
     )
     args = gft_args(tmp_path, loss_agg_mode=mode, max_response_length=max_len,
-                    temperature=temperature, tau=tau)
+                    temperature=temperature, tau=tau, loss_normalization=norm)
     collator = RecordingCollator(pad_token_id=PAD, max_response_length=max_len)
 
     # Only response positions may reach the head: count the rows the fused op receives.
     head_rows = []
-    real = trainer_module.fused_linear_gft_loss
+    real = loss_module.fused_linear_gft_loss
 
     def spy(hidden, weight, targets, advantages, mask=None, **kw):
         valid = torch.ones(targets.shape, dtype=torch.bool) if mask is None else mask.bool()
         head_rows.append(int(valid.sum()))
         return real(hidden, weight, targets, advantages, mask, **kw)
 
-    monkeypatch.setattr(trainer_module, "fused_linear_gft_loss", spy)
+    monkeypatch.setattr(loss_module, "fused_linear_gft_loss", spy)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     trainer = GFTTrainer(model=model, args=args, data_collator=collator,
@@ -202,16 +208,18 @@ def test_logs_metrics_and_evaluates(tmp_path):
     trainer = GFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
     trainer.train()
     log = next(h for h in trainer.state.log_history if "loss" in h)
-    for key in ("rectified_fraction", "entropy", "response_tokens", "reward/mean",
-                "reward/expert", "advantage/expert", "num_responses/expert",
-                "num_responses/teacher"):
+    for key in ("rectified_fraction", "entropy", "response_tokens", "reward/mean", "reward/std",
+                "reward/expert/mean", "reward/expert/std", "advantage/expert/mean",
+                "num_responses/expert", "num_responses/teacher", "frac_reward_zero_std",
+                "tokens_per_second", "timing/train"):
         assert key in log, key
     assert 0.0 <= log["rectified_fraction"] <= 1.0
     assert log["entropy"] > 0
     assert log["num_responses/self"] <= 2  # the dataset's own 'self' responses only
+    assert log["tokens_per_second"] > 0 and log["timing/train"] > 0
     metrics = trainer.evaluate()
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
-    assert "eval_entropy" in metrics and "eval_reward/expert" in metrics
+    assert "eval_entropy" in metrics and "eval_reward/expert/mean" in metrics
 
 
 def test_self_sampling_adds_policy_samples_to_the_groups(tmp_path):
@@ -343,7 +351,10 @@ def test_config_from_command_line(tmp_path):
     assert args.generation_kwargs == {"max_new_tokens": 5, "do_sample": True}
     assert args.max_response_length == 16 and args.remove_unused_columns is False
     (defaults,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
-    assert defaults.generation_kwargs["do_sample"] is True and defaults.tau == 0.1
+    assert defaults.generation_kwargs == {} and defaults.tau == 0.1  # {}: the faithful defaults
+    assert defaults.loss_normalization == "step"
+    with pytest.raises(ValueError, match="loss_normalization"):
+        gft_args(tmp_path, loss_normalization="global")
     with pytest.raises(ValueError, match="generation_kwargs"):
         gft_args(tmp_path, generation_kwargs="{not json")
 
@@ -367,13 +378,13 @@ def test_fallback_hidden_states_match_the_body(tmp_path, monkeypatch):
 
 def test_mixed_precision_runs_the_head_in_bf16(tmp_path, monkeypatch):
     seen = []
-    real = trainer_module.fused_linear_gft_loss
+    real = loss_module.fused_linear_gft_loss
 
     def spy(hidden, weight, *a, **kw):
         seen.append((hidden.dtype, weight.dtype))
         return real(hidden, weight, *a, **kw)
 
-    monkeypatch.setattr(trainer_module, "fused_linear_gft_loss", spy)
+    monkeypatch.setattr(loss_module, "fused_linear_gft_loss", spy)
     losses = {}
     for bf16 in (False, True):
         trainer = GFTTrainer(model=tiny_model(), args=gft_args(tmp_path, bf16=bf16, max_steps=2),
