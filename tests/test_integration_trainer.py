@@ -266,8 +266,9 @@ def test_self_sampling_rewards_reach_the_rows(tmp_path):
     model = tiny_model()
     args = gft_args(tmp_path, num_self_samples=2,
                     generation_kwargs={"max_new_tokens": 3, "do_sample": False})
-    trainer = GFTTrainer(model=model, args=args, train_dataset=groups_dataset(2),
-                         reward_fn=lambda p, r: 10.0 + len(r))
+    with pytest.warns(RuntimeWarning, match="identical"):  # greedy: not policy samples
+        trainer = GFTTrainer(model=model, args=args, train_dataset=groups_dataset(2),
+                             reward_fn=lambda p, r: 10.0 + len(r))
     groups = trainer.gft_collator.normalize(groups_dataset(2))
     merged = trainer.add_self_samples(model, groups)
     for before, after in zip(groups, merged):
@@ -396,3 +397,42 @@ def test_mixed_precision_runs_the_head_in_bf16(tmp_path, monkeypatch):
     assert seen[-1] == (torch.bfloat16, torch.bfloat16)  # as autocast would run lm_head
     for a, b in zip(losses[False], losses[True]):
         assert b == pytest.approx(a, rel=5e-2, abs=1e-2)
+
+
+# -- step-level normalisation ------------------------------------------------------------
+
+
+def one_step_update(tmp_path, per_device: int, accumulation: int, **overrides):
+    """The weight update of one SGD step over the same 4 prompt groups."""
+    model = tiny_model(tie=False, bias=True)
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = gft_args(tmp_path, max_steps=1, per_device_train_batch_size=per_device,
+                    gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.1,
+                    lr_scheduler_type="constant", **overrides)
+    trainer = GFTTrainer(model=model, args=args, train_dataset=groups_dataset(4, seed=6))
+    trainer.train()
+    logged = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+    return {k: v.detach() - init[k] for k, v in model.named_parameters()}, logged
+
+
+def max_relative_difference(a, b):
+    """max |a - b| / max |b| over all parameters (b: the reference update)."""
+    diff = max((a[k] - b[k]).abs().max().item() for k in b)
+    return diff / max(v.abs().max().item() for v in b.values())
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_update_is_invariant_to_gradient_accumulation(tmp_path, mode):
+    # Batch size 4 x GA 1, 2 x 2 and 1 x 4: the same 4 groups in one optimizer step.
+    reference, logged = one_step_update(tmp_path, 4, 1, loss_agg_mode=mode)
+    assert max(v.abs().max().item() for v in reference.values()) > 1e-3  # a real update
+    for per_device, accumulation in ((2, 2), (1, 4)):
+        update, logged_split = one_step_update(tmp_path, per_device, accumulation,
+                                               loss_agg_mode=mode)
+        assert max_relative_difference(update, reference) < 1e-4, (per_device, accumulation)
+        assert logged_split == pytest.approx(logged, rel=1e-5)  # the step's loss is logged
+    # The per-micro-batch mean of the published code differs (so the check above can fail):
+    # its micro-batches hold unequal numbers of tokens and responses.
+    update, _ = one_step_update(tmp_path, 1, 4, loss_agg_mode=mode,
+                                loss_normalization="micro_batch")
+    assert max_relative_difference(update, reference) > 1e-3

@@ -227,7 +227,7 @@ def evaluate(
 class PrintMetrics(TrainerCallback):
     """Prints a compact line per log."""
 
-    KEYS = ("loss", "rectified_fraction", "entropy", "reward/self", "advantage/teacher",
+    KEYS = ("loss", "rectified_fraction", "entropy", "reward/self/mean", "advantage/teacher/mean",
             "num_responses/self")
 
     def __init__(self, name: str) -> None:
