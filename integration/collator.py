@@ -223,7 +223,11 @@ class GFTDataCollator:
         """The ids of a chat prompt: the tokenizer's chat template with the generation
         prompt (the assistant turn's opening) appended."""
         for i, message in enumerate(messages):
-            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            if (
+                not isinstance(message, Mapping)
+                or "role" not in message
+                or "content" not in message
+            ):
                 raise TypeError(
                     f'{where}["prompt"][{i}]: expected a chat message {{"role": ..., "content": '
                     f"...}}, got {message!r}"
@@ -247,8 +251,10 @@ class GFTDataCollator:
         left-truncated to ``max_prompt_length``."""
         raw = example.get("prompt")
         text, messages = None, None
-        if example.get("prompt_ids") is None and isinstance(raw, Sequence) and not isinstance(
-            raw, (str, bytes)
+        if (
+            example.get("prompt_ids") is None
+            and isinstance(raw, Sequence)
+            and not isinstance(raw, (str, bytes))
         ):
             messages = tuple(raw)
             ids = self._chat_prompt(where, messages)
@@ -384,7 +390,7 @@ def _refuse_other_formats(where: str, example: Mapping) -> None:
     if keys & {"completion", "chosen", "rejected", "messages"}:
         found = ", ".join(sorted(keys & {"completion", "chosen", "rejected", "messages"}))
         raise ValueError(
-            f'{where}: a TRL-style row ({found}); GFT expects one prompt with its group of '
+            f"{where}: a TRL-style row ({found}); GFT expects one prompt with its group of "
             'scored responses: {"prompt": ..., "responses": [{"text" or "ids": ..., '
             '"reward": float, "source": "expert" | "teacher" | "self"}, ...]}. To add '
             "dataset completions to TRL's GRPO groups, use "

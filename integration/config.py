@@ -126,9 +126,7 @@ class GFTConfig(TrainingArguments):
     num_completions_to_print: int = field(
         default=4, metadata={"help": "Self samples printed by log_completions."}
     )
-    gft_backend: str = field(
-        default="auto", metadata={"help": "Backend of fused_linear_gft_loss."}
-    )
+    gft_backend: str = field(default="auto", metadata={"help": "Backend of fused_linear_gft_loss."})
     gft_chunk_size: Optional[int] = field(
         default=None, metadata={"help": "Token chunk of the fused head (None: default)."}
     )
@@ -191,14 +189,14 @@ class GFTConfig(TrainingArguments):
                 try:
                     setattr(self, name, json.loads(value))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{name}: expected a dict or a JSON object, got {value!r}") \
-                        from err
+                    raise ValueError(
+                        f"{name}: expected a dict or a JSON object, got {value!r}"
+                    ) from err
         if self.generation_kwargs is None:
             self.generation_kwargs = {}
         if not isinstance(self.generation_kwargs, dict):
             raise TypeError(
-                "generation_kwargs: expected a dict, got "
-                f"{type(self.generation_kwargs).__name__}"
+                f"generation_kwargs: expected a dict, got {type(self.generation_kwargs).__name__}"
             )
         if self.reward_weights is not None:
             if isinstance(self.reward_weights, (str, bytes)) or not isinstance(
@@ -213,8 +211,7 @@ class GFTConfig(TrainingArguments):
             ]
         if self.gft_backend not in GFT_BACKENDS:
             raise ValueError(
-                f"gft_backend: expected one of {', '.join(GFT_BACKENDS)}, got "
-                f"{self.gft_backend!r}"
+                f"gft_backend: expected one of {', '.join(GFT_BACKENDS)}, got {self.gft_backend!r}"
             )
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise TypeError(

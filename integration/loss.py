@@ -167,7 +167,7 @@ def fused_head_loss(
     *,
     tau: float,
     temperature: float,
-    transform: LogitTransform = LogitTransform(),
+    transform: Optional[LogitTransform] = None,
     return_stats: bool = False,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
@@ -219,6 +219,6 @@ def fused_head_loss(
             return_stats=return_stats,
             backend=backend,
             chunk_size=chunk_size,
-            **transform.loss_kwargs(),
+            **(transform.loss_kwargs() if transform is not None else {}),
         )
     return result if return_stats else (result, None)

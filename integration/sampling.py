@@ -222,7 +222,9 @@ class RewardScorer:
             raise ValueError("reward_funcs: expected at least one reward function, got none")
         for i, func in enumerate(funcs):
             if not callable(func):
-                raise TypeError(f"reward_funcs[{i}]: expected a callable, got {type(func).__name__}")
+                raise TypeError(
+                    f"reward_funcs[{i}]: expected a callable, got {type(func).__name__}"
+                )
         if weights is None:
             weights = [1.0] * len(funcs)
         if len(weights) != len(funcs):

@@ -38,13 +38,29 @@ def chat_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<eos>", "<bos>", "<unk>", "user", "assistant", ":", ";"]
-    words += [str(d) for d in range(10)] + ["+", "=", "a", "b", "c", "d", "e", "yes", "no",
-                                            "hello", "world"]
+    words += [str(d) for d in range(10)] + [
+        "+",
+        "=",
+        "a",
+        "b",
+        "c",
+        "d",
+        "e",
+        "yes",
+        "no",
+        "hello",
+        "world",
+    ]
     assert len(words) == VOCAB
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                  bos_token="<bos>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+    )
     tok.chat_template = (
         "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
         "{% if add_generation_prompt %}assistant : {% endif %}"
@@ -87,8 +103,9 @@ def test_generation_keywords_are_faithful_and_merge_the_users():
 def test_self_samples_differ_with_a_max_new_tokens_override(tmp_path):
     model = trap_generation_config(tiny_model())
     args = gft_args(tmp_path, num_self_samples=4, generation_kwargs={"max_new_tokens": 3})
-    trainer = GFTTrainer(model=model, args=args, train_dataset=groups_dataset(3),
-                         reward_fn=lambda p, r: 0.0)
+    trainer = GFTTrainer(
+        model=model, args=args, train_dataset=groups_dataset(3), reward_fn=lambda p, r: 0.0
+    )
     groups = trainer.gft_collator.normalize(groups_dataset(3))
     for per_prompt in trainer.sample_responses(model, groups):
         assert len(per_prompt) == 4
@@ -101,10 +118,15 @@ def test_self_samples_follow_softmax_at_the_temperature(tmp_path):
     # One-token samples of one prompt: their frequencies are softmax(z / T) of the policy.
     model = trap_generation_config(tiny_model())
     temperature, n = 0.7, 6000
-    args = gft_args(tmp_path, num_self_samples=n, temperature=temperature,
-                    generation_kwargs={"max_new_tokens": 1})
-    data = [{"prompt_ids": [5, 9, 4], "responses": [{"ids": [3], "reward": 0.0,
-                                                      "source": "expert"}]}]
+    args = gft_args(
+        tmp_path,
+        num_self_samples=n,
+        temperature=temperature,
+        generation_kwargs={"max_new_tokens": 1},
+    )
+    data = [
+        {"prompt_ids": [5, 9, 4], "responses": [{"ids": [3], "reward": 0.0, "source": "expert"}]}
+    ]
     trainer = GFTTrainer(model=model, args=args, train_dataset=data, reward_fn=lambda p, r: 0.0)
     torch.manual_seed(0)
     (samples,) = trainer.sample_responses(model, trainer.gft_collator.normalize(data))
@@ -125,23 +147,37 @@ def test_rewards_score_exactly_the_trained_tokens(tmp_path):
         seen.append(tuple(response))
         return float(len(response))
 
-    args = gft_args(tmp_path, max_steps=1, num_self_samples=3, max_response_length=2,
-                    generation_kwargs={"max_new_tokens": 6})
+    args = gft_args(
+        tmp_path,
+        max_steps=1,
+        num_self_samples=3,
+        max_response_length=2,
+        generation_kwargs={"max_new_tokens": 6},
+    )
     collator = RecordingCollator(pad_token_id=PAD, max_response_length=2)
-    trainer = GFTTrainer(model=tiny_model(), args=args, data_collator=collator,
-                         train_dataset=groups_dataset(2), reward_fn=reward_fn)
+    trainer = GFTTrainer(
+        model=tiny_model(),
+        args=args,
+        data_collator=collator,
+        train_dataset=groups_dataset(2),
+        reward_fn=reward_fn,
+    )
     trainer.train()
     assert len(seen) == 2 * 3 and all(1 <= len(r) <= 2 for r in seen)
     (batch,) = collator.batches
     # Each group's last 3 rows are its samples (the dataset has "self" responses too).
     rows = [r for g in (0, 1) for r in (batch["group_ids"] == g).nonzero().flatten().tolist()[-3:]]
-    trained = [tuple(batch["input_ids"][r][batch["response_mask"][r].bool()].tolist())
-               for r in rows]
+    trained = [
+        tuple(batch["input_ids"][r][batch["response_mask"][r].bool()].tolist()) for r in rows
+    ]
     assert sorted(trained) == sorted(seen)  # what was scored is what is trained
     assert [batch["rewards"][r].item() for r in rows] == [float(len(t)) for t in trained]
-    default = GFTTrainer(model=tiny_model(), args=gft_args(tmp_path, num_self_samples=2,
-                                                           max_response_length=7),
-                         train_dataset=groups_dataset(2), reward_fn=reward_fn)
+    default = GFTTrainer(
+        model=tiny_model(),
+        args=gft_args(tmp_path, num_self_samples=2, max_response_length=7),
+        train_dataset=groups_dataset(2),
+        reward_fn=reward_fn,
+    )
     assert default.generation_kwargs["max_new_tokens"] == 7
 
 
@@ -149,11 +185,21 @@ def test_mask_truncated_completions(tmp_path):
     model = tiny_model(tie=False, bias=True)
     with torch.no_grad():
         model.lm_head.bias[EOS] += 3.0  # an eos about half of the time
-    args = gft_args(tmp_path, max_steps=2, num_self_samples=4, max_response_length=2,
-                    mask_truncated_completions=True)
+    args = gft_args(
+        tmp_path,
+        max_steps=2,
+        num_self_samples=4,
+        max_response_length=2,
+        mask_truncated_completions=True,
+    )
     collator = RecordingCollator(pad_token_id=PAD, max_response_length=2)
-    trainer = GFTTrainer(model=model, args=args, data_collator=collator,
-                         train_dataset=given_groups(4), reward_fn=lambda p, r: float(len(r)))
+    trainer = GFTTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=given_groups(4),
+        reward_fn=lambda p, r: float(len(r)),
+    )
     torch.manual_seed(1)
     trainer.train()
     kinds = set()
@@ -183,11 +229,22 @@ def test_trl_style_reward_functions_get_columns_and_weights(tmp_path):
     data = given_groups(2, seed=4)
     for i, example in enumerate(data):
         example["solution"] = f"answer {i}"
-    args = gft_args(tmp_path, max_steps=1, num_self_samples=2, reward_weights=[1.0, 0.5],
-                    generation_kwargs={"max_new_tokens": 3}, per_device_train_batch_size=2)
+    args = gft_args(
+        tmp_path,
+        max_steps=1,
+        num_self_samples=2,
+        reward_weights=[1.0, 0.5],
+        generation_kwargs={"max_new_tokens": 3},
+        per_device_train_batch_size=2,
+    )
     collator = RecordingCollator(pad_token_id=PAD)
-    trainer = GFTTrainer(model=tiny_model(), args=args, data_collator=collator,
-                         train_dataset=data, reward_funcs=[length_reward, sometimes])
+    trainer = GFTTrainer(
+        model=tiny_model(),
+        args=args,
+        data_collator=collator,
+        train_dataset=data,
+        reward_funcs=[length_reward, sometimes],
+    )
     trainer.train()
     ((prompts, solutions, step),) = calls
     assert step == 0 and len(prompts) == len(solutions) == 4
@@ -207,13 +264,23 @@ def test_trl_style_reward_functions_get_columns_and_weights(tmp_path):
 def test_chat_prompts_and_max_prompt_length(tmp_path):
     tok = chat_tokenizer()
     messages = [{"role": "user", "content": "3 + 4 ="}]
-    data = [{"prompt": messages, "solution": "7",
-             "responses": [{"text": "7", "reward": 1.0, "source": "expert"},
-                           {"text": "8", "reward": 0.0, "source": "teacher"}]}]
+    data = [
+        {
+            "prompt": messages,
+            "solution": "7",
+            "responses": [
+                {"text": "7", "reward": 1.0, "source": "expert"},
+                {"text": "8", "reward": 0.0, "source": "teacher"},
+            ],
+        }
+    ]
     (group,) = GFTDataCollator(tok).normalize(data)
     expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(
-        expected, "keys") else expected
+    expected = (
+        expected["input_ids"]
+        if isinstance(expected, dict) or hasattr(expected, "keys")
+        else expected
+    )
     assert list(group.prompt_ids) == list(expected)
     assert tok.decode(list(group.prompt_ids)) == "user : 3 + 4 = ; assistant :"
     assert group.responses[0].ids == (tok.convert_tokens_to_ids("7"), EOS)
@@ -227,10 +294,16 @@ def test_chat_prompts_and_max_prompt_length(tmp_path):
         seen.extend(zip(prompts, completions, solution))
         return [1.0] * len(prompts)
 
-    args = gft_args(tmp_path, max_steps=1, num_self_samples=2, per_device_train_batch_size=1,
-                    generation_kwargs={"max_new_tokens": 2})
-    trainer = GFTTrainer(model=tiny_model(), args=args, train_dataset=data,
-                         processing_class=tok, reward_funcs=reward)
+    args = gft_args(
+        tmp_path,
+        max_steps=1,
+        num_self_samples=2,
+        per_device_train_batch_size=1,
+        generation_kwargs={"max_new_tokens": 2},
+    )
+    trainer = GFTTrainer(
+        model=tiny_model(), args=args, train_dataset=data, processing_class=tok, reward_funcs=reward
+    )
     trainer.train()
     assert len(seen) == 2
     for prompt, completion, solution in seen:
@@ -245,9 +318,14 @@ def test_bad_data_and_reward_functions(tmp_path):
     with pytest.raises(ValueError, match='missing the "responses" field'):
         GFTDataCollator(pad_token_id=PAD)([{"prompt_ids": [3, 4]}])
     with pytest.raises(ValueError, match="apply_chat_template"):
-        GFTDataCollator(pad_token_id=PAD)([{"prompt": [{"role": "user", "content": "x"}],
-                                            "responses": [{"ids": [3], "reward": 1.0,
-                                                           "source": "expert"}]}])
+        GFTDataCollator(pad_token_id=PAD)(
+            [
+                {
+                    "prompt": [{"role": "user", "content": "x"}],
+                    "responses": [{"ids": [3], "reward": 1.0, "source": "expert"}],
+                }
+            ]
+        )
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -257,31 +335,54 @@ def test_bad_data_and_reward_functions(tmp_path):
     with pytest.raises(TypeError, match="train_dataset.*map-style"):
         GFTTrainer(model=model, args=args, train_dataset=Stream(), reward_fn=lambda p, r: 0.0)
     with pytest.raises(ValueError, match="both"):
-        GFTTrainer(model=model, args=args, train_dataset=groups_dataset(2),
-                   reward_fn=lambda p, r: 0.0, reward_funcs=lambda prompts, **kw: [0.0])
+        GFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=groups_dataset(2),
+            reward_fn=lambda p, r: 0.0,
+            reward_funcs=lambda prompts, **kw: [0.0],
+        )
     with pytest.raises(ValueError, match="reward_weights"):
-        GFTTrainer(model=model, args=gft_args(tmp_path, num_self_samples=2,
-                                              reward_weights=[1.0, 2.0]),
-                   train_dataset=groups_dataset(2), reward_funcs=lambda prompts, **kw: [0.0])
+        GFTTrainer(
+            model=model,
+            args=gft_args(tmp_path, num_self_samples=2, reward_weights=[1.0, 2.0]),
+            train_dataset=groups_dataset(2),
+            reward_funcs=lambda prompts, **kw: [0.0],
+        )
     for func, error, match in [
         (lambda prompts, **kw: [0.0], ValueError, "expected 4 rewards"),
         (lambda prompts, **kw: [None] * len(prompts), ValueError, "returned None"),
         (lambda prompts, **kw: [math.nan] * len(prompts), ValueError, "finite"),
         (lambda prompts, **kw: 1.0, TypeError, "list of 4 rewards"),
     ]:
-        trainer = GFTTrainer(model=model, args=gft_args(tmp_path, max_steps=1, num_self_samples=2,
-                                                        generation_kwargs={"max_new_tokens": 2}),
-                             train_dataset=groups_dataset(2), reward_funcs=func)
+        trainer = GFTTrainer(
+            model=model,
+            args=gft_args(
+                tmp_path, max_steps=1, num_self_samples=2, generation_kwargs={"max_new_tokens": 2}
+            ),
+            train_dataset=groups_dataset(2),
+            reward_funcs=func,
+        )
         with pytest.raises(error, match=match):
             trainer.train()
 
 
 def test_tokens_seen_and_sample_logging_with_self_samples(tmp_path, capsys):
-    args = gft_args(tmp_path, max_steps=2, num_self_samples=2, include_num_input_tokens_seen=True,
-                    log_completions=True, num_completions_to_print=2,
-                    generation_kwargs={"max_new_tokens": 2})
-    trainer = GFTTrainer(model=tiny_model(), args=args, train_dataset=groups_dataset(4),
-                         reward_fn=lambda p, r: float(len(r)))
+    args = gft_args(
+        tmp_path,
+        max_steps=2,
+        num_self_samples=2,
+        include_num_input_tokens_seen=True,
+        log_completions=True,
+        num_completions_to_print=2,
+        generation_kwargs={"max_new_tokens": 2},
+    )
+    trainer = GFTTrainer(
+        model=tiny_model(),
+        args=args,
+        train_dataset=groups_dataset(4),
+        reward_fn=lambda p, r: float(len(r)),
+    )
     trainer.train()
     assert trainer.state.num_input_tokens_seen > 0
     logs = [h for h in trainer.state.log_history if "loss" in h]
