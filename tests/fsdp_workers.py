@@ -116,6 +116,7 @@ def train(run: Dict[str, Any], world: int, out_dir: str) -> Dict[str, Any]:
         "losses": step_losses,
         "tokens": step_tokens,
         "logged": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "logs": [h for h in trainer.state.log_history if "loss" in h],
         "params": params,
         "head_calls": head_calls,
         "head_sharded": sharded,

@@ -36,6 +36,7 @@ def run_example(*flags):
     return out, table
 
 
+@pytest.mark.slow
 def test_train_tiny_gft_improves_the_reward():
     # The full example (GFT and SFT from the same warm start, ~30 s on 2 cores).
     out, table = run_example()

@@ -103,6 +103,7 @@ def close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.distributed
 def test_two_process_fsdp_and_ddp_match_one_process(tmp_path):
     data = groups_dataset(4, seed=0)  # every group has unequal rewards, so nonzero advantages
     runs = []
@@ -119,6 +120,11 @@ def test_two_process_fsdp_and_ddp_match_one_process(tmp_path):
         tiny_model(tie=tie, seed=1).save_pretrained(model_dir)
         runs.append(dict(name=name, model_dir=str(model_dir), data=data,
                          args=train_args(4 // WORLD), shard=shard))
+    # DDP with gradient accumulation: 2 ranks x batch 1 x GA 2 against 1 process x batch 4.
+    model_dir = tmp_path / "model_ddp_accumulation"
+    tiny_model(tie=False, seed=1).save_pretrained(model_dir)
+    runs.append(dict(name="ddp_accumulation", model_dir=str(model_dir), data=data,
+                     args=dict(train_args(1), gradient_accumulation_steps=2), shard=None))
 
     mp.spawn(workers.trainer_worker,
              args=(WORLD, str(tmp_path / "init"), free_port(), str(tmp_path), runs),
@@ -133,6 +139,9 @@ def test_two_process_fsdp_and_ddp_match_one_process(tmp_path):
         assert single["num_processes"] == 1 and len(single["losses"]) == 2
         assert not single["warnings"]
         outs = [r[name] for r in ranks]
+        if name == "ddp_accumulation":
+            check_accumulation_and_metrics(run, single, outs)
+            continue
         for out in outs:
             assert out["num_processes"] == WORLD
             assert len(out["losses"]) == 2, name
@@ -186,6 +195,26 @@ def test_two_process_fsdp_and_ddp_match_one_process(tmp_path):
     assert warned[0] == warned[1]
     mean = sum(out["losses"][1] for out in outs) / WORLD
     assert (mean != pytest.approx(single["losses"][1], rel=1e-5, abs=1e-7)) == warned[0]
+
+
+def check_accumulation_and_metrics(run, single, outs):
+    """2 ranks x GA 2 x batch 1 train like one process on batch 4: same weights, same logged
+    loss, and the logged metrics are those of all ranks' data (not of one rank's)."""
+    init = transformers.AutoModelForCausalLM.from_pretrained(run["model_dir"])
+    init = dict(init.named_parameters())
+    for pname, p in single["params"].items():
+        for r, out in enumerate(outs):
+            update, reference = out["params"][pname] - init[pname], p - init[pname]
+            torch.testing.assert_close(update, reference, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, r=r, n=pname: f"rank {r} {n}: {m}")
+    for step in range(2):
+        for out in outs:
+            log, ref = out["logs"][step], single["logs"][step]
+            assert log["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-7), step
+            for key in ("reward/mean", "reward/std", "reward/expert/mean", "response_tokens",
+                        "num_responses/teacher", "frac_reward_zero_std", "entropy",
+                        "rectified_fraction"):
+                assert log[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (key, step)
 
 
 # -- the loss-in-head path in one process ----------------------------------------------------
