@@ -50,17 +50,31 @@ def test_train_tiny_gft_improves_the_reward():
     assert heldout["GFT"] >= heldout["START"]  # ... and does not lose it on held-out prompts
 
 
-def test_readme_usage_runs(capsys):
+def run_readme_block(index: int) -> dict:
     readme = ROOT / "integration" / "README.md"
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
-    assert blocks, "integration/README.md has no python example"
+    assert len(blocks) > index, "integration/README.md lacks its python examples"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         namespace: dict = {}
-        exec(compile(blocks[0], str(readme), "exec"), namespace)
+        exec(compile(blocks[index], str(readme), "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
+    return namespace
+
+
+def test_readme_trl_example_runs(capsys):
+    pytest.importorskip("trl")
+    namespace = run_readme_block(1)
+    log = namespace["trainer"].state.log_history[0]
+    assert {"reward/expert/mean", "reward/teacher/mean", "reward/self/mean"} <= set(log)
+    assert log["reward/expert/mean"] == 1.0  # the expert's answers are right
+    assert "'reward/expert/mean'" in capsys.readouterr().out
+
+
+def test_readme_usage_runs(capsys):
+    namespace = run_readme_block(0)
     log = namespace["trainer"].state.log_history[0]
     assert log["num_responses/self"] == 4  # 2 prompts x 2 self samples
     assert "'reward/expert/mean'" in capsys.readouterr().out
