@@ -1,13 +1,18 @@
-"""HF Trainer integration of the GFT loss (importable as ``gft_kernels.integration``).
+"""HF Trainer and TRL integrations of the GFT loss (importable as ``gft_kernels.integration``).
 
 - :class:`GFTConfig`: ``TrainingArguments`` plus the GFT options.
 - :class:`GFTDataCollator`: prompt groups in, padded rows with group advantages out.
-- :class:`GFTTrainer`: ``Trainer`` with the fused GFT head and optional self-sampling.
+- :class:`GFTTrainer`: ``Trainer`` with the fused GFT head, step-level normalisation and
+  optional self-sampling.
+- ``gft_kernels.integration.trl.GFTGRPOTrainer``: TRL's ``GRPOTrainer`` with each prompt's
+  demonstrations in its group and the fused GFT loss (needs ``trl``).
+- ``gft_kernels.integration.heads``: the lm_head of a (wrapped, sharded) causal LM (torch
+  only).
 - :func:`verl_policy_loss` / :func:`verl_policy_loss_with_metrics`: the GFT policy loss in
   verl's policy-loss calling convention (no verl import).
 
 Needs ``transformers`` and ``accelerate`` (``pip install gft-kernels[hf]``); the verl loss
-needs only torch.
+and the head helpers need only torch.
 """
 
 from .verl import verl_policy_loss, verl_policy_loss_with_metrics

@@ -57,6 +57,7 @@ _output_head = heads.output_head
 _head_params = heads.head_params
 _is_sharded = heads.is_sharded
 _is_dtensor = heads.is_dtensor
+_max_over_ranks = heads.max_over_ranks
 
 # The batch key of the step's loss counts (see loss.LossNormalizer.to_tensor).
 STEP_KEY = "gft_step_counts"
