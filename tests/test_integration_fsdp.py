@@ -51,10 +51,12 @@ pytestmark = pytest.mark.skipif(
 HIDDEN = 32
 WORLD = 2
 
-try:  # transformers' own FSDP2 (DistributedConfig), in recent transformers only
-    from transformers.distributed import DistributedConfig  # noqa: F401
+try:  # transformers' own FSDP2 (DistributedConfig(fsdp_size=...)), in recent transformers only
+    import inspect
 
-    HAS_HF_FSDP = True
+    from transformers.distributed import DistributedConfig
+
+    HAS_HF_FSDP = "fsdp_size" in inspect.signature(DistributedConfig).parameters
 except ImportError:
     HAS_HF_FSDP = False
 try:  # FSDP2's public API (torch >= 2.6)
