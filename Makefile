@@ -18,7 +18,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 build: $(STAMP)
-	$(PY) -m gft_kernels.cpu.build
+	$(PY) -m gft_kernels.backends.build
 
 # The benchmark smoke run (figures not asserted) goes first so that pytest's summary is
 # the last thing the log shows.

@@ -1,25 +1,36 @@
 // Native CPU row kernels of the GFT loss (backend="cpu").
 //
-// The same two primitives as gft_kernels/cpu/torch_rows.py (the portable spec):
+// The three primitives of gft_kernels/backends/base.py (the contract; torch_rows.py is the
+// portable spec):
 //
-//   row_stats(logits (N, V), T, with_entropy, active=None) -> (lse_t, lse_1, entropy)
-//       lse_t = logsumexp(z / T), lse_1 = logsumexp(z), entropy of softmax(z / T).
-//   row_grad(logits (N, V), targets (N,), lse_t (N,), coef (N,), T, out (N, V)) -> out
-//       out = coef * (softmax(z / T) - onehot(targets)); out may alias logits.
+//   token_pass(logits (N, V), targets, advantages, mask, ...) -> per-token
+//       (loss, logprobs, probs, entropy, row_max, sum_exp, scale), the data checks, and
+//       on request the gradient of sum_t w_t l_t written in the same pass;
+//   partial_stats(logits, local_targets, ...) -> (row_max, sum_exp, sum_exp_1, weighted,
+//       target_logit) of a block of vocabulary columns (vocab-parallel heads);
+//   row_grad(logits, targets, row_max, sum_exp, grad_rows, scale, ..., out) -> out.
+//
+// Numerics: a row is summarised by its max m of the transformed logits z' and by
+// S = sum exp((z' - m) / T); the softmax is exp((z' - m) / T) / S in both directions, never
+// exp(z / T - lse) with a rounded lse, and the module is compiled with -ffp-contract=off.
+// A certain token (x = 0, S = 1) thus gets a gradient of exactly 0 at any temperature.
 //
 // Design:
 // * Rows are split across threads with at::parallel_for (honours torch.set_num_threads).
-// * row_stats streams each row once, in L1-sized blocks: a max pass over the block, then an
-//   exp pass over the same (now cache-hot) block. When the running max grows, the three
+// * The statistics stream each row once, in L1-sized blocks: a max pass over the block,
+//   then an exp pass over the same (now cache-hot) block. When the running max grows the
 //   per-row accumulators (exp-sum at T, exp-sum at 1, entropy numerator) are rescaled once
 //   per block instead of once per element.
-// * row_grad reads and writes each row once; rows with coef == 0 are only zero-filled.
+// * The gradient reads and writes each row once; rows with a zero coefficient are only
+//   zero-filled, never read.
 // * fp32 / bf16 / fp16 inputs accumulate in fp32 within a block and in fp64 across blocks;
 //   fp64 inputs use a scalar fp64 path (gradcheck).
 // * The vector path is AVX2+FMA+F16C, compiled through function target attributes and
 //   chosen at run time, so the shared object never needs -march=native and still runs on
 //   CPUs without AVX2 (scalar path). ATen's Vectorized<float> is not used for exp because in
 //   an extension build (no CPU_CAPABILITY macro) it falls back to a per-element std::exp.
+// * Data checks (target range, 0/1 mask, finite advantages) run on the host before any row
+//   is touched and raise ValueError naming the first bad value: no device sync on a CPU.
 
 // ATen + torch/python.h (pybind11 with the Tensor casters) rather than torch/extension.h:
 // the latter pulls in the whole C++ frontend and made the first-use compile ~40% slower.
@@ -47,6 +58,7 @@
 #else
 #define GFT_HAVE_AVX2_PATH 0
 #endif
+
 
 namespace {
 
@@ -100,61 +112,185 @@ void parallel_rows(int64_t n_rows, int64_t n_cols, const F& f) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Scalar path: fp64 inputs, and every dtype on CPUs without AVX2 (or when disabled).
+// Shared pieces.
 // ---------------------------------------------------------------------------------------
+
+// The logit transform of soft-capped or scaled heads: z' = cap * tanh(z * scale / cap), or
+// z' = z * scale. kind: 0 none, 1 scale, 2 soft-cap.
+struct LogitTransform {
+  int kind = 0;
+  double scale = 1.0;
+  double cap = 0.0;
+  double slope = 0.0;  // scale / cap
+};
+
+LogitTransform make_transform(double logit_scale, double logit_softcap) {
+  LogitTransform tf;
+  if (logit_softcap > 0.0) {
+    tf.kind = 2;
+    tf.scale = logit_scale;
+    tf.cap = logit_softcap;
+    tf.slope = logit_scale / logit_softcap;
+  } else if (logit_scale != 1.0) {
+    tf.kind = 1;
+    tf.scale = logit_scale;
+  }
+  return tf;
+}
 
 // Compute type of the scalar path: fp64 stays fp64, reduced precision computes in fp32.
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// A row that can carry neither loss nor gradient (masked, zero advantage) is not read: its
-// log-sum-exps are +inf, i.e. softmax 0 everywhere and q = 0, so c = 0 downstream.
+// Per-row results of a token pass, in the compute type.
 template <typename C>
-inline void skip_row(int64_t row, C* lse_t, C* lse_1, C* entropy) {
-  lse_t[row] = std::numeric_limits<C>::infinity();
-  lse_1[row] = std::numeric_limits<C>::infinity();
-  if (entropy != nullptr) entropy[row] = 0;
+struct TokenOut {
+  C* loss;
+  C* logprobs;
+  C* probs;
+  C* entropy;  // nullptr unless stats
+  C* row_max;
+  C* sum_exp;
+  C* scale;
+};
+
+// Per-token inputs of a token pass (the checks already ran).
+template <typename C, typename I>
+struct TokenIn {
+  const I* targets;
+  const C* advantages;
+  int64_t tokens_per_advantage;
+  const uint8_t* mask_u8;  // at most one of the two masks
+  const float* mask_f32;
+  const C* grad_weights;  // nullptr unless the gradient is written in the same pass
+  int64_t ignore_index;
+  double tau;
+  double inv_t;
+
+  bool valid(int64_t row) const {
+    if (static_cast<int64_t>(targets[row]) == ignore_index) return false;
+    if (mask_u8 != nullptr) return mask_u8[row] != 0;
+    if (mask_f32 != nullptr) return mask_f32[row] != 0.0f;
+    return true;
+  }
+  C advantage(int64_t row) const { return advantages[row / tokens_per_advantage]; }
+};
+
+// A row that carries neither loss nor gradient (masked, zero advantage) is not read.
+template <typename C>
+inline void skip_row(const TokenOut<C>& out, int64_t row) {
+  out.loss[row] = 0;
+  out.logprobs[row] = 0;
+  out.probs[row] = 0;
+  if (out.entropy != nullptr) out.entropy[row] = 0;
+  out.row_max[row] = 0;
+  out.sum_exp[row] = 1;
+  out.scale[row] = 0;
 }
 
+// The per-token terms from a row summary (m, S_t, S_1, W) and the target logit z'_y:
+// log p = (z'_y - m) / T - log S_t, q = exp(z'_y - m) / S_1, c = q if q <= tau else 1.
+// A row whose max is not finite (all -inf, a +inf entry) carries no loss and no gradient.
+template <typename C>
+inline void finish_row(const TokenOut<C>& out, int64_t row, bool valid, C adv, double row_max,
+                       double sum_t, double sum_1, double weighted, C target_logit, double tau,
+                       double inv_t) {
+  // In the compute type, as the other backends do: q is compared with tau exactly as it is
+  // reported.
+  const bool finite = std::isfinite(row_max);
+  const C shift = finite ? static_cast<C>(row_max) : C(0);
+  const C log_t = static_cast<C>(std::log(sum_t));
+  const C logp = (target_logit - shift) * static_cast<C>(inv_t) - log_t;
+  const C q = std::exp(target_logit - shift) / static_cast<C>(sum_1);
+  const C dcr = q <= tau ? q : C(1);
+  const bool live = valid && finite;
+  const C scale = live ? adv * dcr : C(0);
+  out.scale[row] = scale;
+  out.loss[row] = scale != C(0) ? -scale * logp : C(0);
+  out.logprobs[row] = live ? logp : (valid ? -std::numeric_limits<C>::infinity() : C(0));
+  out.probs[row] = live ? q : C(0);
+  if (out.entropy != nullptr) {
+    out.entropy[row] = finite ? static_cast<C>(log_t - weighted / sum_t) : C(0);
+  }
+  out.row_max[row] = static_cast<C>(row_max);
+  out.sum_exp[row] = static_cast<C>(sum_t);
+}
+
+// ---------------------------------------------------------------------------------------
+// Scalar path: fp64 inputs, and every dtype on CPUs without AVX2 (or when disabled).
+// Two passes over the row (max, then sums): simple, exact and not the fast path.
+// ---------------------------------------------------------------------------------------
+
+template <typename C>
+inline C transform1(C z, const LogitTransform& tf) {
+  if (tf.kind == 1) return z * static_cast<C>(tf.scale);
+  if (tf.kind == 2) return static_cast<C>(tf.cap) * std::tanh(z * static_cast<C>(tf.slope));
+  return z;
+}
+
+// dz'/dz from the transformed value: scale * (1 - (z' / cap)^2), or scale.
+template <typename C>
+inline C slope1(C zt, const LogitTransform& tf) {
+  if (tf.kind == 1) return static_cast<C>(tf.scale);
+  if (tf.kind == 2) {
+    const C t = zt / static_cast<C>(tf.cap);
+    return static_cast<C>(tf.scale) * (C(1) - t * t);
+  }
+  return C(1);
+}
+
+struct Summary {
+  double row_max = -std::numeric_limits<double>::infinity();
+  double sum_t = 0.0, sum_1 = 0.0, weighted = 0.0;
+};
+
 template <typename T>
-void stats_row_scalar(const T* z, int64_t n_cols, double inv_t, bool with_entropy,
-                      compute_t<T>* lse_t, compute_t<T>* lse_1, compute_t<T>* entropy) {
+Summary summarize_row_scalar(const T* z, int64_t n_cols, double inv_t, bool t_one,
+                             const LogitTransform& tf) {
   using C = compute_t<T>;
   C row_max = -std::numeric_limits<C>::infinity();
   for (int64_t v = 0; v < n_cols; ++v) {
-    const C x = static_cast<C>(z[v]);
+    const C x = transform1(static_cast<C>(z[v]), tf);
     if (x > row_max) row_max = x;  // NaN never wins; it still poisons the sums below.
   }
-  // A row with no finite max is shifted by 0 so that exp(-inf) stays 0 instead of NaN.
   const C shift = std::isfinite(row_max) ? row_max : C(0);
   const C inv = static_cast<C>(inv_t);
   // Sums in fp64: this path is sequential, so fp32 sums over ~1e5 terms would drift.
-  double sum_t = 0.0, sum_1 = 0.0, weighted = 0.0;
+  Summary s;
+  s.row_max = row_max;
   for (int64_t v = 0; v < n_cols; ++v) {
-    const C x1 = static_cast<C>(z[v]) - shift;
-    const C x = x1 * inv;
+    const C x1 = transform1(static_cast<C>(z[v]), tf) - shift;
+    const C x = t_one ? x1 : x1 * inv;
     const C e = std::exp(x);
-    sum_t += e;
-    sum_1 += std::exp(x1);
-    if (e > C(0)) weighted += static_cast<double>(e) * static_cast<double>(x);
+    s.sum_t += e;
+    if (!t_one) s.sum_1 += std::exp(x1);
+    if (e > C(0)) s.weighted += static_cast<double>(e) * static_cast<double>(x);
   }
-  const double log_t = std::log(sum_t);
-  *lse_t = static_cast<C>(static_cast<double>(shift) * inv_t + log_t);
-  *lse_1 = static_cast<C>(static_cast<double>(shift) + std::log(sum_1));
-  if (with_entropy) *entropy = static_cast<C>(log_t - weighted / sum_t);
+  if (t_one) s.sum_1 = s.sum_t;
+  return s;
 }
 
+// out[v] = coef * (exp((z'_v - m) / T) / S - [v == target]) * dz'/dz; out may alias z.
 template <typename T>
-void grad_row_scalar(const T* z, T* out, int64_t n_cols, int64_t target, compute_t<T> lse,
-                     compute_t<T> coef, double inv_t) {
+void grad_row_scalar(const T* z, T* out, int64_t n_cols, int64_t target, double row_max,
+                     double sum_exp, double coef, double inv_t, const LogitTransform& tf) {
   using C = compute_t<T>;
   const C inv = static_cast<C>(inv_t);
+  const C m = static_cast<C>(row_max);
+  const C cs = static_cast<C>(coef / sum_exp);
+  const C c = static_cast<C>(coef);
+  auto grad_at = [&](int64_t v) {
+    const C zt = transform1(static_cast<C>(z[v]), tf);
+    return cs * std::exp((zt - m) * inv) * slope1(zt, tf);
+  };
   // Read the target logit before the row is overwritten (out may alias logits).
-  const C g_target = coef * (std::exp(static_cast<C>(z[target]) * inv - lse) - C(1));
-  for (int64_t v = 0; v < n_cols; ++v) {
-    out[v] = static_cast<T>(coef * std::exp(static_cast<C>(z[v]) * inv - lse));
+  C g_target = 0;
+  if (target >= 0) {
+    const C zt = transform1(static_cast<C>(z[target]), tf);
+    g_target = (cs * std::exp((zt - m) * inv) - c) * slope1(zt, tf);
   }
-  out[target] = static_cast<T>(g_target);
+  for (int64_t v = 0; v < n_cols; ++v) out[v] = static_cast<T>(grad_at(v));
+  if (target >= 0) out[target] = static_cast<T>(g_target);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -275,12 +411,71 @@ GFT_AVX2 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
 }
 
-// Per-row running state of row_stats; fp64 so that rescaling across ~100 blocks is exact
-// enough and the block partial sums (fp32, <= kBlock terms) add without drift.
+// tanh for 8 floats: an odd polynomial below |x| = 0.625 (Cephes' tanhf coefficients),
+// 1 - 2 / (exp(2|x|) + 1) with the sign restored above; ~2 ulp.
+GFT_AVX2 inline __m256 tanh8(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 e = exp8(_mm256_min_ps(_mm256_add_ps(ax, ax), _mm256_set1_ps(88.0f)));
+  const __m256 big = _mm256_sub_ps(
+      _mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+  const __m256 is_small = _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
+  return _mm256_blendv_ps(_mm256_or_ps(big, sign), small, is_small);
+}
+
+// The transform of 8 logits and, for the gradient, its slope dz'/dz.
+struct VecTransform {
+  int kind;
+  __m256 scale, cap, slope;
+};
+
+GFT_AVX2 inline VecTransform vec_transform(const LogitTransform& tf) {
+  return {tf.kind, _mm256_set1_ps(static_cast<float>(tf.scale)),
+          _mm256_set1_ps(static_cast<float>(tf.cap)), _mm256_set1_ps(static_cast<float>(tf.slope))};
+}
+
+GFT_AVX2 inline __m256 transform8(__m256 z, const VecTransform& tf) {
+  if (tf.kind == 1) return _mm256_mul_ps(z, tf.scale);
+  if (tf.kind == 2) return _mm256_mul_ps(tf.cap, tanh8(_mm256_mul_ps(z, tf.slope)));
+  return z;
+}
+
+// z' and dz'/dz = scale * (1 - t^2) with t = tanh(z * scale / cap), from one tanh.
+GFT_AVX2 inline __m256 transform8_slope(__m256 z, const VecTransform& tf, __m256& slope) {
+  if (tf.kind == 2) {
+    const __m256 t = tanh8(_mm256_mul_ps(z, tf.slope));
+    slope = _mm256_mul_ps(tf.scale, _mm256_fnmadd_ps(t, t, _mm256_set1_ps(1.0f)));
+    return _mm256_mul_ps(tf.cap, t);
+  }
+  slope = tf.kind == 1 ? tf.scale : _mm256_set1_ps(1.0f);
+  return tf.kind == 1 ? _mm256_mul_ps(z, tf.scale) : z;
+}
+
+// One element through the vector code, so that a scalar (the target logit) is rounded
+// exactly like the same element inside a vector pass.
+template <typename T>
+GFT_AVX2 inline float transform_one(const T* p, const VecTransform& tf, float* slope) {
+  __m256 s;
+  const __m256 zt = transform8_slope(_mm256_set1_ps(static_cast<float>(*p)), tf, s);
+  if (slope != nullptr) *slope = _mm256_cvtss_f32(s);
+  return _mm256_cvtss_f32(zt);
+}
+
+GFT_AVX2 inline float exp_one(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
+
+// Per-row running state of the statistics; fp64 so that rescaling across ~100 blocks is
+// exact enough and the block partial sums (fp32, <= kBlock terms) add without drift.
 struct RowAcc {
   double sum_t = 0.0;
   double sum_1 = 0.0;
-  double weighted = 0.0;  // sum e * x, x = (z - shift) / T
+  double weighted = 0.0;  // sum e * x, x = (z' - shift) / T
   float running_max = -kInf;
   float shift = 0.0f;  // running max if finite, else 0
 };
@@ -316,7 +511,7 @@ GFT_AVX2 inline void stats_block(const float* src, int64_t n, float block_max, f
     if (new_shift != acc.shift &&
         (acc.sum_t != 0.0 || acc.sum_1 != 0.0 || acc.weighted != 0.0)) {
       const double d1 = static_cast<double>(new_shift) - acc.shift;
-      const double dt = d1 * inv_t;
+      const double dt = kTOne ? d1 : d1 * inv_t;
       const double rt = std::exp(-dt);
       // sum e * (x - dt) * exp(-dt) = exp(-dt) * (weighted - dt * sum_t)
       acc.weighted = rt * (acc.weighted - dt * acc.sum_t);
@@ -349,202 +544,239 @@ GFT_AVX2 inline void stats_block(const float* src, int64_t n, float block_max, f
   if (kEntropy) acc.weighted += hsum(w);
 }
 
+// Streams one row block by block: the max pass widens (and transforms) each block into buf,
+// the exp pass folds it into the running state. Returns the row summary.
 template <typename T, bool kTOne, bool kEntropy>
-GFT_AVX2 void stats_rows_avx2(const T* logits, int64_t row_stride, int64_t n_cols, float inv_t,
-                              int64_t begin, int64_t end, float* lse_t, float* lse_1,
-                              float* entropy, const bool* active) {
-  alignas(32) float buf[kBlock];
-  for (int64_t row = begin; row < end; ++row) {
-    if (active != nullptr && !active[row]) {
-      skip_row(row, lse_t, lse_1, entropy);
-      continue;
+GFT_AVX2 Summary summarize_row_avx2(const T* z, int64_t n_cols, float inv_t,
+                                    const VecTransform& tf, float* buf) {
+  RowAcc acc;
+  constexpr int64_t kPerLine = kLineBytes / sizeof(T);
+  for (int64_t start = 0; start < n_cols; start += kBlock) {
+    const int64_t n = std::min(kBlock, n_cols - start);
+    const int64_t n_vec = n & ~int64_t(7);
+    const T* zb = z + start;
+    // fp32 without a transform: the exp pass re-reads the (L1-hot) input, no copy.
+    const bool direct = std::is_same_v<T, float> && tf.kind == 0 && n_vec == n;
+    __m256 vmax[kPerLine / 8];
+    for (auto& m : vmax) m = _mm256_set1_ps(-kInf);
+    int64_t i = 0;
+    for (; i + kPerLine <= n_vec; i += kPerLine) {
+      prefetch_ahead(zb + i);
+      for (int64_t k = 0; k < kPerLine / 8; ++k) {
+        const __m256 x = transform8(load8(zb + i + 8 * k), tf);
+        if (!direct) _mm256_store_ps(buf + i + 8 * k, x);
+        vmax[k] = _mm256_max_ps(vmax[k], x);
+      }
     }
-    const T* z = logits + row * row_stride;
-    RowAcc acc;
-    for (int64_t start = 0; start < n_cols; start += kBlock) {
-      const int64_t n = std::min(kBlock, n_cols - start);
-      const int64_t n_vec = n & ~int64_t(7);
-      const T* zb = z + start;
-      // Max pass, streaming from memory (16-bit inputs are widened into buf on the way).
-      constexpr int64_t kPerLine = kLineBytes / sizeof(T);
-      __m256 vmax[kPerLine / 8];
-      for (auto& m : vmax) m = _mm256_set1_ps(-kInf);
-      int64_t i = 0;
-      for (; i + kPerLine <= n_vec; i += kPerLine) {
-        prefetch_ahead(zb + i);
-        for (int64_t k = 0; k < kPerLine / 8; ++k) {
-          const __m256 x = load8(zb + i + 8 * k);
-          if constexpr (!std::is_same_v<T, float>) _mm256_store_ps(buf + i + 8 * k, x);
-          vmax[k] = _mm256_max_ps(vmax[k], x);
-        }
-      }
-      for (; i < n_vec; i += 8) {
-        const __m256 x = load8(zb + i);
-        if constexpr (!std::is_same_v<T, float>) _mm256_store_ps(buf + i, x);
-        vmax[0] = _mm256_max_ps(vmax[0], x);
-      }
-      for (int64_t k = 1; k < kPerLine / 8; ++k) vmax[0] = _mm256_max_ps(vmax[0], vmax[k]);
-      float block_max = hmax(vmax[0]);
-      const float* src = buf;
-      if constexpr (std::is_same_v<T, float>) {
-        if (n_vec == n) {
-          src = zb;  // fp32 full vectors: the exp pass re-reads the (L1-hot) input
-        } else {
-          std::memcpy(buf, zb, n_vec * sizeof(float));
-        }
-      }
-      int64_t n_pad = n_vec;
-      if (n_vec != n) {
-        // Pad the tail to a full vector with -inf, which adds exactly 0 to every sum.
-        for (int64_t j = n_vec; j < n_vec + 8; ++j) {
-          buf[j] = j < n ? static_cast<float>(zb[j]) : -kInf;
-          if (buf[j] > block_max) block_max = buf[j];
-        }
-        n_pad = n_vec + 8;
-      }
-      const char* next = start + kBlock < n_cols
-                             ? reinterpret_cast<const char*>(zb + kBlock)
-                             : nullptr;
-      stats_block<kTOne, kEntropy>(src, n_pad, block_max, inv_t, next, sizeof(T), acc);
+    for (; i < n_vec; i += 8) {
+      const __m256 x = transform8(load8(zb + i), tf);
+      if (!direct) _mm256_store_ps(buf + i, x);
+      vmax[0] = _mm256_max_ps(vmax[0], x);
     }
-    const double log_t = std::log(acc.sum_t);
-    lse_t[row] = static_cast<float>(static_cast<double>(acc.shift) * inv_t + log_t);
-    lse_1[row] = static_cast<float>(static_cast<double>(acc.shift) + std::log(acc.sum_1));
-    if (kEntropy) entropy[row] = static_cast<float>(log_t - acc.weighted / acc.sum_t);
+    for (int64_t k = 1; k < kPerLine / 8; ++k) vmax[0] = _mm256_max_ps(vmax[0], vmax[k]);
+    float block_max = hmax(vmax[0]);
+    int64_t n_pad = n_vec;
+    if (n_vec != n) {
+      // Pad the tail to a full vector with -inf, which adds exactly 0 to every sum.
+      alignas(32) float tail[8];
+      alignas(32) int32_t lane_live[8];
+      for (int64_t j = 0; j < 8; ++j) {
+        tail[j] = n_vec + j < n ? static_cast<float>(zb[n_vec + j]) : 0.0f;
+        lane_live[j] = n_vec + j < n ? -1 : 0;
+      }
+      // Lanes past the row are padded after the transform (tanh(-inf) would give -cap).
+      const __m256 live = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane_live)));
+      const __m256 padded = _mm256_blendv_ps(_mm256_set1_ps(-kInf), transform8(_mm256_load_ps(tail), tf), live);
+      _mm256_store_ps(buf + n_vec, padded);
+      for (int64_t j = 0; j < n - n_vec; ++j) block_max = std::max(block_max, buf[n_vec + j]);
+      n_pad = n_vec + 8;
+    }
+    const float* src = direct ? reinterpret_cast<const float*>(zb) : buf;
+    const char* next =
+        start + kBlock < n_cols ? reinterpret_cast<const char*>(zb + kBlock) : nullptr;
+    stats_block<kTOne, kEntropy>(src, n_pad, block_max, inv_t, next, sizeof(T), acc);
   }
+  Summary s;
+  s.row_max = acc.running_max;
+  s.sum_t = acc.sum_t;
+  s.sum_1 = acc.sum_1;
+  s.weighted = acc.weighted;
+  return s;
+}
+
+struct GradVec {
+  __m256 row_max, inv_t, coef_over_sum;
+};
+
+// coef / S * exp((z' - m) / T) * dz'/dz for 8 raw logits.
+template <bool kTOne, bool kSlope>
+GFT_AVX2 inline __m256 grad8(const GradVec& gv, const VecTransform& tf, __m256 raw) {
+  __m256 slope;
+  const __m256 zt = transform8_slope(raw, tf, slope);
+  const __m256 x1 = _mm256_sub_ps(zt, gv.row_max);
+  const __m256 g = _mm256_mul_ps(exp8(kTOne ? x1 : _mm256_mul_ps(x1, gv.inv_t)), gv.coef_over_sum);
+  return kSlope ? _mm256_mul_ps(g, slope) : g;
+}
+
+// out[v] = coef * (exp((z'_v - m) / T) / S - [v == target]) * dz'/dz, one read and one
+// write per element; out may be z itself (each element is read before it is written).
+template <typename T, bool kTOne, bool kSlope>
+GFT_AVX2 void grad_row_avx2(const T* z, T* o, int64_t n_cols, int64_t target, float row_max,
+                            float sum_exp, float coef, float inv_t, const VecTransform& tf) {
+  const float cs = coef / sum_exp;
+  const __m256 vm = _mm256_set1_ps(row_max);
+  const __m256 vinv = _mm256_set1_ps(inv_t);
+  const __m256 vcs = _mm256_set1_ps(cs);
+  const GradVec gv{vm, vinv, vcs};
+  // Read the target logit before the row is overwritten (out may alias logits).
+  float g_target = 0.0f;
+  if (target >= 0) {
+    float slope = 1.0f;
+    const float zt = transform_one(z + target, tf, &slope);
+    const float x1 = zt - row_max;
+    const float e = exp_one(kTOne ? x1 : x1 * inv_t);
+    g_target = kSlope ? (e * cs - coef) * slope : e * cs - coef;
+  }
+  constexpr int64_t kPerLine = kLineBytes / sizeof(T);
+  int64_t v = 0;
+  for (; v + kPerLine <= n_cols; v += kPerLine) {
+    prefetch_ahead(z + v);
+    prefetch_ahead(o + v);  // same line when in place; a hit then, hence unconditional
+    for (int64_t k = 0; k < kPerLine; k += 16) {
+      store16(o + v + k, grad8<kTOne, kSlope>(gv, tf, load8(z + v + k)), grad8<kTOne, kSlope>(gv, tf, load8(z + v + k + 8)));
+    }
+  }
+  for (; v + 8 <= n_cols; v += 8) store8(o + v, grad8<kTOne, kSlope>(gv, tf, load8(z + v)));
+  if (v < n_cols) {
+    alignas(32) float tail[8];
+    for (int64_t j = 0; j < 8; ++j) tail[j] = v + j < n_cols ? static_cast<float>(z[v + j]) : 0.0f;
+    alignas(32) float g[8];
+    _mm256_store_ps(g, grad8<kTOne, kSlope>(gv, tf, _mm256_load_ps(tail)));
+    for (int64_t j = 0; v + j < n_cols; ++j) o[v + j] = static_cast<T>(g[j]);
+  }
+  if (target >= 0) o[target] = static_cast<T>(g_target);
 }
 
 template <typename T>
-GFT_AVX2 void grad_rows_avx2(const T* logits, int64_t in_stride, T* out, int64_t out_stride,
-                             int64_t n_cols, const int64_t* targets, const float* lse_t,
-                             const float* coef, float inv_t, int64_t begin, int64_t end) {
-  const __m256 vinv = _mm256_set1_ps(inv_t);
-  for (int64_t row = begin; row < end; ++row) {
-    T* o = out + row * out_stride;
-    const float c = coef[row];
-    if (c == 0.0f) {
-      // Zero-coefficient rows are the cheap case: a write, never a read of the logits.
-      std::memset(static_cast<void*>(o), 0, n_cols * sizeof(T));
-      continue;
-    }
-    const T* z = logits + row * in_stride;
-    const float lse = lse_t[row];
-    const int64_t target = targets[row];
-    // Read the target logit before the row is overwritten (out may alias logits).
-    const float g_target =
-        c * (std::exp(std::fma(static_cast<float>(z[target]), inv_t, -lse)) - 1.0f);
-    const __m256 vneg_lse = _mm256_set1_ps(-lse);
-    const __m256 vc = _mm256_set1_ps(c);
-    constexpr int64_t kPerLine = kLineBytes / sizeof(T);
-    int64_t v = 0;
-    for (; v + kPerLine <= n_cols; v += kPerLine) {
-      prefetch_ahead(z + v);
-      prefetch_ahead(o + v);  // same line when in place; a hit then, hence unconditional
-      for (int64_t k = 0; k < kPerLine; k += 16) {
-        const __m256 a = exp8(_mm256_fmadd_ps(load8(z + v + k), vinv, vneg_lse));
-        const __m256 b = exp8(_mm256_fmadd_ps(load8(z + v + k + 8), vinv, vneg_lse));
-        store16(o + v + k, _mm256_mul_ps(vc, a), _mm256_mul_ps(vc, b));
-      }
-    }
-    for (; v + 8 <= n_cols; v += 8) {
-      store8(o + v, _mm256_mul_ps(vc, exp8(_mm256_fmadd_ps(load8(z + v), vinv, vneg_lse))));
-    }
-    for (; v < n_cols; ++v) {
-      o[v] = static_cast<T>(c * std::exp(std::fma(static_cast<float>(z[v]), inv_t, -lse)));
-    }
-    o[target] = static_cast<T>(g_target);
+GFT_AVX2 void grad_row_avx2_dispatch(const T* z, T* o, int64_t n_cols, int64_t target,
+                                     float row_max, float sum_exp, float coef, float inv_t,
+                                     const VecTransform& tf) {
+  const bool t_one = inv_t == 1.0f;
+  if (tf.kind == 0) {
+    if (t_one) return grad_row_avx2<T, true, false>(z, o, n_cols, target, row_max, sum_exp, coef, inv_t, tf);
+    return grad_row_avx2<T, false, false>(z, o, n_cols, target, row_max, sum_exp, coef, inv_t, tf);
   }
+  if (t_one) return grad_row_avx2<T, true, true>(z, o, n_cols, target, row_max, sum_exp, coef, inv_t, tf);
+  return grad_row_avx2<T, false, true>(z, o, n_cols, target, row_max, sum_exp, coef, inv_t, tf);
+}
+
+template <typename T>
+GFT_AVX2 Summary summarize_row_avx2_dispatch(const T* z, int64_t n_cols, float inv_t,
+                                             bool entropy, const VecTransform& tf, float* buf) {
+  const bool t_one = inv_t == 1.0f;
+  if (t_one && entropy) return summarize_row_avx2<T, true, true>(z, n_cols, inv_t, tf, buf);
+  if (t_one) return summarize_row_avx2<T, true, false>(z, n_cols, inv_t, tf, buf);
+  if (entropy) return summarize_row_avx2<T, false, true>(z, n_cols, inv_t, tf, buf);
+  return summarize_row_avx2<T, false, false>(z, n_cols, inv_t, tf, buf);
 }
 
 #endif  // GFT_HAVE_AVX2_PATH
 
 // ---------------------------------------------------------------------------------------
-// Dispatch.
+// Row drivers (one per primitive), generic over the dtype T and the target type I.
 // ---------------------------------------------------------------------------------------
 
+// Scratch of the vector path: one block of widened, transformed logits per thread.
+struct Scratch {
+  alignas(32) float buf[kBlock + 8];
+};
+
 template <typename T>
-void stats_dispatch(const at::Tensor& logits, double temperature, bool with_entropy,
-                    const bool* act, at::Tensor& lse_t, at::Tensor& lse_1, at::Tensor& entropy) {
+Summary summarize_row(const T* z, int64_t n_cols, double inv_t, bool entropy,
+                      const LogitTransform& tf, bool simd, Scratch& scratch) {
+#if GFT_HAVE_AVX2_PATH
+  if constexpr (!std::is_same_v<T, double>) {
+    if (simd) {
+      return summarize_row_avx2_dispatch<T>(z, n_cols, static_cast<float>(inv_t), entropy,
+                                            vec_transform(tf), scratch.buf);
+    }
+  }
+#endif
+  return summarize_row_scalar<T>(z, n_cols, inv_t, inv_t == 1.0, tf);
+}
+
+template <typename T>
+double target_logit_of(const T* z, int64_t target, const LogitTransform& tf, bool simd) {
+#if GFT_HAVE_AVX2_PATH
+  if constexpr (!std::is_same_v<T, double>) {
+    if (simd) return transform_one(z + target, vec_transform(tf), nullptr);
+  }
+#endif
+  using C = compute_t<T>;
+  return transform1(static_cast<C>(z[target]), tf);
+}
+
+template <typename T>
+void grad_row(const T* z, T* o, int64_t n_cols, int64_t target, double row_max, double sum_exp,
+              double coef, double inv_t, const LogitTransform& tf, bool simd) {
+  if (coef == 0.0) {
+    // Zero-coefficient rows are the cheap case: a write, never a read of the logits.
+    std::memset(static_cast<void*>(o), 0, n_cols * sizeof(T));
+    return;
+  }
+#if GFT_HAVE_AVX2_PATH
+  if constexpr (!std::is_same_v<T, double>) {
+    if (simd) {
+      grad_row_avx2_dispatch<T>(z, o, n_cols, target, static_cast<float>(row_max),
+                                static_cast<float>(sum_exp), static_cast<float>(coef),
+                                static_cast<float>(inv_t), vec_transform(tf));
+      return;
+    }
+  }
+#endif
+  grad_row_scalar<T>(z, o, n_cols, target, row_max, sum_exp, coef, inv_t, tf);
+}
+
+template <typename T, typename I>
+void token_rows(const at::Tensor& logits, const TokenIn<compute_t<T>, I>& in,
+                const TokenOut<compute_t<T>>& out, T* grad, int64_t grad_stride,
+                const LogitTransform& tf, bool with_stats) {
   using C = compute_t<T>;
   const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
   const int64_t stride = logits.stride(0);
-  const T* z = logits.const_data_ptr<T>();
-  C* lt = lse_t.data_ptr<C>();
-  C* l1 = lse_1.data_ptr<C>();
-  C* ent = with_entropy ? entropy.data_ptr<C>() : nullptr;
-  const double inv_t = 1.0 / temperature;
-#if GFT_HAVE_AVX2_PATH
-  if constexpr (!std::is_same_v<T, double>) {
-    if (use_avx2()) {
-      const float inv = static_cast<float>(inv_t);
-      // T == 1 needs one exp per element instead of two.
-      const bool t_one = inv == 1.0f;
-      parallel_rows(n_rows, n_cols, [&](int64_t begin, int64_t end) {
-        if (t_one && with_entropy) {
-          stats_rows_avx2<T, true, true>(z, stride, n_cols, inv, begin, end, lt, l1, ent, act);
-        } else if (t_one) {
-          stats_rows_avx2<T, true, false>(z, stride, n_cols, inv, begin, end, lt, l1, ent, act);
-        } else if (with_entropy) {
-          stats_rows_avx2<T, false, true>(z, stride, n_cols, inv, begin, end, lt, l1, ent, act);
-        } else {
-          stats_rows_avx2<T, false, false>(z, stride, n_cols, inv, begin, end, lt, l1, ent, act);
-        }
-      });
-      return;
-    }
-  }
-#endif
+  // Not const_data_ptr: when grad aliases logits the same memory is written.
+  const T* base = static_cast<const T*>(logits.data_ptr());
+  const bool simd = use_avx2();
   parallel_rows(n_rows, n_cols, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
     for (int64_t row = begin; row < end; ++row) {
-      if (act != nullptr && !act[row]) {
-        skip_row(row, lt, l1, ent);
+      const bool valid = in.valid(row);
+      const C adv = in.advantage(row);
+      T* grow = grad != nullptr ? grad + row * grad_stride : nullptr;
+      if (!with_stats && (!valid || adv == C(0))) {
+        skip_row(out, row);
+        if (grow != nullptr) std::memset(static_cast<void*>(grow), 0, n_cols * sizeof(T));
         continue;
       }
-      stats_row_scalar<T>(z + row * stride, n_cols, inv_t, with_entropy, lt + row, l1 + row,
-                          with_entropy ? ent + row : nullptr);
+      const T* z = base + row * stride;
+      const Summary s = summarize_row<T>(z, n_cols, in.inv_t, with_stats, tf, simd, scratch);
+      const int64_t target = valid ? static_cast<int64_t>(in.targets[row]) : -1;
+      const C z_y = target >= 0 ? static_cast<C>(target_logit_of<T>(z, target, tf, simd)) : C(0);
+      finish_row<C>(out, row, valid, adv, s.row_max, s.sum_t, s.sum_1, s.weighted, z_y, in.tau,
+                    in.inv_t);
+      if (grow != nullptr) {
+        const double coef = static_cast<double>(in.grad_weights[row]) * out.scale[row] * in.inv_t;
+        grad_row<T>(z, grow, n_cols, target, out.row_max[row], out.sum_exp[row], coef, in.inv_t,
+                    tf, simd);
+      }
     }
   });
 }
 
-template <typename T>
-void grad_dispatch(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse_t,
-                   const at::Tensor& coef, double temperature, at::Tensor& out) {
-  using C = compute_t<T>;
-  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
-  const int64_t in_stride = logits.stride(0), out_stride = out.stride(0);
-  // Not const_data_ptr: when out aliases logits the same memory is written below.
-  const T* z = static_cast<const T*>(logits.data_ptr());
-  T* o = out.data_ptr<T>();
-  const int64_t* tgt = targets.const_data_ptr<int64_t>();
-  const C* lse = lse_t.const_data_ptr<C>();
-  const C* cf = coef.const_data_ptr<C>();
-  const double inv_t = 1.0 / temperature;
-#if GFT_HAVE_AVX2_PATH
-  if constexpr (!std::is_same_v<T, double>) {
-    if (use_avx2()) {
-      const float inv = static_cast<float>(inv_t);
-      parallel_rows(n_rows, n_cols, [&](int64_t begin, int64_t end) {
-        grad_rows_avx2<T>(z, in_stride, o, out_stride, n_cols, tgt, lse, cf, inv, begin, end);
-      });
-      return;
-    }
-  }
-#endif
-  parallel_rows(n_rows, n_cols, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      T* orow = o + row * out_stride;
-      if (cf[row] == C(0)) {
-        std::memset(static_cast<void*>(orow), 0, n_cols * sizeof(T));
-        continue;
-      }
-      grad_row_scalar<T>(z + row * in_stride, orow, n_cols, tgt[row], lse[row], cf[row], inv_t);
-    }
-  });
-}
-
-at::ScalarType stat_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+// ---------------------------------------------------------------------------------------
+// Argument checks and the data checks (the library's ValueError, naming the first bad
+// value).
+// ---------------------------------------------------------------------------------------
 
 void check_logits(const at::Tensor& logits, const char* name) {
   TORCH_CHECK(logits.device().is_cpu(), name, ": expected a CPU tensor, got ", logits.device());
@@ -560,9 +792,8 @@ void check_logits(const at::Tensor& logits, const char* name) {
               ": the last dimension must be contiguous (stride 1), got stride ", logits.stride(1));
 }
 
-void check_temperature(double temperature) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0,
-              "temperature: expected a finite value > 0, got ", temperature);
+at::ScalarType stat_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarType dtype) {
@@ -570,43 +801,18 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarTy
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, ": expected shape (", n, ",), got ",
               t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats(
-    const at::Tensor& logits, double temperature, bool with_entropy,
-    const c10::optional<at::Tensor>& active) {
-  check_logits(logits, "logits");
-  check_temperature(temperature);
-  const at::Tensor& z = logits;
-  const int64_t n_rows = z.size(0);
-  const bool* act = nullptr;
-  if (active.has_value() && active->defined()) {
-    check_vector(*active, "active", n_rows, at::kBool);
-    act = active->const_data_ptr<bool>();
-  }
-  const auto opts = z.options().dtype(stat_dtype(z.scalar_type()));
-  at::Tensor lse_t = at::empty({n_rows}, opts);
-  at::Tensor lse_1 = at::empty({n_rows}, opts);
-  at::Tensor entropy = with_entropy ? at::empty({n_rows}, opts) : at::Tensor();
-  if (n_rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "gft_row_stats",
-                                    [&] {
-                                      stats_dispatch<scalar_t>(z, temperature, with_entropy,
-                                                               act, lse_t, lse_1, entropy);
-                                    });
-  }
-  return {lse_t, lse_1, entropy};
+void check_targets(const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == n && t.is_contiguous(),
+              "targets: expected a contiguous CPU tensor of shape (", n, ",)");
+  TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
+              "targets: expected int64 or int32, got ", t.scalar_type());
 }
 
-at::Tensor row_grad(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse_t,
-                    const at::Tensor& coef, double temperature, at::Tensor out) {
-  check_logits(logits, "logits");
-  check_temperature(temperature);
+void check_out(const at::Tensor& logits, const at::Tensor& out) {
   const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
-  const auto acc = stat_dtype(logits.scalar_type());
-  check_vector(targets, "targets", n_rows, at::kLong);
-  check_vector(lse_t, "lse_t", n_rows, acc);
-  check_vector(coef, "coef", n_rows, acc);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == logits.scalar_type() &&
                   out.sizes() == logits.sizes(),
               "out: expected a CPU ", logits.scalar_type(), " tensor of shape ", logits.sizes(),
@@ -614,7 +820,7 @@ at::Tensor row_grad(const at::Tensor& logits, const at::Tensor& targets, const a
   TORCH_CHECK((out.stride(1) == 1 || n_cols == 1) && (n_rows <= 1 || out.stride(0) >= n_cols),
               "out: the last dimension must be contiguous and rows must not overlap, got strides ",
               out.strides());
-  if (n_rows == 0) return out;
+  if (n_rows == 0) return;
   // In place means out *is* logits (same start and row stride): each element is read before
   // it is written. A shifted, partially overlapping view would read already-written values.
   const bool same_storage = out.data_ptr() == logits.data_ptr() &&
@@ -630,19 +836,194 @@ at::Tensor row_grad(const at::Tensor& logits, const at::Tensor& targets, const a
     TORCH_CHECK(out_end <= in_begin || in_end <= out_begin,
                 "out: must be logits itself (in place) or not overlap it at all");
   }
-  const at::Tensor tg = targets.contiguous();
-  const at::Tensor lt = lse_t.contiguous();
-  const at::Tensor cf = coef.contiguous();
-  // Validate up front: an out-of-range target would write outside the row.
-  const int64_t* tp = tg.const_data_ptr<int64_t>();
+}
+
+template <typename C, typename I>
+void check_values(const TokenIn<C, I>& in, int64_t n_rows, int64_t n_adv, int64_t vocab) {
   for (int64_t i = 0; i < n_rows; ++i) {
-    TORCH_CHECK(tp[i] >= 0 && tp[i] < n_cols, "targets: row ", i, " holds ", tp[i],
-                ", expected a value in [0, ", n_cols, ")");
+    const int64_t t = static_cast<int64_t>(in.targets[i]);
+    TORCH_CHECK_VALUE(t == in.ignore_index || (t >= 0 && t < vocab),
+                      "targets: expected values in [0, ", vocab, ") or ignore_index=",
+                      in.ignore_index, ", got ", t, " (token ", i, ")");
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gft_row_grad",
-                                  [&] {
-                                    grad_dispatch<scalar_t>(logits, tg, lt, cf, temperature, out);
-                                  });
+  if (in.mask_f32 != nullptr) {
+    for (int64_t i = 0; i < n_rows; ++i) {
+      const float m = in.mask_f32[i];
+      TORCH_CHECK_VALUE(m == 0.0f || m == 1.0f, "mask: expected 0/1 values, got ", m,
+                        " (token ", i, ")");
+    }
+  }
+  if (in.mask_u8 != nullptr) {
+    for (int64_t i = 0; i < n_rows; ++i) {
+      TORCH_CHECK_VALUE(in.mask_u8[i] <= 1, "mask: expected 0/1 values, got ",
+                        static_cast<int>(in.mask_u8[i]), " (token ", i, ")");
+    }
+  }
+  for (int64_t i = 0; i < n_adv; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(in.advantages[i])),
+                      "advantages: expected finite values, got ", in.advantages[i], " (entry ", i,
+                      ")");
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The three primitives.
+// ---------------------------------------------------------------------------------------
+
+using Vec7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                        at::Tensor>;
+
+Vec7 token_pass(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& advantages,
+                const c10::optional<at::Tensor>& mask, int64_t tokens_per_advantage, double tau,
+                double inv_t, double logit_scale, double logit_softcap, int64_t ignore_index,
+                bool with_stats, const c10::optional<at::Tensor>& grad_weights,
+                const c10::optional<at::Tensor>& grad_out) {
+  check_logits(logits, "logits");
+  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
+  const auto acc = stat_dtype(logits.scalar_type());
+  check_targets(targets, n_rows);
+  TORCH_CHECK(tokens_per_advantage >= 1 && n_rows % tokens_per_advantage == 0,
+              "tokens_per_advantage: expected a divisor of N, got ", tokens_per_advantage);
+  const int64_t n_adv = n_rows / tokens_per_advantage;
+  check_vector(advantages, "advantages", n_adv, acc);
+  TORCH_CHECK(std::isfinite(inv_t) && inv_t > 0.0, "inv_t: expected a finite value > 0");
+  const bool with_grad = grad_out.has_value() && grad_out->defined();
+  if (with_grad) {
+    TORCH_CHECK(grad_weights.has_value() && grad_weights->defined(),
+                "grad_weights: needed with grad_out");
+    check_vector(*grad_weights, "grad_weights", n_rows, acc);
+    check_out(logits, *grad_out);
+  }
+  const auto opts = logits.options().dtype(acc);
+  at::Tensor loss = at::empty({n_rows}, opts), logprobs = at::empty({n_rows}, opts),
+             probs = at::empty({n_rows}, opts),
+             entropy = at::empty({with_stats ? n_rows : 0}, opts),
+             row_max = at::empty({n_rows}, opts), sum_exp = at::empty({n_rows}, opts),
+             scale = at::empty({n_rows}, opts);
+  const uint8_t* mask_u8 = nullptr;
+  const float* mask_f32 = nullptr;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == n_rows && mask->is_contiguous() &&
+                    mask->device().is_cpu(),
+                "mask: expected a contiguous CPU tensor of shape (", n_rows, ",)");
+    if (mask->scalar_type() == at::kByte) {
+      mask_u8 = mask->const_data_ptr<uint8_t>();
+    } else {
+      TORCH_CHECK(mask->scalar_type() == at::kFloat, "mask: expected uint8 or float32, got ",
+                  mask->scalar_type());
+      mask_f32 = mask->const_data_ptr<float>();
+    }
+  }
+  const LogitTransform tf = make_transform(logit_scale, logit_softcap);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gft_token_pass", [&] {
+    using C = compute_t<scalar_t>;
+    const TokenOut<C> out{loss.data_ptr<C>(),    logprobs.data_ptr<C>(),
+                          probs.data_ptr<C>(),   with_stats ? entropy.data_ptr<C>() : nullptr,
+                          row_max.data_ptr<C>(), sum_exp.data_ptr<C>(),
+                          scale.data_ptr<C>()};
+    scalar_t* grad = with_grad ? grad_out->data_ptr<scalar_t>() : nullptr;
+    const int64_t grad_stride = with_grad ? grad_out->stride(0) : 0;
+    const C* gw = with_grad ? grad_weights->const_data_ptr<C>() : nullptr;
+    auto run = [&](auto* target_ptr) {
+      using I = std::remove_const_t<std::remove_pointer_t<decltype(target_ptr)>>;
+      const TokenIn<C, I> in{target_ptr, advantages.const_data_ptr<C>(), tokens_per_advantage,
+                             mask_u8, mask_f32, gw, ignore_index, tau, inv_t};
+      check_values(in, n_rows, n_adv, n_cols);
+      if (n_rows > 0) token_rows<scalar_t, I>(logits, in, out, grad, grad_stride, tf, with_stats);
+    };
+    if (targets.scalar_type() == at::kLong) {
+      run(targets.const_data_ptr<int64_t>());
+    } else {
+      run(targets.const_data_ptr<int32_t>());
+    }
+  });
+  return {loss, logprobs, probs, entropy, row_max, sum_exp, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_stats(
+    const at::Tensor& logits, const at::Tensor& local_targets, double inv_t, double logit_scale,
+    double logit_softcap, bool with_entropy) {
+  check_logits(logits, "logits");
+  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
+  check_vector(local_targets, "local_targets", n_rows, at::kLong);
+  const auto opts = logits.options().dtype(stat_dtype(logits.scalar_type()));
+  at::Tensor row_max = at::empty({n_rows}, opts), sum_exp = at::empty({n_rows}, opts),
+             sum_exp_1 = at::empty({n_rows}, opts),
+             weighted = at::empty({with_entropy ? n_rows : 0}, opts),
+             target_logit = at::empty({n_rows}, opts);
+  const LogitTransform tf = make_transform(logit_scale, logit_softcap);
+  const int64_t* tg = local_targets.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_rows; ++i) {
+    TORCH_CHECK(tg[i] >= -1 && tg[i] < n_cols, "local_targets: row ", i, " holds ", tg[i],
+                ", expected -1 or a value in [0, ", n_cols, ")");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gft_partial_stats", [&] {
+    using C = compute_t<scalar_t>;
+    const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    const int64_t stride = logits.stride(0);
+    const bool simd = use_avx2();
+    C *m = row_max.data_ptr<C>(), *st = sum_exp.data_ptr<C>(), *s1 = sum_exp_1.data_ptr<C>(),
+      *w = with_entropy ? weighted.data_ptr<C>() : nullptr, *zy = target_logit.data_ptr<C>();
+    parallel_rows(n_rows, n_cols, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* z = base + row * stride;
+        const Summary s = summarize_row<scalar_t>(z, n_cols, inv_t, with_entropy, tf, simd, scratch);
+        m[row] = static_cast<C>(s.row_max);
+        st[row] = static_cast<C>(s.sum_t);
+        s1[row] = static_cast<C>(s.sum_1);
+        if (w != nullptr) w[row] = static_cast<C>(s.weighted);
+        zy[row] = tg[row] >= 0 ? static_cast<C>(target_logit_of<scalar_t>(z, tg[row], tf, simd)) : C(0);
+      }
+    });
+  });
+  return {row_max, sum_exp, sum_exp_1, weighted, target_logit};
+}
+
+at::Tensor row_grad(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& row_max,
+                    const at::Tensor& sum_exp, const at::Tensor& grad_rows, const at::Tensor& scale,
+                    double inv_t, double logit_scale, double logit_softcap, at::Tensor out) {
+  check_logits(logits, "logits");
+  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
+  const auto acc = stat_dtype(logits.scalar_type());
+  check_targets(targets, n_rows);
+  check_vector(row_max, "row_max", n_rows, acc);
+  check_vector(sum_exp, "sum_exp", n_rows, acc);
+  check_vector(grad_rows, "grad_rows", n_rows, acc);
+  check_vector(scale, "scale", n_rows, acc);
+  check_out(logits, out);
+  if (n_rows == 0) return out;
+  const LogitTransform tf = make_transform(logit_scale, logit_softcap);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gft_row_grad", [&] {
+    using C = compute_t<scalar_t>;
+    // Not const_data_ptr: when out aliases logits the same memory is written below.
+    const scalar_t* base = static_cast<const scalar_t*>(logits.data_ptr());
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t in_stride = logits.stride(0), out_stride = out.stride(0);
+    const C *m = row_max.const_data_ptr<C>(), *s = sum_exp.const_data_ptr<C>(),
+            *g = grad_rows.const_data_ptr<C>(), *sc = scale.const_data_ptr<C>();
+    const bool simd = use_avx2();
+    auto run = [&](auto* tg) {
+      // Validate the targets that are read: an out-of-range one would write outside the row.
+      for (int64_t i = 0; i < n_rows; ++i) {
+        const int64_t t = static_cast<int64_t>(tg[i]);
+        TORCH_CHECK(g[i] * sc[i] == C(0) || (t >= -1 && t < n_cols), "targets: row ", i,
+                    " holds ", t, ", expected -1 or a value in [0, ", n_cols, ")");
+      }
+      parallel_rows(n_rows, n_cols, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const double coef = static_cast<double>(g[row]) * sc[row] * inv_t;
+          grad_row<scalar_t>(base + row * in_stride, o + row * out_stride, n_cols,
+                             static_cast<int64_t>(tg[row]), m[row], s[row], coef, inv_t, tf, simd);
+        }
+      });
+    };
+    if (targets.scalar_type() == at::kLong) {
+      run(targets.const_data_ptr<int64_t>());
+    } else {
+      run(targets.const_data_ptr<int32_t>());
+    }
+  });
   return out;
 }
 
@@ -654,13 +1035,20 @@ bool set_simd_enabled(bool enabled) { return g_simd_enabled.exchange(enabled); }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Native CPU row kernels of the GFT loss (row_stats, row_grad).";
-  m.def("row_stats", &row_stats, "(lse_t, lse_1, entropy) of each row of (N, V) logits",
-        py::arg("logits"), py::arg("temperature"), py::arg("with_entropy"),
-        py::arg("active") = py::none(), py::call_guard<py::gil_scoped_release>());
-  m.def("row_grad", &row_grad, "out = coef * (softmax(z / T) - onehot(targets)), in place OK",
-        py::arg("logits"), py::arg("targets"), py::arg("lse_t"), py::arg("coef"),
-        py::arg("temperature"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.doc() = "Native CPU row kernels of the GFT loss (token_pass, partial_stats, row_grad).";
+  m.def("token_pass", &token_pass, "per-token GFT quantities in one pass (optionally the gradient)",
+        py::arg("logits"), py::arg("targets"), py::arg("advantages"), py::arg("mask"),
+        py::arg("tokens_per_advantage"), py::arg("tau"), py::arg("inv_t"), py::arg("logit_scale"),
+        py::arg("logit_softcap"), py::arg("ignore_index"), py::arg("with_stats"),
+        py::arg("grad_weights"), py::arg("grad_out"), py::call_guard<py::gil_scoped_release>());
+  m.def("partial_stats", &partial_stats, "row statistics of a block of vocabulary columns",
+        py::arg("logits"), py::arg("local_targets"), py::arg("inv_t"), py::arg("logit_scale"),
+        py::arg("logit_softcap"), py::arg("with_entropy"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("row_grad", &row_grad, "gradient rows from their summaries; in place OK", py::arg("logits"),
+        py::arg("targets"), py::arg("row_max"), py::arg("sum_exp"), py::arg("grad_rows"),
+        py::arg("scale"), py::arg("inv_t"), py::arg("logit_scale"), py::arg("logit_softcap"),
+        py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("simd_path", &simd_path, "'avx2' or 'scalar': the inner loops in use");
   m.def("set_simd_enabled", &set_simd_enabled, "enable/disable the SIMD path (tests)",
         py::arg("enabled"));

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from gft_kernels import _checks
-from gft_kernels.cpu.torch_rows import accumulate_dtype
+from gft_kernels.backends.torch_rows import accumulate_dtype
 
 
 def _group_index(

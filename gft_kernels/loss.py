@@ -7,9 +7,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from gft_kernels import _checks
-from gft_kernels.function import GFTTokenLossFunction
 from gft_kernels.stats import GFTStats
-from gft_kernels.tokens import make_stats, prepare_call, reduce_loss
+from gft_kernels.token_loss_op import ShardedTokenLoss, token_loss
+from gft_kernels.tokens import make_stats, prepare_tokens, reduce_loss
 
 
 def gft_loss(
@@ -28,33 +28,45 @@ def gft_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
     process_group: Optional[object] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, GFTStats]]:
     """The GFT loss ``-A * c * log p`` over logits, in one chunked pass each way.
 
     Args:
         logits: ``(B, T, V)`` or ``(N, V)``, float32/bfloat16/float16 (float64 on the
             ``torch`` and ``cpu`` backends). Arithmetic is fp32 (fp64 for fp64 input).
-        targets: int64, shaped like the leading dims of ``logits``; ``ignore_index``
-            marks padding.
+        targets: int64 or int32, shaped like the leading dims of ``logits``;
+            ``ignore_index`` marks padding. Values are checked in the kernels (a target
+            outside ``[0, V)`` raises ``ValueError``; on CUDA a device-side assert).
         advantages: ``(B,)`` per sequence (3-D logits only) or shaped like ``targets``.
-        mask: optional 0/1 or bool tensor shaped like ``targets``.
+        mask: optional 0/1 tensor (bool, integer or float) shaped like ``targets``.
         tau: DCR threshold, ``c = q if q <= tau else 1``; ``>= 0``.
         temperature: ``> 0``; ``log p`` is read from ``z / T``, ``q`` from ``z``.
         loss_agg_mode: ``token-mean``, ``seq-mean-token-sum``, ``seq-mean-token-mean``,
             ``seq-mean-token-sum-norm`` (3-D only for the ``seq-*`` modes), ``sum`` or
             ``none`` (per-token losses shaped like ``targets``).
         num_tokens: ``token-mean`` denominator (e.g. the global count under data
-            parallelism); default: the number of valid tokens.
+            parallelism), a number or a 1-element tensor (not read on the host, so it
+            costs no synchronisation); default: the number of valid tokens.
         max_response_length: ``seq-mean-token-sum-norm`` denominator; default ``T``.
         return_stats: also return a :class:`GFTStats` from the same pass.
         backend: ``auto`` (CUDA -> triton, CPU -> native C++ if it builds, else torch),
             ``triton``, ``cpu`` or ``torch``.
         inplace_backward: write the logits' gradient into the logits' own storage (saves
-            one ``N x V`` buffer; the logits are destroyed by the backward pass).
+            one ``N x V`` buffer). The logits are overwritten by the backward pass, and
+            autograd sees the write: another node that saved the same logits (e.g. a
+            z-loss whose backward runs later) raises instead of reading gradients, and a
+            second backward through the loss raises. Needs logits that require grad and
+            whose elements do not overlap in memory.
         process_group: vocab-parallel logits: ``logits`` holds this rank's contiguous
             block of vocabulary columns (blocks in rank order, any sizes); ``targets``
             are global ids and every other input is replicated. Statistics are combined
             with O(N) all-reduces; the gradient stays local.
+        logit_scale: heads with a logit transform: ``z' = z * logit_scale``, or, with
+            ``logit_softcap``, ``z' = cap * tanh(z * logit_scale / cap)`` (Gemma-2/3
+            final-logit soft-capping), applied inside the kernels before everything else.
+        logit_softcap: the soft-cap ``cap > 0``, or None.
 
     Returns:
         The loss (0-dim, or ``targets``-shaped for ``none``) in fp32 (fp64 for fp64
@@ -63,16 +75,13 @@ def gft_loss(
     _checks.check_float_tensor("logits", logits, dims=(2, 3))
     _checks.check_nonempty("logits", logits, "token and one vocabulary entry")
     vocab_size = logits.shape[-1]
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}")
-    kernels, shard, batch = prepare_call(
+    _checks.check_bool("inplace_backward", inplace_backward)
+    batch = prepare_tokens(
         logits,
-        vocab_size,
         targets,
         advantages,
         mask,
         backend=backend,
-        process_group=process_group,
         tau=tau,
         temperature=temperature,
         loss_agg_mode=loss_agg_mode,
@@ -80,23 +89,48 @@ def gft_loss(
         num_tokens=num_tokens,
         max_response_length=max_response_length,
         return_stats=return_stats,
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
     )
+    if inplace_backward:
+        _checks.check_inplace_logits(logits)
     logits_2d = logits.reshape(-1, vocab_size)
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
-    token_loss, logprobs, probs, entropy = GFTTokenLossFunction.apply(
-        logits_2d,
-        batch.targets,
-        batch.advantages,
-        batch.valid,
-        batch.tau,
-        batch.temperature,
-        kernels,
-        return_stats,
-        inplace_backward,
-        shard,
-    )
-    loss = reduce_loss(token_loss, batch)
+    params = batch.params
+    if process_group is None:
+        token_loss_t, logprobs, probs, entropy, *_ = token_loss(
+            logits_2d,
+            batch.targets,
+            batch.advantages,
+            batch.mask,
+            batch.tokens_per_advantage,
+            params.tau,
+            params.temperature,
+            params.logit_scale,
+            params.logit_softcap,
+            params.ignore_index,
+            return_stats,
+            batch.backend,
+            inplace_backward,
+        )
+    else:
+        from gft_kernels.rows import vocab_shard
+
+        shard = vocab_shard(process_group, vocab_size, logits.device)
+        token_loss_t, logprobs, probs, entropy = ShardedTokenLoss.apply(
+            logits_2d,
+            batch.targets,
+            batch.advantages,
+            batch.mask,
+            batch.tokens_per_advantage,
+            params,
+            return_stats,
+            batch.backend,
+            inplace_backward,
+            shard,
+        )
+    loss = reduce_loss(token_loss_t, batch)
     if not return_stats:
         return loss
     return loss, make_stats(batch, logprobs, probs, entropy)

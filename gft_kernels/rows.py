@@ -1,20 +1,17 @@
-"""Row statistics and gradients over a vocabulary that may be sharded across ranks.
+"""Row passes over a vocabulary that may be sharded across ranks (vocab parallelism).
 
-Both autograd Functions (logits-level and fused-linear) call these two helpers, so the
-single-device path and the vocab-parallel path are the same code. Unsharded, they are
-the backend's ``row_stats`` / ``row_grad`` plus an O(N) gather of the target logit.
+Unsharded, a row pass is the backend's fused ``token_pass``. Vocab-parallel (each rank
+holds a contiguous block of vocabulary columns, in rank order, blocks of any size), every
+rank summarises its block with ``partial_stats`` and O(N) all-reduces combine the blocks
+exactly, with ``M = max_r m_r`` and ``d_r = (m_r - M) / T``:
 
-Vocab-parallel (each rank holds a contiguous block of vocabulary columns, in rank order,
-blocks of any size): every rank runs the row kernel on its block, then O(N) all-reduces
-combine the partial statistics exactly:
+    S   = sum_r S_r exp(d_r)                 (and S_1 likewise at T = 1)
+    W   = sum_r exp(d_r) (W_r + d_r S_r)     (entropy numerator re-centred on M)
+    z_y = the one rank that owns y contributes it, the others 0
 
-    lse      = M + log sum_r exp(lse_r - M),   M = max_r lse_r      (at T and at 1)
-    E_p[x]   = sum_r exp(lse_r - lse) * (lse_r - H_r)                (x = z / T)
-    H        = lse - E_p[x]
-    z_y      = the one rank that owns y contributes it, the others 0
-
-The gradient then needs no communication: each rank writes its own columns of
-``coef * (softmax(z / T) - onehot(y))`` with the global ``lse``.
+after which :func:`~gft_kernels.backends.token_terms.token_terms` gives the per-token
+quantities and the gradient needs no communication: each rank writes its own columns
+with the global ``M`` and ``S`` (the target's column only on the rank that owns it).
 """
 
 from __future__ import annotations
@@ -24,7 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from gft_kernels.backends import RowKernels
+from gft_kernels.backends import RowBackend, RowParams, TokenPass
+from gft_kernels.backends.token_terms import raise_for_flags, token_terms, value_flags
 
 
 @dataclass(frozen=True)
@@ -51,88 +49,73 @@ def vocab_shard(process_group, local_size: int, device: torch.device) -> VocabSh
     return VocabShard(process_group, sum(sizes[:rank]), local_size, sum(sizes))
 
 
-@dataclass
-class RowStats:
-    """Per-row statistics, all ``(N,)`` in the accumulate dtype."""
-
-    lse_t: torch.Tensor
-    lse_1: torch.Tensor
-    entropy: Optional[torch.Tensor]
-    target_logit: torch.Tensor
-    local_targets: torch.Tensor  # column of the target in this block (0 where not here)
-    target_here: Optional[torch.Tensor]  # bool, None when unsharded (always here)
+def local_targets(
+    targets: torch.Tensor, valid: torch.Tensor, shard: VocabShard
+) -> torch.Tensor:
+    """Column of each valid target in this rank's block, -1 where it lives elsewhere."""
+    local = targets.long() - shard.offset
+    here = valid & (local >= 0) & (local < shard.size)
+    return torch.where(here, local, torch.full_like(local, -1))
 
 
-def _combine_lse(local: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact logsumexp across ranks of per-rank logsumexps ``(k, N)``; returns (lse, M)."""
-    import torch.distributed as dist
-
-    top = local.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    # A block whose entries are all -inf has lse_r = -inf: exp(-inf - M) = 0, and an
-    # all -inf row everywhere keeps M = -inf; shifting by 0 then avoids -inf - -inf.
-    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    sums = torch.exp(local - shift)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    return shift + torch.log(sums), shift
-
-
-def row_statistics(
-    kernels: RowKernels,
+def sharded_token_pass(
+    backend: RowBackend,
     logits: torch.Tensor,
     targets: torch.Tensor,
-    temperature: float,
-    with_entropy: bool,
-    shard: Optional[VocabShard] = None,
-    active: Optional[torch.Tensor] = None,
-) -> RowStats:
-    """Statistics of ``(N, V_local)`` logits; ``targets`` are global vocabulary ids.
-
-    Rows with ``active[i] == False`` are not read (lse = +inf: no loss, no gradient).
-    """
-    lse_t, lse_1, entropy = kernels.row_stats(logits, temperature, with_entropy, active)
-    if shard is None:
-        target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1).to(lse_t.dtype)
-        return RowStats(lse_t, lse_1, entropy, target_logit, targets, None)
-
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    params: RowParams,
+    *,
+    tokens_per_advantage: int,
+    with_stats: bool,
+    shard: VocabShard,
+) -> Tuple[TokenPass, torch.Tensor]:
+    """The token pass of a vocab-parallel head; returns it and the local targets that
+    :meth:`RowBackend.row_grad` takes for this rank's block."""
     import torch.distributed as dist
 
-    local = targets - shard.offset
-    here = (local >= 0) & (local < shard.size)
-    local = torch.where(here, local, torch.zeros_like(local))
-    target_logit = torch.where(
-        here, logits.gather(1, local.unsqueeze(1)).squeeze(1).to(lse_t.dtype), 0.0
+    flags = value_flags(
+        targets, mask, advantages, tokens_per_advantage, shard.total, params.ignore_index
     )
-    dist.all_reduce(target_logit, group=shard.group)
-    combined, _ = _combine_lse(torch.stack([lse_t, lse_1]), shard.group)
-    global_t, global_1 = combined[0], combined[1]
-    if with_entropy:
-        share = torch.exp(lse_t - global_t)
-        mean_x = torch.where(share > 0, share * (lse_t - entropy), torch.zeros_like(share))
-        dist.all_reduce(mean_x, group=shard.group)
-        entropy = global_t - mean_x
-    return RowStats(global_t, global_1, entropy, target_logit, local, here)
+    if bool(flags.any()):
+        raise_for_flags(
+            flags.cpu(),
+            targets.cpu(),
+            None if mask is None else mask.cpu(),
+            advantages.cpu(),
+            tokens_per_advantage,
+            shard.total,
+            params.ignore_index,
+        )
+    valid = targets != params.ignore_index
+    if mask is not None:
+        valid = valid & (mask != 0)
+    adv = advantages
+    if tokens_per_advantage > 1:
+        adv = adv.repeat_interleave(tokens_per_advantage)
+    local = local_targets(targets, valid, shard)
+    part = backend.partial_stats(logits, local, params, with_entropy=with_stats)
 
-
-def row_gradient(
-    kernels: RowKernels,
-    logits: torch.Tensor,
-    stats: RowStats,
-    coef: torch.Tensor,
-    temperature: float,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """Write ``coef * (softmax(z / T) - onehot(y))`` for this block into ``out``.
-
-    ``out`` may alias ``logits``. Rows whose target lives on another rank were given
-    column 0 as a stand-in target; their column 0 is rewritten with the exact value,
-    computed before the kernel may overwrite the logits.
-    """
-    if stats.target_here is None:
-        return kernels.row_grad(logits, stats.local_targets, stats.lse_t, coef, temperature, out)
-    elsewhere = ~stats.target_here
-    first = logits[:, 0].to(stats.lse_t.dtype)
-    fixed = coef * torch.exp(first / temperature - stats.lse_t)
-    kernels.row_grad(logits, stats.local_targets, stats.lse_t, coef, temperature, out)
-    out[:, 0] = torch.where(elsewhere, fixed, out[:, 0].to(fixed.dtype)).to(out.dtype)
-    return out
+    row_max = part.row_max.clone()
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
+    # A block of -inf has m_r = -inf: its factor is exp(-inf) = 0. A row that is -inf on
+    # every rank keeps M = -inf; shifting by 0 then avoids -inf - -inf.
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    delta_1 = part.row_max - shift
+    delta_t = delta_1 * params.inv_temperature
+    factor_t = torch.exp(delta_t)
+    factor_1 = torch.exp(delta_1)
+    sums = [part.sum_exp * factor_t, part.sum_exp_1 * factor_1, part.target_logit]
+    if with_stats:
+        live = factor_t > 0  # d_r = -inf on an all -inf block: its W_r term is 0, not NaN
+        sums.append(torch.where(live, factor_t * (part.weighted + delta_t * part.sum_exp), 0.0))
+    stacked = torch.stack(sums)
+    dist.all_reduce(stacked, group=shard.group)
+    sum_exp, sum_exp_1, target_logit = stacked[0], stacked[1], stacked[2]
+    weighted = stacked[3] if with_stats else None
+    active = valid if with_stats else valid & (adv != 0)
+    loss, logprobs, probs, entropy, scale = token_terms(
+        row_max, sum_exp, sum_exp_1, weighted, target_logit, active, adv, params
+    )
+    result = TokenPass(loss, logprobs, probs, entropy, row_max, sum_exp.contiguous(), scale)
+    return result, local

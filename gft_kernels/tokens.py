@@ -1,32 +1,38 @@
-"""Token-level preparation shared by the logits-level and fused-linear losses."""
+"""Token-level preparation shared by the logits-level and fused-linear losses.
+
+Everything here is static: shapes, dtypes, devices and option values are checked in
+Python before anything launches, and no tensor value is read (no host synchronisation).
+Checks that need the data (target range, mask values, finite advantages) happen inside
+the row kernels.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Union
 
 import torch
 
 from gft_kernels import _checks
 from gft_kernels.aggregation import token_weights
-from gft_kernels.backends import RowKernels, resolve
-from gft_kernels.cpu.torch_rows import accumulate_dtype
-from gft_kernels.rows import VocabShard, vocab_shard
-from gft_kernels.stats import GFTStats
+from gft_kernels.backends import RowParams, check_backend
+from gft_kernels.backends.torch_rows import accumulate_dtype
 
 
 @dataclass
 class TokenBatch:
-    """Flattened per-token inputs, all ``(N,)``, checked and ready for a kernel."""
+    """Flattened per-token inputs, ready for a kernel (no input is modified)."""
 
     token_shape: torch.Size
-    targets: torch.Tensor  # int64, ignore_index replaced by 0
-    advantages: torch.Tensor  # accumulate dtype, per token
-    valid: torch.Tensor  # bool: mask and not ignore_index
+    targets: torch.Tensor  # (N,) int64 or int32, ignore_index kept
+    advantages: torch.Tensor  # (N // tokens_per_advantage,) in the accumulate dtype
+    tokens_per_advantage: int  # the sequence length for per-sequence advantages, else 1
+    mask: Optional[torch.Tensor]  # (N,) uint8 or float32 (0/1 checked in the kernels)
+    valid: torch.Tensor  # (N,) bool: mask and not ignore_index
     weights: torch.Tensor  # aggregation weight w_t (loss = sum w * l); the mask for 'none'
     loss_agg_mode: str
-    tau: float
-    temperature: float
+    params: RowParams
+    backend: str  # as resolved by check_backend (no build yet)
 
 
 def check_options(
@@ -36,120 +42,129 @@ def check_options(
     num_tokens: object,
     max_response_length: object,
     return_stats: object,
-) -> tuple:
+    logit_scale: object = 1.0,
+    logit_softcap: object = None,
+    ignore_index: object = -100,
+) -> dict:
+    """Check the scalar keywords shared by both losses; returns them normalised."""
     tau = _checks.check_scalar("tau", tau, minimum=0.0, inclusive=True)
     temperature = _checks.check_scalar("temperature", temperature, minimum=0.0, inclusive=False)
+    logit_scale = _checks.check_scalar("logit_scale", logit_scale, minimum=0.0, inclusive=False)
+    if logit_softcap is not None:
+        logit_softcap = _checks.check_scalar(
+            "logit_softcap", logit_softcap, minimum=0.0, inclusive=False
+        )
     if num_tokens is not None:
-        num_tokens = _checks.check_scalar("num_tokens", num_tokens, minimum=0.0, inclusive=False)
+        num_tokens = _checks.check_count_or_tensor("num_tokens", num_tokens)
     if max_response_length is not None:
-        if isinstance(max_response_length, bool) or not isinstance(max_response_length, int):
-            raise TypeError(
-                "max_response_length: expected a positive int, got "
-                f"{type(max_response_length).__name__}"
-            )
-        if max_response_length <= 0:
-            raise ValueError(
-                f"max_response_length: expected a positive int, got {max_response_length}"
-            )
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
-    return tau, temperature, num_tokens
+        _checks.check_positive_int("max_response_length", max_response_length)
+    _checks.check_bool("return_stats", return_stats)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    return dict(
+        tau=tau,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
+        num_tokens=num_tokens,
+        ignore_index=ignore_index,
+    )
 
 
 def prepare_tokens(
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: Optional[torch.Tensor],
+    anchor: torch.Tensor,
+    targets: object,
+    advantages: object,
+    mask: Optional[object],
     *,
-    token_shape: torch.Size,
-    vocab_size: int,
-    device: torch.device,
-    acc_dtype: torch.dtype,
+    backend: object,
     tau: object,
     temperature: object,
     loss_agg_mode: object,
-    ignore_index: int,
-    num_tokens: object,
+    ignore_index: object,
+    num_tokens: Optional[Union[float, torch.Tensor]],
     max_response_length: object,
     return_stats: object,
+    logit_scale: object = 1.0,
+    logit_softcap: object = None,
 ) -> TokenBatch:
-    """Check every token-level argument and flatten them (no input is modified)."""
-    tau, temperature, num_tokens = check_options(
+    """Check every argument of a loss call and flatten the token inputs.
+
+    ``anchor`` is the logits or hidden tensor: its leading dims are the tokens and its
+    device/dtype pick the backend.
+    """
+    opts = check_options(
         tau=tau,
         temperature=temperature,
         num_tokens=num_tokens,
         max_response_length=max_response_length,
         return_stats=return_stats,
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
+        ignore_index=ignore_index,
     )
+    token_shape = anchor.shape[:-1]
     mode = _checks.check_mode(loss_agg_mode, len(token_shape))
-    _checks.check_token_inputs(
-        targets, advantages, mask, token_shape, vocab_size, ignore_index, device
-    )
-    valid = targets != ignore_index
+    _checks.check_token_inputs(targets, advantages, mask, token_shape, anchor.device)
+    name = check_backend(backend, anchor.device, anchor.dtype)
+    acc = accumulate_dtype(anchor.dtype)
+
+    flat_targets = targets.reshape(-1)
+    valid = flat_targets != opts["ignore_index"]
+    flat_mask = None
     if mask is not None:
-        valid = valid & mask.bool()
+        flat_mask = mask.reshape(-1)
+        if flat_mask.dtype == torch.bool:
+            flat_mask = flat_mask.view(torch.uint8)
+        elif flat_mask.dtype not in (torch.uint8, torch.float32):
+            flat_mask = flat_mask.to(torch.float32)  # keeps any non-0/1 value visible
+        valid = valid & (flat_mask != 0)
     weights = token_weights(
-        valid, mode, acc_dtype, num_tokens=num_tokens, max_response_length=max_response_length
-    )
-    if advantages.dim() == 1 and len(token_shape) == 2:
-        advantages = advantages.unsqueeze(1).expand(token_shape)
+        valid.reshape(token_shape),
+        mode,
+        acc,
+        num_tokens=opts["num_tokens"],
+        max_response_length=max_response_length,
+    ).reshape(-1)
+    per_sequence = advantages.dim() == 1 and len(token_shape) == 2
     return TokenBatch(
         token_shape=token_shape,
-        targets=torch.where(targets == ignore_index, 0, targets).reshape(-1).long(),
-        advantages=advantages.reshape(-1).to(acc_dtype),
-        valid=valid.reshape(-1),
-        weights=weights.reshape(-1),
+        targets=flat_targets,
+        advantages=advantages.reshape(-1).to(acc),
+        tokens_per_advantage=token_shape[1] if per_sequence else 1,
+        mask=flat_mask,
+        valid=valid,
+        weights=weights,
         loss_agg_mode=mode,
-        tau=tau,
-        temperature=temperature,
+        params=RowParams(
+            tau=opts["tau"],
+            temperature=opts["temperature"],
+            logit_scale=opts["logit_scale"],
+            logit_softcap=opts["logit_softcap"],
+            ignore_index=opts["ignore_index"],
+        ),
+        backend=name,
     )
 
 
-def prepare_call(
-    anchor: torch.Tensor,
-    local_vocab: int,
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    *,
-    backend: object,
-    process_group: Optional[object],
-    **options: object,
-) -> Tuple[RowKernels, Optional[VocabShard], TokenBatch]:
-    """Dispatch and token preparation shared by both public losses.
-
-    ``anchor`` is the logits or hidden tensor whose leading dims are the tokens and whose
-    device/dtype pick the kernels; ``local_vocab`` is this rank's vocabulary size.
-    ``options`` are the loss keywords checked by :func:`prepare_tokens`.
-    """
-    kernels = resolve(backend, anchor.device, anchor.dtype)
-    shard = None
-    if process_group is not None:
-        shard = vocab_shard(process_group, local_vocab, anchor.device)
-    batch = prepare_tokens(
-        targets,
-        advantages,
-        mask,
-        token_shape=anchor.shape[:-1],
-        vocab_size=local_vocab if shard is None else shard.total,
-        device=anchor.device,
-        acc_dtype=accumulate_dtype(anchor.dtype),
-        **options,
-    )
-    return kernels, shard, batch
+def per_token_advantages(batch: TokenBatch) -> torch.Tensor:
+    """``(N,)`` advantages (per-sequence ones repeated over their tokens)."""
+    if batch.tokens_per_advantage == 1:
+        return batch.advantages
+    return batch.advantages.repeat_interleave(batch.tokens_per_advantage)
 
 
 def reduce_loss(token_loss: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """Apply the aggregation mode to ``(N,)`` per-token losses (0 on invalid tokens)."""
     if batch.loss_agg_mode == "none":
         return token_loss.reshape(batch.token_shape)
-    return (token_loss * batch.weights).sum()
+    return torch.dot(token_loss, batch.weights)
 
 
-def make_stats(
-    batch: TokenBatch, logprobs: torch.Tensor, probs: torch.Tensor, entropy: torch.Tensor
-) -> GFTStats:
-    rectified = (batch.valid & (probs <= batch.tau)).sum()
+def make_stats(batch: TokenBatch, logprobs, probs, entropy):
+    from gft_kernels.stats import GFTStats
+
+    rectified = (batch.valid & (probs <= batch.params.tau)).sum()
     fraction = rectified.to(probs.dtype) / batch.valid.sum().clamp_min(1).to(probs.dtype)
     shape = batch.token_shape
     return GFTStats(

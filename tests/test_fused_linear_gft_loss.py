@@ -178,12 +178,12 @@ def test_all_zero_advantages_give_zero(backend):
 
 def test_dropped_tokens_never_reach_the_head(monkeypatch):
     """Zero-advantage and masked tokens are removed before the matmul."""
-    import gft_kernels.fused_linear as fl
+    import gft_kernels.head as head
 
     h, w, b, targets, adv, mask = head_case(per_token=True)
     seen = []
-    original = fl._head_chunk
-    monkeypatch.setattr(fl, "_head_chunk", lambda x, *a: seen.append(x.shape[0]) or original(x, *a))
+    original = head._logits_chunk
+    monkeypatch.setattr(head, "_logits_chunk", lambda x, *a: seen.append(x.shape[0]) or original(x, *a))
     fused_linear_gft_loss(h, w, targets, adv, mask, backend="torch")
     contributing = ((targets != -100) & mask.bool() & (adv != 0)).sum().item()
     assert sum(seen) == contributing < targets.numel()
@@ -295,8 +295,9 @@ def test_weight_grad_is_the_precomputed_buffer_not_a_copy():
     ww = w.clone().requires_grad_(True)
     loss = fused_linear_gft_loss(h, ww, targets, adv, mask, backend="torch")
     node = loss.grad_fn
-    precomputed_w = node.precomputed[1].data_ptr()
+    precomputed_w = node.saved_tensors[1].data_ptr()
     (loss * 0.5).backward()
-    assert node.precomputed is None
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        node.saved_tensors  # released with the graph: nothing else holds a V x H buffer
     # The buffer computed in the forward became weight.grad itself (same storage).
     assert ww.grad.data_ptr() == precomputed_w

@@ -192,21 +192,36 @@ def test_non_contiguous_logits():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_row_stats_skip_inactive_rows(backend, temperature):
-    """Rows marked inactive are never read (NaN there stays out) and get lse = +inf."""
-    from gft_kernels.backends import resolve
+def test_token_pass_skips_rows_without_loss(backend, temperature):
+    """Rows that carry no loss (masked, zero advantage) are never read (NaN there stays
+    out); the others are summarised by (m, S) with m / T + log S = logsumexp(z / T)."""
+    from gft_kernels.backends import RowParams, check_backend, load_backend
 
     dev = device_for(backend)
-    kernels = resolve(backend, dev, torch.float32)
+    rows = load_backend(check_backend(backend, dev, torch.float32))
     z = torch.randn(6, 300, device=dev) * 3
     z[[1, 4]] = float("nan")
-    active = torch.tensor([True, False, True, True, False, True], device=dev)
-    lse_t, lse_1, _ = kernels.row_stats(z, temperature, False, active)
-    assert torch.all(lse_t[~active] == float("inf")) and torch.all(lse_1[~active] == float("inf"))
-    want_t = torch.logsumexp(z[active].double() / temperature, -1)
-    want_1 = torch.logsumexp(z[active].double(), -1)
-    torch.testing.assert_close(lse_t[active].double().cpu(), want_t.cpu(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(lse_1[active].double().cpu(), want_1.cpu(), rtol=1e-6, atol=1e-6)
+    targets = torch.randint(0, 300, (6,), device=dev)
+    adv = torch.tensor([1.0, 0.0, -2.0, 0.5, 1.0, 3.0], device=dev)
+    mask = torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.uint8, device=dev)
+    active = (adv != 0) & (mask != 0)
+    out = rows.token_pass(
+        z, targets, adv, mask, RowParams(tau=0.1, temperature=temperature),
+        tokens_per_advantage=1, with_stats=False,
+    )  # fmt: skip
+    for name in ("loss", "scale", "logprobs", "probs"):
+        values = getattr(out, name)
+        assert torch.all(values[~active] == 0), name
+        assert torch.isfinite(values).all(), name
+    want = torch.logsumexp(z[active].double() / temperature, -1)
+    got = out.row_max[active].double() / temperature + out.sum_exp[active].double().log()
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-6, atol=1e-6)
+    logp = z[active].double().log_softmax(-1) if temperature == 1.0 else None
+    if logp is not None:
+        want_logp = logp.gather(1, targets[active].unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(
+            out.logprobs[active].double().cpu(), want_logp.cpu(), rtol=1e-6, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

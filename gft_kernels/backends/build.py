@@ -1,4 +1,4 @@
-"""Build the native CPU kernel ahead of time: ``python -m gft_kernels.cpu.build``.
+"""Build the native CPU kernel ahead of time: ``python -m gft_kernels.backends.build``.
 
 Compiles ``csrc/gft_cpu.cpp`` into torch's extension cache (or ``$GFT_KERNELS_BUILD_DIR``)
 so the first ``backend="cpu"``/``"auto"`` call does not pay the ~30 s compile. Prints where
@@ -14,11 +14,11 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gft_kernels.cpu.build", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gft_kernels.backends.build", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler output")
     args = parser.parse_args(argv)
 
-    from gft_kernels.cpu import native
+    from gft_kernels.backends import native
 
     start = time.perf_counter()
     try:

@@ -1,0 +1,170 @@
+"""The row-kernel contract every backend implements, written once.
+
+A backend turns rows of logits into the per-token GFT quantities and, on request, into the
+gradient of the loss with respect to those logits. Three primitives cover every public path
+(logits-level, fused linear head, vocab-parallel shards):
+
+* ``token_pass``: one pass over each row producing every per-token quantity of the loss
+  (and, when ``grad_weights``/``grad_out`` are given, the gradient in the same launch);
+* ``partial_stats``: the row statistics of a block of vocabulary columns only, for heads
+  sharded across ranks (the blocks are combined with O(N) all-reduces, then
+  :func:`gft_kernels.backends.token_terms.token_terms` finishes the job);
+* ``row_grad``: the gradient of rows whose statistics are known.
+
+Numerics shared by all backends (this is what makes them agree bit-for-bit in the cases
+that matter): with ``z'`` the transformed logits (soft-cap / scale), ``m = max_v z'_v``
+and ``x_v = (z'_v - m) / T``, a row is summarised by ``m`` and ``S = sum_v exp(x_v)``
+(never by a rounded ``lse = m / T + log S``). The softmax is ``exp(x_v) / S`` in the
+forward and the backward alike, so no product is ever fused with a rounded ``lse``: a
+certain token (``x = 0`` and ``S = 1``) gets a gradient of exactly 0 at any temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+
+# The smallest inverse temperature the fp32 kernels use: 1 / T below it would flush to 0
+# and turn (-inf) * 0 into NaN; such a temperature is uniform to fp32 precision anyway.
+MIN_INV_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """Scalar options of a row pass, checked by the public functions."""
+
+    tau: float
+    temperature: float
+    logit_scale: float = 1.0
+    logit_softcap: Optional[float] = None
+    ignore_index: int = -100
+
+    @property
+    def inv_temperature(self) -> float:
+        return max(1.0 / self.temperature, MIN_INV_TEMPERATURE)
+
+    @property
+    def unit_temperature(self) -> bool:
+        return self.temperature == 1.0
+
+    @property
+    def transforms_logits(self) -> bool:
+        return self.logit_softcap is not None or self.logit_scale != 1.0
+
+    @property
+    def softcap_slope(self) -> float:
+        """``scale / cap``: the soft-capped logit is ``cap * tanh(z * scale / cap)``."""
+        assert self.logit_softcap is not None
+        return self.logit_scale / self.logit_softcap
+
+
+@dataclass
+class TokenPass:
+    """Per-token outputs of :meth:`RowBackend.token_pass`, all ``(N,)`` in the accumulate
+    dtype (fp64 for fp64 logits, else fp32).
+
+    ``loss`` is ``-A c log p`` (exactly 0 where ``scale`` is 0); ``scale`` is ``A c`` on
+    tokens that carry loss and 0 elsewhere; ``row_max``/``sum_exp`` are the row summary
+    ``m`` and ``S`` the backward reads. ``logprobs``/``probs`` are 0 on invalid tokens;
+    ``entropy`` is None unless stats were requested.
+    """
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    probs: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    row_max: torch.Tensor
+    sum_exp: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass
+class PartialStats:
+    """Statistics of one block of vocabulary columns per row, all ``(N,)``.
+
+    ``row_max`` is the block's max ``m_r`` (``-inf`` for a block of ``-inf``),
+    ``sum_exp``/``sum_exp_1`` are ``sum exp((z' - m_r) / T)`` and ``sum exp(z' - m_r)``,
+    ``weighted`` is ``sum e x`` with ``x = (z' - m_r) / T`` (None unless requested) and
+    ``target_logit`` is ``z'_y`` where the target lives in this block, else 0.
+    """
+
+    row_max: torch.Tensor
+    sum_exp: torch.Tensor
+    sum_exp_1: torch.Tensor
+    weighted: Optional[torch.Tensor]
+    target_logit: torch.Tensor
+
+
+@runtime_checkable
+class RowBackend(Protocol):
+    """What a backend provides. Inputs are validated by the caller except where noted.
+
+    Shapes: ``logits`` is ``(N, V)`` with a contiguous last dim (any row stride, possibly
+    0); ``targets`` is ``(N,)`` int64 or int32 holding vocabulary ids or
+    ``params.ignore_index``; ``advantages`` is ``(N // tokens_per_advantage,)`` (one per
+    sequence when ``tokens_per_advantage`` is the sequence length, else one per token) in
+    the accumulate dtype; ``mask`` is None or ``(N,)`` uint8/float32 holding 0/1.
+    """
+
+    name: str
+
+    def token_pass(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        params: RowParams,
+        *,
+        tokens_per_advantage: int,
+        with_stats: bool,
+        grad_weights: Optional[torch.Tensor] = None,
+        grad_out: Optional[torch.Tensor] = None,
+    ) -> TokenPass:
+        """All per-token quantities in one pass over each row.
+
+        Data checks happen here, without a host synchronisation where the backend can: a
+        target outside ``[0, V)`` other than ``ignore_index``, a mask value other than 0/1
+        or a non-finite advantage raises ``ValueError`` (on CUDA, a device-side assert).
+
+        Without ``with_stats``, rows that carry no loss (invalid, or zero advantage) are
+        not read. With ``grad_weights`` (``(N,)``, the aggregation weight ``w``) and
+        ``grad_out`` (``(N, V)`` in the logits' dtype, may be ``logits`` itself), the
+        gradient ``w A c / T * (softmax(z'/T) - onehot(y)) * dz'/dz`` is written in the
+        same launch.
+        """
+        ...
+
+    def partial_stats(
+        self,
+        logits: torch.Tensor,
+        local_targets: torch.Tensor,
+        params: RowParams,
+        *,
+        with_entropy: bool,
+    ) -> PartialStats:
+        """Statistics of this block of columns; ``local_targets`` int64 ``(N,)`` is the
+        target's column in the block or -1 where it lives elsewhere."""
+        ...
+
+    def row_grad(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        row_max: torch.Tensor,
+        sum_exp: torch.Tensor,
+        grad_rows: torch.Tensor,
+        scale: torch.Tensor,
+        params: RowParams,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """Write ``grad_rows * scale / T * (exp(x) / S - onehot(y)) * dz'/dz`` into ``out``.
+
+        ``out`` may be ``logits`` itself (in place) but must not otherwise overlap it.
+        Rows whose coefficient ``grad_rows * scale`` is 0 are zero-filled without reading
+        their logits; ``targets`` of -1 (target in another block) subtract nothing.
+        """
+        ...
+

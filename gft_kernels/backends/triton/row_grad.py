@@ -1,0 +1,123 @@
+"""Triton gradient rows: ``coef * (exp((z' - m) / T) / S - onehot(y)) * dz'/dz``.
+
+One read and one write per element. :func:`write_grad_row` is shared with the fused
+token pass (which writes the gradient in the same launch); :func:`row_grad_kernel` is the
+backward of the logits-level loss, with the coefficient ``g_t * A_t c_t / T`` formed
+in-kernel from the upstream gradient, so the backward is a single launch with no host
+synchronisation. Rows whose coefficient is 0 only write zeros and never read the logits.
+
+Loads: the row is walked from its first 16-byte-aligned element in whole blocks without a
+mask (vector loads for any vocabulary size and row stride); the few elements before that
+point and the tail after the last whole block go through one masked block each.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def transform_logits(z, TRANSFORM: tl.constexpr, logit_scale, cap, slope):
+    """``z' = cap * tanh(z * scale / cap)`` (TRANSFORM 2), ``z * scale`` (1) or ``z`` (0)."""
+    if TRANSFORM == 2:
+        # tanh(u) = 1 - 2 / (exp(2u) + 1); exp2 of a clamped argument keeps it finite.
+        u = z * slope
+        e = tl.exp2(tl.minimum(2.0 * LOG2E * u, 126.0))
+        return cap * (1.0 - 2.0 / (e + 1.0))
+    elif TRANSFORM == 1:
+        return z * logit_scale
+    else:
+        return z
+
+
+@triton.jit
+def transform_slope(zt, TRANSFORM: tl.constexpr, logit_scale, cap):
+    """``dz'/dz`` from ``z'``: ``scale * (1 - (z' / cap)^2)`` or ``scale``."""
+    if TRANSFORM == 2:
+        t = zt / cap
+        return logit_scale * (1.0 - t * t)
+    else:
+        return logit_scale
+
+
+@triton.jit
+def _grad_block(z_raw, offs, target, row_max, scaled_inv_t, coef_over_sum, coef,
+                TRANSFORM: tl.constexpr, logit_scale, cap, slope):  # fmt: skip
+    zt = transform_logits(z_raw, TRANSFORM, logit_scale, cap, slope)
+    g = tl.exp2((zt - row_max) * scaled_inv_t) * coef_over_sum
+    g = tl.where(offs == target, g - coef, g)
+    if TRANSFORM != 0:
+        g = g * transform_slope(zt, TRANSFORM, logit_scale, cap)
+    return g
+
+
+@triton.jit
+def aligned_head(row_offset, VEC: tl.constexpr):
+    """Elements from ``row_offset`` (in elements) to the next multiple of ``VEC``."""
+    return (VEC - row_offset % VEC) % VEC
+
+
+@triton.jit
+def write_grad_row(logits_ptr, row_offset, grad_ptr, grad_offset, n_cols, target, row_max,
+                   sum_exp, coef, scaled_inv_t, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                   SAME_SKEW: tl.constexpr, TRANSFORM: tl.constexpr, logit_scale, cap,
+                   slope):  # fmt: skip
+    """Write one gradient row, reading ``logits_ptr[row_offset:]`` and writing
+    ``grad_ptr[grad_offset:]``. Whole blocks start at the row's first element whose offset
+    is a multiple of ``VEC`` (16 bytes), so their loads are unmasked vector loads; stores
+    are too when ``SAME_SKEW`` (both offsets agree modulo ``VEC``)."""
+    cols = tl.arange(0, BLOCK_V)
+    coef_over_sum = coef / sum_exp
+    out_ty = grad_ptr.dtype.element_ty
+    head = tl.minimum(aligned_head(row_offset, VEC), n_cols)
+    # The (< VEC) elements before the first aligned one.
+    in_head = cols < head
+    z = tl.load(logits_ptr + row_offset + cols, mask=in_head, other=0.0).to(tl.float32)
+    g = _grad_block(z, cols, target, row_max, scaled_inv_t, coef_over_sum, coef, TRANSFORM,
+                    logit_scale, cap, slope)  # fmt: skip
+    tl.store(grad_ptr + grad_offset + cols, g.to(out_ty), mask=in_head)
+    n_full = (n_cols - head) // BLOCK_V
+    for k in range(0, n_full):
+        start = head + k * BLOCK_V
+        z = tl.load(logits_ptr + tl.multiple_of(row_offset + start, VEC) + cols).to(tl.float32)
+        g = _grad_block(z, start + cols, target, row_max, scaled_inv_t, coef_over_sum, coef,
+                        TRANSFORM, logit_scale, cap, slope)  # fmt: skip
+        if SAME_SKEW:
+            tl.store(grad_ptr + tl.multiple_of(grad_offset + start, VEC) + cols, g.to(out_ty))
+        else:
+            tl.store(grad_ptr + grad_offset + start + cols, g.to(out_ty))
+    start = head + n_full * BLOCK_V
+    offs = start + cols
+    in_tail = offs < n_cols
+    z = tl.load(logits_ptr + row_offset + offs, mask=in_tail, other=0.0).to(tl.float32)
+    g = _grad_block(z, offs, target, row_max, scaled_inv_t, coef_over_sum, coef, TRANSFORM,
+                    logit_scale, cap, slope)  # fmt: skip
+    tl.store(grad_ptr + grad_offset + offs, g.to(out_ty), mask=in_tail)
+
+
+@triton.jit
+def zero_row(grad_row_ptr, n_cols, BLOCK_V: tl.constexpr):
+    zeros = tl.zeros([BLOCK_V], dtype=grad_row_ptr.dtype.element_ty)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        tl.store(grad_row_ptr + offs, zeros, mask=offs < n_cols)
+
+
+@triton.jit
+def row_grad_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, targets_ptr, row_max_ptr,
+                    sum_exp_ptr, grad_rows_ptr, scale_ptr, n_cols, inv_t, scaled_inv_t,
+                    logit_scale, cap, slope, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                    SAME_SKEW: tl.constexpr, TRANSFORM: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    grad_offset = row * stride_grad
+    coef = tl.load(grad_rows_ptr + row).to(tl.float32) * tl.load(scale_ptr + row) * inv_t
+    if coef == 0.0:
+        zero_row(grad_ptr + grad_offset, n_cols, BLOCK_V)
+    else:
+        write_grad_row(logits_ptr, row * stride_row, grad_ptr, grad_offset, n_cols,
+                       tl.load(targets_ptr + row), tl.load(row_max_ptr + row),
+                       tl.load(sum_exp_ptr + row), coef, scaled_inv_t, BLOCK_V, VEC, SAME_SKEW,
+                       TRANSFORM, logit_scale, cap, slope)  # fmt: skip

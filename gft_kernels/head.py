@@ -1,0 +1,234 @@
+"""Head strategies of the fused linear loss: how ``h W^T (+ b)`` meets the row pass.
+
+``chunked`` (today's only strategy): tokens are processed in chunks; per chunk the
+logits ``h_c W^T (+ b)`` are formed, one fused row pass turns them into per-token losses
+and, in the same buffer and the same launch, into the logits-gradient ``G_c``; then
+``dh_c = G_c W`` and ``dW += G_c^T h_c``. Memory: one ``chunk x V`` buffer plus the
+gradients, never ``N x V``.
+
+A future ``blockwise`` strategy (a GPU kernel that keeps each logits tile in registers /
+shared memory and never writes it to HBM, as Cut Cross-Entropy does) plugs in here: it
+implements :class:`HeadStrategy` and is added to :data:`HEAD_STRATEGIES`; the public
+function, the custom op and the autograd formula above it stay as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Protocol, Tuple
+
+import torch
+
+from gft_kernels.backends import RowBackend, RowParams
+from gft_kernels.backends.token_terms import value_flags
+from gft_kernels.backends.torch_rows import accumulate_dtype
+from gft_kernels.rows import VocabShard, sharded_token_pass
+
+# Bytes of one chunk's logits (plus their fp32 copy where dW needs one) when chunk_size is
+# not given: large enough for efficient matmuls, small enough that the head's memory
+# stays dominated by dW.
+_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+
+
+@dataclass
+class HeadInputs:
+    """Token inputs of one fused-linear call, ``(N, ...)`` each (see ``TokenBatch``)."""
+
+    hidden: torch.Tensor  # (N, H)
+    weight: torch.Tensor  # (V_local, H)
+    bias: Optional[torch.Tensor]  # (V_local,)
+    targets: torch.Tensor  # (N,) int64/int32, ignore_index kept
+    advantages: torch.Tensor  # (N // tokens_per_advantage,) accumulate dtype
+    tokens_per_advantage: int
+    mask: Optional[torch.Tensor]  # (N,) uint8/float32
+    params: RowParams
+
+
+@dataclass
+class HeadOutputs:
+    """Per-token outputs ``(N,)`` and the gradients asked for (None otherwise)."""
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    probs: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    grad_hidden: Optional[torch.Tensor]
+    grad_weight: Optional[torch.Tensor]  # accumulated in fp32 (fp64 for fp64)
+    grad_bias: Optional[torch.Tensor]
+
+
+class HeadStrategy(Protocol):
+    def __call__(
+        self,
+        rows: RowBackend,
+        inputs: HeadInputs,
+        *,
+        grad_weights: Optional[torch.Tensor],
+        need_grads: Tuple[bool, bool, bool],
+        with_stats: bool,
+        compact: bool,
+        chunk_size: Optional[int],
+        shard: Optional[VocabShard],
+    ) -> HeadOutputs: ...
+
+
+def upcasts_for_dw(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether dW of a reduced-precision head needs an fp32 copy of each chunk: CUDA
+    accumulates in fp32 inside the GEMM (``out_dtype``), the CPU GEMM cannot."""
+    return dtype in (torch.bfloat16, torch.float16) and device.type != "cuda"
+
+
+def default_chunk_size(
+    n_tokens: int, vocab_size: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    per_row = vocab_size * (torch.finfo(dtype).bits // 8 + (4 if upcasts_for_dw(dtype, device) else 0))
+    budget = _CHUNK_BYTES.get(device.type, 256 << 20)
+    return max(1, min(max(n_tokens, 1), budget // per_row))
+
+
+def _logits_chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+
+_CUDA_OUT_DTYPE_OK = True
+
+
+def _accumulate_dw(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """``grad_w += g^T h`` with the sum kept in ``grad_w``'s precision (fp32 for 16-bit
+    heads): no chunk's partial product is rounded to 16 bits, and no ``V x H``
+    temporary is allocated per chunk."""
+    global _CUDA_OUT_DTYPE_OK
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), h)
+        return
+    if g.is_cuda and _CUDA_OUT_DTYPE_OK:
+        try:
+            torch.addmm(grad_w, g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+            return
+        except (RuntimeError, TypeError):  # an older torch without the fp32-output GEMM
+            _CUDA_OUT_DTYPE_OK = False
+    grad_w.addmm_(g.t().to(grad_w.dtype), h.to(grad_w.dtype))
+
+
+def _compact_index(inputs: HeadInputs, per_token_adv: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Tokens that can carry loss, plus any holding a bad value (so that the kernels still
+    see and report it); the call's one host synchronisation."""
+    p = inputs.params
+    keep = (inputs.targets != p.ignore_index) & (per_token_adv != 0)
+    if inputs.mask is not None:
+        keep &= inputs.mask != 0
+    bad = value_flags(inputs.targets, inputs.mask, per_token_adv, 1, vocab, p.ignore_index)
+    return (keep | (bad != 0)).nonzero().squeeze(1)
+
+
+def chunked_head(
+    rows: RowBackend,
+    inputs: HeadInputs,
+    *,
+    grad_weights: Optional[torch.Tensor],
+    need_grads: Tuple[bool, bool, bool],
+    with_stats: bool,
+    compact: bool,
+    chunk_size: Optional[int],
+    shard: Optional[VocabShard],
+) -> HeadOutputs:
+    """The chunked head. With ``grad_weights`` (``(N,)``: ``w_t``, or the upstream
+    gradient per token) the gradients in ``need_grads`` (hidden, weight, bias) are
+    computed in the same pass; rows that carry no loss are skipped when ``compact``."""
+    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
+    n_tokens = hidden.shape[0]
+    acc = accumulate_dtype(hidden.dtype)
+    adv = inputs.advantages
+    if inputs.tokens_per_advantage > 1:
+        adv = adv.repeat_interleave(inputs.tokens_per_advantage)
+    targets, mask, weights = inputs.targets, inputs.mask, grad_weights
+    index = None
+    if compact and not with_stats:
+        vocab = weight.shape[0] if shard is None else shard.total
+        index = _compact_index(inputs, adv, vocab)
+        hidden, targets, adv = hidden.index_select(0, index), targets[index], adv[index]
+        mask = None if mask is None else mask[index]
+        weights = None if weights is None else weights[index]
+    kept = hidden.shape[0]
+    want = weights is not None and any(need_grads)
+    need_h, need_w, need_b = need_grads if want else (False, False, False)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_b = None
+    if need_b and bias is not None:
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
+
+    step = chunk_size or default_chunk_size(kept, weight.shape[0], hidden.dtype, hidden.device)
+    parts = []
+    for start in range(0, kept, step):
+        sl = slice(start, min(start + step, kept))
+        h = hidden[sl]
+        logits = _logits_chunk(h, weight, bias)
+        chunk_mask = None if mask is None else mask[sl]
+        if shard is None:
+            out = rows.token_pass(
+                logits,
+                targets[sl],
+                adv[sl],
+                chunk_mask,
+                inputs.params,
+                tokens_per_advantage=1,
+                with_stats=with_stats,
+                grad_weights=weights[sl] if want else None,
+                grad_out=logits if want else None,
+            )
+        else:
+            out, local = sharded_token_pass(
+                rows,
+                logits,
+                targets[sl],
+                adv[sl],
+                chunk_mask,
+                inputs.params,
+                tokens_per_advantage=1,
+                with_stats=with_stats,
+                shard=shard,
+            )
+            if want:
+                rows.row_grad(
+                    logits, local, out.row_max, out.sum_exp, weights[sl], out.scale,
+                    inputs.params, logits,
+                )  # fmt: skip
+        parts.append((out.loss, out.logprobs, out.probs, out.entropy))
+        if want:
+            if grad_h is not None:
+                torch.mm(logits, weight, out=grad_h[sl])
+            if grad_w is not None:
+                _accumulate_dw(grad_w, logits, h)
+            if grad_b is not None:
+                grad_b.add_(logits.sum(0, dtype=grad_b.dtype))
+        del logits
+
+    def gather(i: int) -> Optional[torch.Tensor]:
+        if i == 3 and not with_stats:
+            return None
+        values = torch.cat([p[i] for p in parts]) if parts else hidden.new_empty(0, dtype=acc)
+        if index is None:
+            return values
+        return values.new_zeros(n_tokens).index_copy_(0, index, values)
+
+    if grad_h is not None and shard is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(grad_h, group=shard.group)  # dh = sum_r G_r W_r
+    if grad_h is not None and index is not None:
+        grad_h = grad_h.new_zeros(n_tokens, grad_h.shape[1]).index_copy_(0, index, grad_h)
+    return HeadOutputs(gather(0), gather(1), gather(2), gather(3), grad_h, grad_w, grad_b)
+
+
+def blockwise_head(*args, **kwargs) -> HeadOutputs:
+    raise NotImplementedError(
+        "head: 'blockwise' (a GPU kernel that never writes logits tiles to memory) is a "
+        "reserved slot and not implemented yet; use head='chunked'"
+    )
+
+
+HEAD_STRATEGIES: Dict[str, Callable[..., HeadOutputs]] = {
+    "chunked": chunked_head,
+    "blockwise": blockwise_head,
+}

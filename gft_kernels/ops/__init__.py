@@ -1,1 +1,0 @@
-"""Triton kernels. Importing this package imports triton; import it lazily."""

@@ -1,0 +1,333 @@
+"""The row-kernel contract (``gft_kernels.backends.base``) on every backend.
+
+Each backend's ``token_pass``, ``partial_stats`` and ``row_grad`` are compared with fp64
+PyTorch computed from the values actually stored in the inputs. The native kernel runs
+twice, through its AVX2 loops and through its scalar loops (CPUs without AVX2), and must
+build here: a build failure fails the fixture instead of skipping.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+
+from gft_kernels.backends import RowParams, load_backend, native
+from gft_kernels.backends.torch_rows import accumulate_dtype
+
+BACKENDS = ["torch", "cpu-simd", "cpu-scalar", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SHAPES = [(1, 1), (3, 2), (5, 37), (4, 4099), (2, 20011)]
+
+
+@pytest.fixture(params=BACKENDS)
+def rows(request) -> Iterator:
+    name = request.param
+    if name.startswith("cpu"):
+        module = native.require()
+        previous = module.set_simd_enabled(name == "cpu-simd")
+        try:
+            yield load_backend("cpu")
+        finally:
+            module.set_simd_enabled(previous)
+    else:
+        yield load_backend(name)
+
+
+def skip_unsupported(rows, dtype: torch.dtype) -> None:
+    if rows.name == "triton" and dtype == torch.float64:
+        pytest.skip("triton takes fp32/bf16/fp16 (fp64 is refused with a TypeError)")
+
+
+def make_logits(shape, dtype, seed=0, scale=4.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def transformed(z: torch.Tensor, params: RowParams) -> torch.Tensor:
+    z = z.double()
+    if params.logit_softcap is not None:
+        return params.logit_softcap * torch.tanh(z * params.logit_scale / params.logit_softcap)
+    return z * params.logit_scale
+
+
+def fp64_terms(z, targets, adv, valid, params: RowParams):
+    """fp64 (loss, logprobs, probs, entropy, scale) of the stored values."""
+    zt = transformed(z, params)
+    logp_all = torch.log_softmax(zt / params.temperature, -1)
+    safe = torch.where(valid, targets.long(), torch.zeros_like(targets.long()))
+    logp = logp_all.gather(1, safe[:, None]).squeeze(1)
+    q = torch.softmax(zt, -1).gather(1, safe[:, None]).squeeze(1)
+    c = torch.where(q <= params.tau, q, torch.ones_like(q))
+    scale = torch.where(valid, adv.double() * c, torch.zeros_like(c))
+    loss = torch.where(scale != 0, -scale * logp, torch.zeros_like(scale))
+    p = logp_all.exp()
+    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    return loss, logp, q, entropy, scale
+
+
+def fp64_grad(z, targets, adv, valid, weights, params: RowParams):
+    x = z.double().clone().requires_grad_(True)
+    zt = transformed(x, params)
+    logp_all = torch.log_softmax(zt / params.temperature, -1)
+    safe = torch.where(valid, targets.long(), torch.zeros_like(targets.long()))
+    logp = logp_all.gather(1, safe[:, None]).squeeze(1)
+    with torch.no_grad():
+        q = torch.softmax(zt, -1).gather(1, safe[:, None]).squeeze(1)
+        c = torch.where(q <= params.tau, q, torch.ones_like(q))
+    loss = -(weights.double() * torch.where(valid, adv.double() * c, 0.0) * logp).sum()
+    loss.backward()
+    return x.grad
+
+
+def tolerances(dtype):
+    if dtype == torch.float64:
+        return dict(rtol=1e-10, atol=1e-10)
+    return dict(rtol=2e-5, atol=2e-5)
+
+
+def grad_close(got: torch.Tensor, want: torch.Tensor, coef: torch.Tensor) -> None:
+    """Within the storage dtype's rounding of the fp64 value, relative to the row scale,
+    plus a few fp32 ulps of the row's coefficient ``|g w A c / T| * max dz'/dz``: the
+    target entry ``coef * (p - 1)`` cancels when ``p`` is close to 1."""
+    coef = coef.double().abs()[:, None]
+    if got.dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        return
+    eps = {torch.float32: 3e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[got.dtype]
+    scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    # fp16 cannot hold entries below its subnormal spacing 2^-24: they round to it or 0.
+    floor = 2.0**-24 if got.dtype == torch.float16 else 0.0
+    excess = (got.double() - want).abs() - floor - 8 * 1.2e-7 * coef - 2 * eps * scale
+    assert excess.max().item() <= 0, f"max excess {excess.max().item():.3g}"
+
+
+def coefficients(z, targets, adv, valid, weights, params: RowParams) -> torch.Tensor:
+    scale = fp64_terms(z, targets, adv, valid, params)[4]
+    return weights.double() * scale / params.temperature * params.logit_scale
+
+
+def case(shape, dtype, seed=0):
+    n_rows, n_cols = shape
+    gen = torch.Generator().manual_seed(seed + 1)
+    z = make_logits(shape, dtype, seed)
+    targets = torch.randint(0, n_cols, (n_rows,), generator=gen)
+    if n_rows > 2:
+        targets[1] = -100
+    adv = torch.randn(n_rows, generator=gen, dtype=torch.float64).to(accumulate_dtype(dtype))
+    mask = torch.ones(n_rows, dtype=torch.uint8)
+    if n_rows > 3:
+        mask[-1] = 0
+    return z, targets, adv, mask
+
+
+PARAMS = [
+    RowParams(tau=0.1, temperature=1.0),
+    RowParams(tau=0.5, temperature=0.7),
+    RowParams(tau=1.0, temperature=1.0, logit_softcap=3.0),
+    RowParams(tau=0.1, temperature=0.7, logit_scale=0.5, logit_softcap=5.0),
+    RowParams(tau=0.1, temperature=1.3, logit_scale=2.0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"T{p.temperature}-cap{p.logit_softcap}")
+def test_token_pass_matches_fp64(rows, dtype, shape, params):
+    skip_unsupported(rows, dtype)
+    if rows.name == "triton" and shape[1] > 5000 and params is not PARAMS[0]:
+        pytest.skip("interpreter time: large rows run once per dtype for triton")
+    z, targets, adv, mask = case(shape, dtype)
+    valid = (targets != -100) & (mask != 0)
+    out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True)
+    loss, logp, q, entropy, scale = fp64_terms(z, targets, adv, valid, params)
+    tol = tolerances(dtype)
+    torch.testing.assert_close(out.loss.double(), loss, **tol)
+    torch.testing.assert_close(out.logprobs.double(), torch.where(valid, logp, 0.0), **tol)
+    torch.testing.assert_close(out.probs.double(), torch.where(valid, q, 0.0), **tol)
+    torch.testing.assert_close(out.entropy.double(), entropy, **tol)
+    torch.testing.assert_close(out.scale.double(), scale, **tol)
+    # The row summary: m / T + log S is the tempered logsumexp.
+    lse = torch.logsumexp(transformed(z, params) / params.temperature, -1)
+    got = out.row_max.double() / params.temperature + out.sum_exp.double().log()
+    torch.testing.assert_close(got, lse, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("params", PARAMS[:4], ids=lambda p: f"T{p.temperature}-cap{p.logit_softcap}")
+@pytest.mark.parametrize("in_place", [False, True])
+def test_token_pass_writes_the_gradient(rows, dtype, params, in_place):
+    """With grad_weights/grad_out the pass writes w A c / T (softmax - onehot) dz'/dz."""
+    skip_unsupported(rows, dtype)
+    z, targets, adv, mask = case((6, 515), dtype, seed=3)
+    valid = (targets != -100) & (mask != 0)
+    weights = torch.rand(6, dtype=accumulate_dtype(dtype))
+    weights[2] = 0.0
+    buffer = z.clone()
+    out = buffer if in_place else torch.empty_like(z)
+    rows.token_pass(
+        buffer, targets, adv, mask, params, tokens_per_advantage=1, with_stats=False,
+        grad_weights=weights, grad_out=out,
+    )  # fmt: skip
+    want = fp64_grad(z, targets, adv, valid, weights, params)
+    grad_close(out, want, coefficients(z, targets, adv, valid, weights, params))
+    assert torch.all(out[~valid | (weights == 0)] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("params", PARAMS[:4], ids=lambda p: f"T{p.temperature}-cap{p.logit_softcap}")
+def test_row_grad_matches_fp64(rows, dtype, shape, params):
+    skip_unsupported(rows, dtype)
+    if rows.name == "triton" and shape[1] > 5000 and params is not PARAMS[0]:
+        pytest.skip("interpreter time: large rows run once per dtype for triton")
+    z, targets, adv, mask = case(shape, dtype, seed=5)
+    valid = (targets != -100) & (mask != 0)
+    out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=False)
+    grad_rows = torch.randn(shape[0], dtype=accumulate_dtype(dtype))
+    got = rows.row_grad(
+        z, targets, out.row_max, out.sum_exp, grad_rows, out.scale, params, torch.empty_like(z)
+    )
+    want = fp64_grad(z, targets, adv, valid, grad_rows, params)
+    grad_close(got, want, coefficients(z, targets, adv, valid, grad_rows, params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_partial_stats_of_blocks_match_fp64(rows, dtype):
+    z = make_logits((5, 300), dtype, seed=7)
+    z[2, :] = float("-inf")  # a block of -inf: m = -inf, S = 0
+    params = RowParams(tau=0.1, temperature=0.7, logit_softcap=4.0)
+    local = torch.tensor([3, -1, 0, 299, -1])
+    part = rows.partial_stats(z, local, params, with_entropy=True)
+    zt = transformed(z, params)
+    finite = torch.tensor([True, True, False, True, True])
+    m = zt.amax(-1)
+    assert torch.equal(part.row_max[~finite].double(), m[~finite])
+    x = (zt[finite] - m[finite, None]) / params.temperature
+    tol = dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(part.row_max[finite].double(), m[finite], **tol)
+    torch.testing.assert_close(part.sum_exp[finite].double(), x.exp().sum(-1), **tol)
+    s1 = (zt[finite] - m[finite, None]).exp().sum(-1)
+    torch.testing.assert_close(part.sum_exp_1[finite].double(), s1, **tol)
+    torch.testing.assert_close(part.weighted[finite].double(), (x.exp() * x).sum(-1), **tol)
+    want_zy = torch.where(local >= 0, zt.gather(1, local.clamp_min(0)[:, None]).squeeze(1), 0.0)
+    torch.testing.assert_close(part.target_logit.double(), want_zy, **tol)
+
+
+def test_certain_token_has_exactly_zero_gradient_at_any_temperature(rows):
+    z = torch.tensor([[1000.0, 0.0, 0.0, 0.0], [0.0, 60.0, -5.0, 1.0]])
+    targets = torch.tensor([0, 1])
+    adv = torch.tensor([1.0, -1.0])
+    for temperature in (1.0, 0.7, 1e-2, 1e-3, 1e-6, 1e300):
+        params = RowParams(tau=0.0, temperature=temperature)
+        weights = torch.ones(2)
+        out = torch.empty_like(z)
+        res = rows.token_pass(
+            z, targets, adv, None, params, tokens_per_advantage=1, with_stats=True,
+            grad_weights=weights, grad_out=out,
+        )  # fmt: skip
+        assert torch.isfinite(out).all() and torch.isfinite(res.loss).all(), temperature
+        if temperature < 1e10:
+            assert torch.all(out[0] == 0), (temperature, out[0])
+            assert res.logprobs[0] == 0 and res.loss[0] == 0
+
+
+def test_data_checks_raise_value_error(rows):
+    z = make_logits((4, 11), torch.float32)
+    params = RowParams(tau=0.1, temperature=1.0)
+    good_t = torch.tensor([1, 2, -100, 10])
+    adv = torch.ones(4)
+    bad = [
+        (dict(targets=torch.tensor([1, 11, 0, 0])), ["targets", "[0, 11)", "11"]),
+        (dict(targets=torch.tensor([1, -1, 0, 0])), ["targets", "ignore_index=-100", "-1"]),
+        (dict(mask=torch.tensor([1.0, 0.5, 1.0, 0.0])), ["mask", "0/1", "0.5"]),
+        (dict(mask=torch.tensor([1, 2, 0, 1], dtype=torch.uint8)), ["mask", "0/1", "2"]),
+        (dict(advantages=torch.tensor([1.0, float("nan"), 0.0, 1.0])), ["advantages", "finite"]),
+    ]
+    for override, words in bad:
+        args = dict(targets=good_t, mask=None, advantages=adv)
+        args.update(override)
+        with pytest.raises(ValueError) as info:
+            rows.token_pass(
+                z, args["targets"], args["advantages"], args["mask"], params,
+                tokens_per_advantage=1, with_stats=False,
+            )  # fmt: skip
+        for word in words:
+            assert word in str(info.value), (word, str(info.value))
+
+
+def test_int32_targets_and_per_sequence_advantages(rows):
+    z = make_logits((6, 13), torch.float32, seed=2)
+    targets = torch.randint(0, 13, (6,))
+    adv_seq = torch.tensor([0.5, -2.0])
+    params = RowParams(tau=0.2, temperature=0.9)
+    a = rows.token_pass(z, targets.int(), adv_seq, None, params, tokens_per_advantage=3,
+                        with_stats=False)  # fmt: skip
+    b = rows.token_pass(z, targets, adv_seq.repeat_interleave(3), None, params,
+                        tokens_per_advantage=1, with_stats=False)  # fmt: skip
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(a.scale, b.scale)
+
+
+def test_native_results_do_not_depend_on_thread_count():
+    rows = load_backend("cpu")
+    z, targets, adv, mask = case((64, 5000), torch.float32)
+    params = RowParams(tau=0.1, temperature=0.7)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, max(2, previous)):
+            torch.set_num_threads(threads)
+            out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1,
+                                  with_stats=True, grad_weights=torch.ones(64),
+                                  grad_out=torch.empty_like(z))  # fmt: skip
+            grad = rows.row_grad(z, targets, out.row_max, out.sum_exp, torch.ones(64),
+                                 out.scale, params, torch.empty_like(z))  # fmt: skip
+            results.append((out.loss, out.entropy, out.sum_exp, grad))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_native_argument_checks():
+    module = native.require()
+    z = torch.randn(3, 10)
+    targets = torch.tensor([1, 2, 3])
+    v = torch.zeros(3)
+    out = torch.empty_like(z)
+    bad_calls = [
+        lambda: module.row_grad(z[0], targets, v, v, v, v, 1.0, 1.0, 0.0, out),  # 1-D
+        lambda: module.row_grad(z.t(), targets, v, v, v, v, 1.0, 1.0, 0.0, out),
+        lambda: module.row_grad(z, targets[:2], v, v, v, v, 1.0, 1.0, 0.0, out),
+        lambda: module.row_grad(z, targets + 10, v, v, v + 1, v + 1, 1.0, 1.0, 0.0, out),
+        lambda: module.row_grad(z, targets, v.double(), v, v, v, 1.0, 1.0, 0.0, out),
+        lambda: module.row_grad(z, targets, v, v, v, v, 1.0, 1.0, 0.0, out.double()),
+        lambda: module.row_grad(z, targets, v, v, v, v, 1.0, 1.0, 0.0, out[:, :5]),
+        lambda: module.token_pass(z, targets.short(), v, None, 1, 0.1, 1.0, 1.0, 0.0, -100,
+                                  False, None, None),  # fmt: skip
+        lambda: module.token_pass(z, targets, v, None, 2, 0.1, 1.0, 1.0, 0.0, -100, False,
+                                  None, None),  # fmt: skip
+    ]
+    # A shifted view of the logits is neither in place nor separate.
+    storage = torch.zeros(40)
+    logits_view, out_view = storage[:30].view(3, 10), storage[5:35].view(3, 10)
+    bad_calls.append(
+        lambda: module.row_grad(logits_view, targets, v, v, v, v, 1.0, 1.0, 0.0, out_view)
+    )
+    for call in bad_calls:
+        with pytest.raises((RuntimeError, ValueError)):
+            call()
+
+
+def test_empty_batch(rows):
+    z = torch.empty(0, 17)
+    empty_i = torch.empty(0, dtype=torch.long)
+    params = RowParams(tau=0.1, temperature=1.0)
+    out = rows.token_pass(z, empty_i, torch.empty(0), None, params, tokens_per_advantage=1,
+                          with_stats=True)  # fmt: skip
+    assert out.loss.shape == out.entropy.shape == (0,)
+    grad = rows.row_grad(z, empty_i, out.row_max, out.sum_exp, out.loss, out.scale, params,
+                         torch.empty_like(z))  # fmt: skip
+    assert grad.shape == (0, 17)
