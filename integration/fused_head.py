@@ -23,23 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from gft_kernels import fused_linear_gft_loss
-
 from . import heads, loss
-
-
-def check_transform_supported(transform: heads.LogitTransform) -> None:
-    """Raise when the model's logit transform needs keywords this gft_kernels lacks."""
-    missing = [
-        k
-        for k in transform.loss_kwargs()
-        if k not in inspect.signature(fused_linear_gft_loss).parameters
-    ]
-    if missing:
-        raise ValueError(
-            f"model: its logits are soft-capped or scaled ({transform}), which needs "
-            f"fused_linear_gft_loss keywords {missing}; this gft_kernels version lacks them"
-        )
 
 
 class FusedHeadMixin:

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from . import heads, loss
 from .collator import SOURCE_CODES, SOURCES, DeferredGroups, GFTDataCollator, PromptGroup, Response
 from .config import GFTConfig
-from .fused_head import FusedHeadMixin, check_transform_supported
+from .fused_head import FusedHeadMixin
 from .metrics import MetricsAccumulator
 from .sampling import (
     PairRewardFn,
@@ -239,7 +239,6 @@ class GFTTrainer(FusedHeadMixin, Trainer):
         self.reward_scorer = RewardScorer(funcs, args.reward_weights, tokenizer) if funcs else None
         self.reward_fn = reward_fn
         self.logit_transform = heads.head_logit_transform(self.accelerator.unwrap_model(model))
-        check_transform_supported(self.logit_transform)
         self.gft_metrics = {"train": MetricsAccumulator(), "eval": MetricsAccumulator()}
         self.stopwatch = Stopwatch()
         self.completion_samples: List[Dict[str, Any]] = []

@@ -33,7 +33,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from . import loss
 from .config import GFT_BACKENDS, TRAINER_LOSS_AGG_MODES
-from .fused_head import FusedHeadMixin, check_transform_supported
+from .fused_head import FusedHeadMixin
 from .heads import head_logit_transform
 
 __all__ = ["GFTGRPOConfig", "GFTGRPOTrainer"]
@@ -130,7 +130,6 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
             )
         self.sources = [*self.args.demonstration_columns, "self"]
         self.logit_transform = head_logit_transform(self.accelerator.unwrap_model(self.model))
-        check_transform_supported(self.logit_transform)
         self._pending_demos: Optional[List[Optional[List[int]]]] = None
         self._pending_sources: Optional[List[int]] = None
 

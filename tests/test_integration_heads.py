@@ -1,7 +1,6 @@
 """Heads with a logit transform: soft-capped (Gemma 2) and scaled (Cohere, Granite) logits."""
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from test_integration_trainer import (  # noqa: E402
     groups_dataset,
 )
 
-from gft_kernels import fused_linear_gft_loss  # noqa: E402
 from gft_kernels.integration import GFTTrainer  # noqa: E402
 from gft_kernels.integration.heads import (  # noqa: E402
     LogitTransform,
@@ -25,7 +23,6 @@ from gft_kernels.integration.heads import (  # noqa: E402
 )
 from gft_kernels.reference import gft_loss_reference  # noqa: E402
 
-SOFTCAP_SUPPORTED = "logit_softcap" in inspect.signature(fused_linear_gft_loss).parameters
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, initializer_range=0.3)
@@ -81,15 +78,16 @@ def test_bad_transform_values_are_refused():
         head_logit_transform(model)
 
 
-@pytest.mark.skipif(not SOFTCAP_SUPPORTED,
-                    reason="needs fused_linear_gft_loss(logit_softcap=...) from the core")
+@pytest.mark.parametrize("name, config", [MODELS[1][:2], MODELS[2][:2]])
 @pytest.mark.parametrize("in_head", [False, True])
-def test_soft_capped_gemma2_trains_like_the_reference(tmp_path, monkeypatch, in_head):
-    # Gemma 2 soft-caps its logits (cap 2: most logits are bent): the fused head applies the
-    # cap itself, and the loss equals the reference on the model's own (capped) logits, on
-    # the body + head path and on the path wrapped models take (loss inside the lm_head).
+def test_transformed_heads_train_like_the_reference(tmp_path, monkeypatch, name, config,
+                                                    in_head):
+    # Gemma 2 soft-caps its logits (cap 2: most logits are bent), Cohere scales them: the
+    # fused head applies the transform itself, and the loss equals the reference on the
+    # model's own logits, on the body + head path and on the path wrapped models take (the
+    # loss inside the lm_head, which the model then transforms as if it were logits).
     monkeypatch.setattr(GFTTrainer, "_computes_loss_in_head", lambda self, m: in_head)
-    model = build("Gemma2", final_logit_softcapping=2.0, head_dim=8, query_pre_attn_scalar=8)
+    model = build(name, **config)
     ref_model = copy.deepcopy(model)
     args = gft_args(tmp_path, max_steps=2, loss_agg_mode="token-mean")
     collator = RecordingCollator(pad_token_id=PAD)
