@@ -23,9 +23,19 @@ from gft_kernels.integration.heads import (  # noqa: E402
 )
 from gft_kernels.reference import gft_loss_reference  # noqa: E402
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-              pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, initializer_range=0.3)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=PAD,
+    eos_token_id=EOS,
+    bos_token_id=2,
+    initializer_range=0.3,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +59,11 @@ def build(name: str, **config):
 
 MODELS = [
     ("Llama", {}, LogitTransform()),
-    ("Gemma2", {"final_logit_softcapping": 2.0, "head_dim": 8, "query_pre_attn_scalar": 8},
-     LogitTransform(softcap=2.0)),
+    (
+        "Gemma2",
+        {"final_logit_softcapping": 2.0, "head_dim": 8, "query_pre_attn_scalar": 8},
+        LogitTransform(softcap=2.0),
+    ),
     ("Cohere", {"logit_scale": 0.5}, LogitTransform(scale=0.5)),
     ("Granite", {"logits_scaling": 4.0}, LogitTransform(scale=0.25)),
 ]
@@ -80,8 +93,7 @@ def test_bad_transform_values_are_refused():
 
 @pytest.mark.parametrize("name, config", [MODELS[1][:2], MODELS[2][:2]])
 @pytest.mark.parametrize("in_head", [False, True])
-def test_transformed_heads_train_like_the_reference(tmp_path, monkeypatch, name, config,
-                                                    in_head):
+def test_transformed_heads_train_like_the_reference(tmp_path, monkeypatch, name, config, in_head):
     # Gemma 2 soft-caps its logits (cap 2: most logits are bent), Cohere scales them: the
     # fused head applies the transform itself, and the loss equals the reference on the
     # model's own logits, on the body + head path and on the path wrapped models take (the
@@ -93,17 +105,28 @@ def test_transformed_heads_train_like_the_reference(tmp_path, monkeypatch, name,
     collator = RecordingCollator(pad_token_id=PAD)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = GFTTrainer(model=model, args=args, data_collator=collator,
-                         train_dataset=groups_dataset(4), optimizers=(optimizer, scheduler))
+    trainer = GFTTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=groups_dataset(4),
+        optimizers=(optimizer, scheduler),
+    )
     trainer.train()  # the first-batch head check passes: the cap comes from the config
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
     ref_model.train()
     for step, batch in enumerate(collator.batches):
-        logits = ref_model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-        ref = gft_loss_reference(logits[:, :-1], batch["input_ids"][:, 1:], batch["advantages"],
-                                 batch["response_mask"][:, 1:], tau=args.tau)
+        logits = ref_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        ref = gft_loss_reference(
+            logits[:, :-1],
+            batch["input_ids"][:, 1:],
+            batch["advantages"],
+            batch["response_mask"][:, 1:],
+            tau=args.tau,
+        )
         ref.backward()
         ref_opt.step()
         ref_opt.zero_grad()

@@ -191,32 +191,57 @@ def test_gft_with_unit_advantages_is_trl_sft(tmp_path, loss_type, tau):
 
     tok = chat_tokenizer()
     pairs = [("3 + 4 =", "7"), ("1 + 1 =", "2"), ("2 + 5 = 7 ;", "yes"), ("4 + 4 =", "8 8")]
-    common = dict(per_device_train_batch_size=4, max_steps=1, learning_rate=0.1, optim="sgd",
-                  lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1,
-                  report_to="none", use_cpu=True, seed=0, save_strategy="no", bf16=False,
-                  disable_tqdm=True, dataloader_pin_memory=False)
+    common = dict(
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        bf16=False,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
     updates, losses = {}, {}
     for kind in ("sft", "gft"):
         model = tiny_model(tie=False, bias=False)
         init = {k: v.detach().clone() for k, v in model.named_parameters()}
         if kind == "sft":
-            data = datasets.Dataset.from_list([{"prompt": p, "completion": " " + c}
-                                               for p, c in pairs])
-            trainer = SFTTrainer(model=model, train_dataset=data, processing_class=tok,
-                                 args=SFTConfig(output_dir=str(tmp_path / kind),
-                                                loss_type=loss_type, **common))
+            data = datasets.Dataset.from_list(
+                [{"prompt": p, "completion": " " + c} for p, c in pairs]
+            )
+            trainer = SFTTrainer(
+                model=model,
+                train_dataset=data,
+                processing_class=tok,
+                args=SFTConfig(output_dir=str(tmp_path / kind), loss_type=loss_type, **common),
+            )
             rows = trainer.train_dataset
             sft_tokens = [row["input_ids"] for row in rows]
         else:
             # One response per group, reward 1: its advantage is 1 (a group of one keeps its
             # raw reward), so the GFT loss is -c * log p, token-mean over the step.
-            data = [{"prompt": p, "responses": [{"text": c, "reward": 1.0, "source": "expert"}]}
-                    for p, c in pairs]
-            trainer = GFTTrainer(model=model, train_dataset=data, processing_class=tok,
-                                 args=GFTConfig(output_dir=str(tmp_path / kind), tau=tau,
-                                                gft_backend="torch", **common))
-            gft_tokens = [list(g.prompt_ids) + list(g.responses[0].ids)
-                          for g in trainer.gft_collator.normalize(data)]
+            data = [
+                {"prompt": p, "responses": [{"text": c, "reward": 1.0, "source": "expert"}]}
+                for p, c in pairs
+            ]
+            trainer = GFTTrainer(
+                model=model,
+                train_dataset=data,
+                processing_class=tok,
+                args=GFTConfig(
+                    output_dir=str(tmp_path / kind), tau=tau, gft_backend="torch", **common
+                ),
+            )
+            gft_tokens = [
+                list(g.prompt_ids) + list(g.responses[0].ids)
+                for g in trainer.gft_collator.normalize(data)
+            ]
         trainer.train()
         losses[kind] = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
         updates[kind] = {k: v.detach() - init[k] for k, v in model.named_parameters()}
