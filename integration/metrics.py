@@ -9,9 +9,11 @@ logged std is the std of all values.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
+
+from .collator import SOURCE_CODES, SOURCES
 
 Values = Union[torch.Tensor, Iterable[float], float]
 
@@ -126,3 +128,46 @@ class MetricsAccumulator:
         self._reports.clear()
         self.steps = 0
         return out
+
+
+def record_batch(
+    metrics: MetricsAccumulator,
+    inputs: Mapping[str, torch.Tensor],
+    mask: torch.Tensor,
+    stats: Any,
+    training: bool,
+) -> None:
+    """The metrics of one collated batch (see ``GFTTrainer``): rewards and advantages per
+    source, zero-std groups, response tokens, and the loss pass's entropy and rectified
+    share (``stats``: :class:`gft_kernels.GFTStats` of the trained tokens, or None)."""
+    n_tokens = float(mask.sum())
+    metrics.add("response_tokens", n_tokens, {"sum_per_step": "response_tokens"})
+    if training:
+        metrics.add("input_tokens", float(inputs["attention_mask"].sum()), {"sum": "#tokens"})
+    if stats is not None:
+        metrics.add_ratio("entropy", float(stats.entropy.sum()), n_tokens, "entropy")
+        metrics.add_ratio(
+            "rectified",
+            float(stats.rectified_fraction) * n_tokens,
+            n_tokens,
+            "rectified_fraction",
+        )
+    rewards = inputs["rewards"].float().cpu()
+    advantages = inputs["advantages"].float().cpu()
+    sources = inputs["sources"].cpu()
+    groups = inputs["group_ids"].cpu()
+    metrics.add("reward", rewards, {"mean": "reward/mean", "std": "reward/std"})
+    zero_std = [
+        float(bool((rewards[groups == g] == rewards[groups == g][0]).all()))
+        for g in groups.unique().tolist()
+    ]
+    metrics.add("zero_std", zero_std, {"mean": "frac_reward_zero_std"})
+    for name in SOURCES:
+        pick = sources == SOURCE_CODES[name]
+        metrics.add(f"count/{name}", float(pick.sum()), {"sum_per_step": f"num_responses/{name}"})
+        metrics.add(
+            f"reward/{name}",
+            rewards[pick],
+            {"mean": f"reward/{name}/mean", "std": f"reward/{name}/std"},
+        )
+        metrics.add(f"advantage/{name}", advantages[pick], {"mean": f"advantage/{name}/mean"})

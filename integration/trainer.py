@@ -35,10 +35,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, Trainer
 
 from . import heads, loss
-from .collator import SOURCE_CODES, SOURCES, DeferredGroups, GFTDataCollator, PromptGroup, Response
+from .collator import DeferredGroups, GFTDataCollator, PromptGroup, Response
 from .config import GFTConfig
 from .fused_head import FusedHeadMixin
-from .metrics import MetricsAccumulator
+from .metrics import MetricsAccumulator, record_batch
 from .sampling import (
     PairRewardFn,
     RewardFunc,
@@ -454,46 +454,11 @@ class GFTTrainer(FusedHeadMixin, Trainer):
     # -- metrics -------------------------------------------------------------------------
 
     def _record_metrics(
-        self,
-        training: bool,
-        inputs: Dict[str, Any],
-        mask: torch.Tensor,
-        stats: Any,
+        self, training: bool, inputs: Dict[str, Any], mask: torch.Tensor, stats: Any
     ) -> None:
-        metrics = self.gft_metrics["train" if training else "eval"]
-        n_tokens = float(mask.sum())
-        metrics.add("response_tokens", n_tokens, {"sum_per_step": "response_tokens"})
-        if training:
-            metrics.add("input_tokens", float(inputs["attention_mask"].sum()), {"sum": "#tokens"})
-        if stats is not None:
-            metrics.add_ratio("entropy", float(stats.entropy.sum()), n_tokens, "entropy")
-            metrics.add_ratio(
-                "rectified",
-                float(stats.rectified_fraction) * n_tokens,
-                n_tokens,
-                "rectified_fraction",
-            )
-        rewards = inputs["rewards"].float().cpu()
-        advantages = inputs["advantages"].float().cpu()
-        sources = inputs["sources"].cpu()
-        groups = inputs["group_ids"].cpu()
-        metrics.add("reward", rewards, {"mean": "reward/mean", "std": "reward/std"})
-        zero_std = [
-            float(bool((rewards[groups == g] == rewards[groups == g][0]).all()))
-            for g in groups.unique().tolist()
-        ]
-        metrics.add("zero_std", zero_std, {"mean": "frac_reward_zero_std"})
-        for name in SOURCES:
-            pick = sources == SOURCE_CODES[name]
-            metrics.add(
-                f"count/{name}", float(pick.sum()), {"sum_per_step": f"num_responses/{name}"}
-            )
-            metrics.add(
-                f"reward/{name}",
-                rewards[pick],
-                {"mean": f"reward/{name}/mean", "std": f"reward/{name}/std"},
-            )
-            metrics.add(f"advantage/{name}", advantages[pick], {"mean": f"advantage/{name}/mean"})
+        record_batch(
+            self.gft_metrics["train" if training else "eval"], inputs, mask, stats, training
+        )
 
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         """Adds the GFT metrics since the last log (all ranks) to the Trainer's logs."""
