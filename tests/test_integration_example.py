@@ -45,9 +45,12 @@ def test_train_tiny_gft_improves_the_reward():
     assert "[gft] step" in out and "rectified_fraction=" in out and "reward/self/mean=" in out
     for row in ("final train loss", "held-out reward (greedy)", "held-out entropy (expert tokens)"):
         assert all(v == v for k, v in table[row].items() if k != "START"), row
-    train, heldout = table["train-prompt reward (greedy)"], table["held-out reward (greedy)"]
-    assert train["GFT"] > train["START"] + 0.05  # GFT improves the reward it trains on ...
-    assert heldout["GFT"] >= heldout["START"]  # ... and does not lose it on held-out prompts
+    # The policy's expected reward (its samples', computed exactly): GFT raises it on the
+    # prompts it trains on and on held-out prompts (seeds 0-2: +0.13 to +0.39 and +0.05 to
+    # +0.32). The greedy rewards move by whole prompts (1/20 held out) and are only shown.
+    train, heldout = table["train-prompt reward (samples)"], table["held-out reward (samples)"]
+    assert train["GFT"] > train["START"] + 0.1
+    assert heldout["GFT"] > heldout["START"]
 
 
 def run_readme_block(index: int) -> dict:

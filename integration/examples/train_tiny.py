@@ -187,8 +187,10 @@ def build_model(tokenizer: CharTokenizer, seed: int) -> LlamaForCausalLM:
 def evaluate(
     model: LlamaForCausalLM, tokenizer: CharTokenizer, prompts: Sequence[str]
 ) -> Dict[str, float]:
-    """Mean reward of greedy answers and the mean next-token entropy over the expert
-    answer tokens (teacher forcing), on ``prompts``."""
+    """On ``prompts``: the mean reward of greedy answers, the expected reward of the
+    policy's samples at temperature 1 (exactly: the probability of the right answer followed
+    by eos, the only completion with reward 1) and the mean next-token entropy over the
+    expert answer tokens (teacher forcing)."""
     model.eval()
     device = next(model.parameters()).device
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -215,11 +217,15 @@ def evaluate(
     logits = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     ).logits[:, :-1].float()
-    valid = (batch["labels"][:, 1:] != -100).to(device)
+    labels = batch["labels"][:, 1:].to(device)
+    valid = labels != -100
     logp = torch.log_softmax(logits, -1)
     entropy = -(logp.exp() * logp).sum(-1)
+    answer_logp = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    expected = (answer_logp * valid).sum(-1).exp()
     return {
         "reward": sum(rewards) / len(rewards),
+        "expected_reward": expected.mean().item(),
         "entropy": (entropy * valid).sum().item() / valid.sum().item(),
     }
 
@@ -304,10 +310,13 @@ def warm_start(cli: argparse.Namespace, tokenizer: CharTokenizer,
 def scores(model: LlamaForCausalLM, tokenizer: CharTokenizer, train_prompts: Sequence[str],
            heldout: Sequence[str], loss: float, seconds: float) -> Dict[str, float]:
     heldout_eval = evaluate(model, tokenizer, heldout)
+    train_eval = evaluate(model, tokenizer, train_prompts)
     return {
         "final train loss": loss,
         "held-out reward (greedy)": heldout_eval["reward"],
-        "train-prompt reward (greedy)": evaluate(model, tokenizer, train_prompts)["reward"],
+        "train-prompt reward (greedy)": train_eval["reward"],
+        "held-out reward (samples)": heldout_eval["expected_reward"],
+        "train-prompt reward (samples)": train_eval["expected_reward"],
         "held-out entropy (expert tokens)": heldout_eval["entropy"],
         "train time (s)": seconds,
     }
