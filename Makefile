@@ -14,7 +14,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,bench,hf,trl]"
+	$(PY) -m pip install -q -e ".[test,bench,hf,trl,dev]"
 	touch $(STAMP)
 
 build: $(STAMP)
@@ -31,6 +31,7 @@ bench: build
 
 lint: $(STAMP)
 	$(PY) -m ruff check gft_kernels integration benchmarks tests
+	$(PY) -m ruff format --check gft_kernels integration benchmarks tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info benchmarks/out

@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 
 from gft_kernels import _checks
-from gft_kernels.backends.torch_rows import accumulate_dtype
 
 
 def _group_index(
@@ -75,7 +74,7 @@ def group_advantages(
     n = rewards.shape[0]
     index = _group_index(n, group_ids, group_size, rewards.device)
     n_groups = int(index.max()) + 1
-    acc = accumulate_dtype(rewards.dtype)
+    acc = torch.float64  # O(B) work: fp64 keeps sums and squares of fp32 rewards in range
     r = rewards.to(acc)
     count = torch.zeros(n_groups, dtype=acc, device=r.device).index_add_(
         0, index, torch.ones_like(r)
@@ -83,8 +82,13 @@ def group_advantages(
     total = torch.zeros_like(count).index_add_(0, index, r)
     mean = total / count
     centred = r - mean[index]
-    sq = torch.zeros_like(count).index_add_(0, index, centred * centred)
-    std = torch.sqrt(sq / (count - 1).clamp_min(1))
+    # Squares of deviations >= ~1.8e19 overflow fp32: square the deviations divided by the
+    # group's largest one, and scale the root back.
+    spread = torch.zeros_like(count).scatter_reduce(0, index, centred.abs(), "amax")
+    spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+    unit = centred / spread[index]
+    sq = torch.zeros_like(count).index_add_(0, index, unit * unit)
+    std = spread * torch.sqrt(sq / (count - 1).clamp_min(1))
     g_max = torch.full_like(count, -float("inf")).scatter_reduce(0, index, r, "amax")
     g_min = torch.full_like(count, float("inf")).scatter_reduce(0, index, r, "amin")
 

@@ -27,15 +27,29 @@ from gft_kernels.stats import GFTStats
 from gft_kernels.token_loss_op import once_differentiable
 from gft_kernels.tokens import make_stats, prepare_tokens
 
+
 def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else like.new_empty(0)
 
 
 def _run_head(
-    hidden, weight, bias, targets, advantages, mask, grad_weights, tokens_per_advantage,
-    params: RowParams, with_stats, need_grads, compact, chunk_size, backend, head,
+    hidden,
+    weight,
+    bias,
+    targets,
+    advantages,
+    mask,
+    grad_weights,
+    tokens_per_advantage,
+    params: RowParams,
+    with_stats,
+    need_grads,
+    compact,
+    chunk_size,
+    backend,
+    head,
     shard: Optional[VocabShard] = None,
-):  # fmt: skip
+):
     inputs = HeadInputs(
         hidden, weight, bias, targets, advantages, tokens_per_advantage, mask, params
     )
@@ -96,10 +110,22 @@ def fused_linear_loss(
     """
     params = RowParams(tau, temperature, logit_scale, logit_softcap, ignore_index)
     out = _run_head(
-        hidden, weight, bias, targets, advantages, mask, weights, tokens_per_advantage, params,
-        with_stats, (need_grad_hidden, need_grad_weight, need_grad_bias), compact,
-        chunk_size or None, backend, head,
-    )  # fmt: skip
+        hidden,
+        weight,
+        bias,
+        targets,
+        advantages,
+        mask,
+        weights,
+        tokens_per_advantage,
+        params,
+        with_stats,
+        (need_grad_hidden, need_grad_weight, need_grad_bias),
+        compact,
+        chunk_size or None,
+        backend,
+        head,
+    )
     loss = out.loss if weights is None else torch.dot(out.loss, weights)
     grad_h, grad_w, grad_b = _finish_grads(out, weight, bias)
     return (
@@ -114,9 +140,29 @@ def fused_linear_loss(
 
 
 @fused_linear_loss.register_fake
-def _(hidden, weight, bias, targets, advantages, mask, weights, tokens_per_advantage, tau,
-      temperature, logit_scale, logit_softcap, ignore_index, with_stats, need_grad_hidden,
-      need_grad_weight, need_grad_bias, compact, chunk_size, backend, head):  # fmt: skip
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    advantages,
+    mask,
+    weights,
+    tokens_per_advantage,
+    tau,
+    temperature,
+    logit_scale,
+    logit_softcap,
+    ignore_index,
+    with_stats,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+    compact,
+    chunk_size,
+    backend,
+    head,
+):
     n_tokens = hidden.shape[0]
     acc = accumulate_dtype(hidden.dtype)
     vec = lambda n: hidden.new_empty(n, dtype=acc)  # noqa: E731
@@ -129,9 +175,10 @@ def _(hidden, weight, bias, targets, advantages, mask, weights, tokens_per_advan
         vec(n_tokens if with_stats else 0),
         torch.empty_like(hidden) if grads and need_grad_hidden else hidden.new_empty(0),
         torch.empty_like(weight) if grads and need_grad_weight else weight.new_empty(0),
-        torch.empty_like(bias) if grads and need_grad_bias and bias is not None
+        torch.empty_like(bias)
+        if grads and need_grad_bias and bias is not None
         else weight.new_empty(0),
-    )  # fmt: skip
+    )
 
 
 @torch.library.custom_op("gft_kernels::fused_linear_loss_backward", mutates_args=())
@@ -159,18 +206,48 @@ def fused_linear_loss_backward(
     """Gradients of ``sum_t g_t l_t`` for per-token upstream gradients ``g`` (``none``)."""
     params = RowParams(tau, temperature, logit_scale, logit_softcap, ignore_index)
     out = _run_head(
-        hidden, weight, bias, targets, advantages, mask, grad_tokens, tokens_per_advantage,
-        params, False, (need_grad_hidden, need_grad_weight, need_grad_bias), True,
-        chunk_size or None, backend, head,
-    )  # fmt: skip
+        hidden,
+        weight,
+        bias,
+        targets,
+        advantages,
+        mask,
+        grad_tokens,
+        tokens_per_advantage,
+        params,
+        False,
+        (need_grad_hidden, need_grad_weight, need_grad_bias),
+        True,
+        chunk_size or None,
+        backend,
+        head,
+    )
     grad_h, grad_w, grad_b = _finish_grads(out, weight, bias)
     return _or_empty(grad_h, hidden), _or_empty(grad_w, weight), _or_empty(grad_b, weight)
 
 
 @fused_linear_loss_backward.register_fake
-def _(hidden, weight, bias, targets, advantages, mask, grad_tokens, tokens_per_advantage, tau,
-      temperature, logit_scale, logit_softcap, ignore_index, need_grad_hidden, need_grad_weight,
-      need_grad_bias, chunk_size, backend, head):  # fmt: skip
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    advantages,
+    mask,
+    grad_tokens,
+    tokens_per_advantage,
+    tau,
+    temperature,
+    logit_scale,
+    logit_softcap,
+    ignore_index,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+    chunk_size,
+    backend,
+    head,
+):
     return (
         torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
         torch.empty_like(weight) if need_grad_weight else weight.new_empty(0),
@@ -186,9 +263,29 @@ SECOND_BACKWARD = (
 
 
 def _setup(ctx, inputs, output) -> None:
-    (hidden, weight, bias, targets, advantages, mask, weights, tokens_per_advantage, tau,
-     temperature, logit_scale, logit_softcap, ignore_index, with_stats, need_h, need_w,
-     need_b, compact, chunk_size, backend, head) = inputs  # fmt: skip
+    (
+        hidden,
+        weight,
+        bias,
+        targets,
+        advantages,
+        mask,
+        weights,
+        tokens_per_advantage,
+        tau,
+        temperature,
+        logit_scale,
+        logit_softcap,
+        ignore_index,
+        with_stats,
+        need_h,
+        need_w,
+        need_b,
+        compact,
+        chunk_size,
+        backend,
+        head,
+    ) = inputs
     ctx.reduced = weights is not None
     ctx.has_bias = bias is not None
     ctx.used = False
@@ -197,8 +294,13 @@ def _setup(ctx, inputs, output) -> None:
     else:
         ctx.save_for_backward(hidden, weight, bias, targets, advantages, mask)
         ctx.options = (
-            tokens_per_advantage, tau, temperature, logit_scale, logit_softcap, ignore_index,
-        )  # fmt: skip
+            tokens_per_advantage,
+            tau,
+            temperature,
+            logit_scale,
+            logit_softcap,
+            ignore_index,
+        )
         ctx.run = (chunk_size, backend, head)
 
 
@@ -220,12 +322,22 @@ def _backward(ctx, grad_loss, *_unused):
         hidden, weight, bias, targets, advantages, mask = ctx.saved_tensors
         with torch.no_grad():
             grads = fused_linear_loss_backward(
-                hidden, weight, bias, targets, advantages, mask,
-                grad_loss.to(accumulate_dtype(hidden.dtype)).contiguous(), *ctx.options,
-                need_h, need_w, need_b and ctx.has_bias, *ctx.run,
-            )  # fmt: skip
-        grads = tuple(g if need and g.numel() else None for g, need in
-                      zip(grads, (need_h, need_w, need_b)))  # fmt: skip
+                hidden,
+                weight,
+                bias,
+                targets,
+                advantages,
+                mask,
+                grad_loss.to(accumulate_dtype(hidden.dtype)).contiguous(),
+                *ctx.options,
+                need_h,
+                need_w,
+                need_b and ctx.has_bias,
+                *ctx.run,
+            )
+        grads = tuple(
+            g if need and g.numel() else None for g, need in zip(grads, (need_h, need_w, need_b))
+        )
     grads = once_differentiable(grads)
     return grads + (None,) * 18
 
@@ -237,16 +349,43 @@ class ShardedFusedLinear(torch.autograd.Function):
     """Vocab-parallel fused head (eager only): ``weight``/``bias`` hold this rank's rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, advantages, mask, weights,
-                tokens_per_advantage, params, with_stats, chunk_size, backend, head,
-                shard):  # fmt: skip
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        advantages,
+        mask,
+        weights,
+        tokens_per_advantage,
+        params,
+        with_stats,
+        chunk_size,
+        backend,
+        head,
+        shard,
+    ):
         need = ctx.needs_input_grad[:3]
         reduced = weights is not None
         out = _run_head(
-            hidden, weight, bias, targets, advantages, mask, weights if reduced else None,
-            tokens_per_advantage, params, with_stats, need if reduced else (False,) * 3,
-            not with_stats, chunk_size, backend, head, shard,
-        )  # fmt: skip
+            hidden,
+            weight,
+            bias,
+            targets,
+            advantages,
+            mask,
+            weights if reduced else None,
+            tokens_per_advantage,
+            params,
+            with_stats,
+            need if reduced else (False,) * 3,
+            not with_stats,
+            chunk_size,
+            backend,
+            head,
+            shard,
+        )
         ctx.reduced = reduced
         ctx.used = False
         if reduced:
@@ -277,10 +416,23 @@ class ShardedFusedLinear(torch.autograd.Function):
             tpa, params, chunk_size, backend, head, shard = ctx.rest
             with torch.no_grad():
                 out = _run_head(
-                    hidden, weight, bias, targets, advantages, mask,
-                    grad_loss.to(accumulate_dtype(hidden.dtype)).contiguous(), tpa, params,
-                    False, need, True, chunk_size, backend, head, shard,
-                )  # fmt: skip
+                    hidden,
+                    weight,
+                    bias,
+                    targets,
+                    advantages,
+                    mask,
+                    grad_loss.to(accumulate_dtype(hidden.dtype)).contiguous(),
+                    tpa,
+                    params,
+                    False,
+                    need,
+                    True,
+                    chunk_size,
+                    backend,
+                    head,
+                    shard,
+                )
             grads = _finish_grads(out, weight, bias)
         return once_differentiable(tuple(grads)) + (None,) * 11
 
@@ -364,9 +516,7 @@ def fused_linear_gft_loss(
     if bias is not None:
         _checks.check_float_tensor("bias", bias, dims=(1,))
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}"
-            )
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
             raise TypeError(
                 f"bias: expected dtype {hidden.dtype} on {hidden.device}, got {bias.dtype} on "
@@ -400,18 +550,44 @@ def fused_linear_gft_loss(
             grad_on and t is not None and t.requires_grad for t in (hidden_2d, weight, bias)
         )
         loss, logprobs, probs, entropy, *_ = fused_linear_loss(
-            hidden_2d, weight, bias, batch.targets, batch.advantages, batch.mask, weights,
-            batch.tokens_per_advantage, p.tau, p.temperature, p.logit_scale, p.logit_softcap,
-            p.ignore_index, return_stats, *need, compact_tokens, chunk_size or 0,
-            batch.backend, head,
-        )  # fmt: skip
+            hidden_2d,
+            weight,
+            bias,
+            batch.targets,
+            batch.advantages,
+            batch.mask,
+            weights,
+            batch.tokens_per_advantage,
+            p.tau,
+            p.temperature,
+            p.logit_scale,
+            p.logit_softcap,
+            p.ignore_index,
+            return_stats,
+            *need,
+            compact_tokens,
+            chunk_size or 0,
+            batch.backend,
+            head,
+        )
     else:
         shard = vocab_shard(process_group, weight.shape[0], hidden.device)
         loss, logprobs, probs, entropy = ShardedFusedLinear.apply(
-            hidden_2d, weight, bias, batch.targets, batch.advantages, batch.mask, weights,
-            batch.tokens_per_advantage, p, return_stats, chunk_size, batch.backend, head,
+            hidden_2d,
+            weight,
+            bias,
+            batch.targets,
+            batch.advantages,
+            batch.mask,
+            weights,
+            batch.tokens_per_advantage,
+            p,
+            return_stats,
+            chunk_size,
+            batch.backend,
+            head,
             shard,
-        )  # fmt: skip
+        )
     if not reduced:
         loss = loss.reshape(batch.token_shape)
     if not return_stats:

@@ -81,7 +81,9 @@ def upcasts_for_dw(dtype: torch.dtype, device: torch.device) -> bool:
 def default_chunk_size(
     n_tokens: int, vocab_size: int, dtype: torch.dtype, device: torch.device
 ) -> int:
-    per_row = vocab_size * (torch.finfo(dtype).bits // 8 + (4 if upcasts_for_dw(dtype, device) else 0))
+    per_row = vocab_size * (
+        torch.finfo(dtype).bits // 8 + (4 if upcasts_for_dw(dtype, device) else 0)
+    )
     budget = _CHUNK_BYTES.get(device.type, 256 << 20)
     return max(1, min(max(n_tokens, 1), budget // per_row))
 
@@ -191,9 +193,15 @@ def chunked_head(
             )
             if want:
                 rows.row_grad(
-                    logits, local, out.row_max, out.sum_exp, weights[sl], out.scale,
-                    inputs.params, logits,
-                )  # fmt: skip
+                    logits,
+                    local,
+                    out.row_max,
+                    out.sum_exp,
+                    weights[sl],
+                    out.scale,
+                    inputs.params,
+                    logits,
+                )
         parts.append((out.loss, out.logprobs, out.probs, out.entropy))
         if want:
             if grad_h is not None:

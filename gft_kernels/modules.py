@@ -7,15 +7,38 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from gft_kernels._checks import LOSS_AGG_MODES
+from gft_kernels.backends import BACKENDS
 from gft_kernels.fused_linear import fused_linear_gft_loss
 from gft_kernels.loss import gft_loss
+from gft_kernels.tokens import check_options
 
 
 class _KeywordLoss(nn.Module):
-    """Holds a loss function's keywords; per-call keywords override them."""
+    """Holds a loss function's keywords (checked at construction); per-call keywords
+    override them."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
+        check_options(
+            tau=kwargs["tau"],
+            temperature=kwargs["temperature"],
+            num_tokens=None,
+            max_response_length=None,
+            return_stats=kwargs["return_stats"],
+            logit_scale=kwargs["logit_scale"],
+            logit_softcap=kwargs["logit_softcap"],
+            ignore_index=kwargs["ignore_index"],
+        )
+        if kwargs["loss_agg_mode"] not in LOSS_AGG_MODES:
+            raise ValueError(
+                f"loss_agg_mode: expected one of {', '.join(LOSS_AGG_MODES)}, "
+                f"got {kwargs['loss_agg_mode']!r}"
+            )
+        if kwargs["backend"] not in BACKENDS:
+            raise ValueError(
+                f"backend: expected one of {', '.join(BACKENDS)}, got {kwargs['backend']!r}"
+            )
         self.kwargs = kwargs
 
     def extra_repr(self) -> str:
@@ -39,8 +62,12 @@ class GFTLoss(_KeywordLoss):
         return_stats: bool = False,
         backend: str = "auto",
         inplace_backward: bool = False,
+        logit_scale: float = 1.0,
+        logit_softcap: Optional[float] = None,
     ) -> None:
         super().__init__(
+            logit_scale=logit_scale,
+            logit_softcap=logit_softcap,
             tau=tau,
             temperature=temperature,
             loss_agg_mode=loss_agg_mode,
@@ -78,8 +105,14 @@ class FusedLinearGFTLoss(_KeywordLoss):
         return_stats: bool = False,
         backend: str = "auto",
         chunk_size: Optional[int] = None,
+        logit_scale: float = 1.0,
+        logit_softcap: Optional[float] = None,
+        compact_tokens: bool = True,
     ) -> None:
         super().__init__(
+            logit_scale=logit_scale,
+            logit_softcap=logit_softcap,
+            compact_tokens=compact_tokens,
             tau=tau,
             temperature=temperature,
             loss_agg_mode=loss_agg_mode,

@@ -97,7 +97,8 @@ def gft_loss_reference(
     )
     if advantages.dim() == 1 and targets.dim() == 2:
         advantages = advantages.unsqueeze(-1).expand_as(targets)
-    advantages = advantages.to(terms["logprobs"].dtype)
+    # Advantages are data: like the published code, no gradient flows into them.
+    advantages = advantages.detach().to(terms["logprobs"].dtype)
     pg_losses = -advantages * terms["coef"] * terms["logprobs"]
     loss_mask = targets != ignore_index
     if mask is not None:

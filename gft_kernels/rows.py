@@ -3,14 +3,8 @@
 Unsharded, a row pass is the backend's fused ``token_pass``. Vocab-parallel (each rank
 holds a contiguous block of vocabulary columns, in rank order, blocks of any size), every
 rank summarises its block with ``partial_stats`` and O(N) all-reduces combine the blocks
-exactly, with ``M = max_r m_r`` and ``d_r = (m_r - M) / T``:
-
-    S   = sum_r S_r exp(d_r)                 (and S_1 likewise at T = 1)
-    W   = sum_r exp(d_r) (W_r + d_r S_r)     (entropy numerator re-centred on M)
-    z_y = the one rank that owns y contributes it, the others 0
-
-after which :func:`~gft_kernels.backends.token_terms.token_terms` gives the per-token
-quantities and the gradient needs no communication: each rank writes its own columns
+exactly (``combine_partials``), after which ``token_terms`` gives the per-token quantities
+and the gradient needs no communication: each rank writes its own columns
 with the global ``M`` and ``S`` (the target's column only on the rank that owns it).
 """
 
@@ -22,7 +16,12 @@ from typing import Optional, Tuple
 import torch
 
 from gft_kernels.backends import RowBackend, RowParams, TokenPass
-from gft_kernels.backends.token_terms import raise_for_flags, token_terms, value_flags
+from gft_kernels.backends.token_terms import (
+    combine_partials,
+    raise_for_flags,
+    token_terms,
+    value_flags,
+)
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,7 @@ def vocab_shard(process_group, local_size: int, device: torch.device) -> VocabSh
     return VocabShard(process_group, sum(sizes[:rank]), local_size, sum(sizes))
 
 
-def local_targets(
-    targets: torch.Tensor, valid: torch.Tensor, shard: VocabShard
-) -> torch.Tensor:
+def local_targets(targets: torch.Tensor, valid: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """Column of each valid target in this rank's block, -1 where it lives elsewhere."""
     local = targets.long() - shard.offset
     here = valid & (local >= 0) & (local < shard.size)
@@ -96,23 +93,18 @@ def sharded_token_pass(
     local = local_targets(targets, valid, shard)
     part = backend.partial_stats(logits, local, params, with_entropy=with_stats)
 
-    row_max = part.row_max.clone()
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
-    # A block of -inf has m_r = -inf: its factor is exp(-inf) = 0. A row that is -inf on
-    # every rank keeps M = -inf; shifting by 0 then avoids -inf - -inf.
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    delta_1 = part.row_max - shift
-    delta_t = delta_1 * params.inv_temperature
-    factor_t = torch.exp(delta_t)
-    factor_1 = torch.exp(delta_1)
-    sums = [part.sum_exp * factor_t, part.sum_exp_1 * factor_1, part.target_logit]
-    if with_stats:
-        live = factor_t > 0  # d_r = -inf on an all -inf block: its W_r term is 0, not NaN
-        sums.append(torch.where(live, factor_t * (part.weighted + delta_t * part.sum_exp), 0.0))
-    stacked = torch.stack(sums)
-    dist.all_reduce(stacked, group=shard.group)
-    sum_exp, sum_exp_1, target_logit = stacked[0], stacked[1], stacked[2]
-    weighted = stacked[3] if with_stats else None
+    def reduce_max(values):
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=shard.group)
+        return values
+
+    def reduce_sum(stacked):
+        dist.all_reduce(stacked, group=shard.group)
+        return stacked
+
+    row_max, sum_exp, sum_exp_1, weighted, target_logit = combine_partials(
+        part, params, reduce_max=reduce_max, reduce_sum=reduce_sum
+    )
     active = valid if with_stats else valid & (adv != 0)
     loss, logprobs, probs, entropy, scale = token_terms(
         row_max, sum_exp, sum_exp_1, weighted, target_logit, active, adv, params

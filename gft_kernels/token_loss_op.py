@@ -64,8 +64,21 @@ def token_loss(
 
 
 @token_loss.register_fake
-def _(logits, targets, advantages, mask, tokens_per_advantage, tau, temperature, logit_scale,
-      logit_softcap, ignore_index, with_stats, backend, inplace_backward):  # fmt: skip
+def _(
+    logits,
+    targets,
+    advantages,
+    mask,
+    tokens_per_advantage,
+    tau,
+    temperature,
+    logit_scale,
+    logit_softcap,
+    ignore_index,
+    with_stats,
+    backend,
+    inplace_backward,
+):
     n_rows = logits.shape[0]
     acc = accumulate_dtype(logits.dtype)
     vec = [logits.new_empty(n_rows, dtype=acc) for _ in range(7)]
@@ -95,8 +108,18 @@ def token_loss_backward(
 
 
 @token_loss_backward.register_fake
-def _(logits, targets, row_max, sum_exp, grad_loss, scale, temperature, logit_scale,
-      logit_softcap, backend):  # fmt: skip
+def _(
+    logits,
+    targets,
+    row_max,
+    sum_exp,
+    grad_loss,
+    scale,
+    temperature,
+    logit_scale,
+    logit_softcap,
+    backend,
+):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -121,8 +144,18 @@ def token_loss_backward_(
 
 
 @token_loss_backward_.register_fake
-def _(logits, targets, row_max, sum_exp, grad_loss, scale, temperature, logit_scale,
-      logit_softcap, backend):  # fmt: skip
+def _(
+    logits,
+    targets,
+    row_max,
+    sum_exp,
+    grad_loss,
+    scale,
+    temperature,
+    logit_scale,
+    logit_softcap,
+    backend,
+):
     return None
 
 
@@ -140,7 +173,8 @@ def once_differentiable(grads: _Outputs) -> _Outputs:
         return grads
     present = [g for g in grads if g is not None]
     error = torch._C._functions.DelayedError(NOT_TWICE_DIFFERENTIABLE.encode(), len(present))
-    wrapped = iter(error(*[g.detach().requires_grad_() for g in present]))
+    wrapped = error(*[g.detach().requires_grad_() for g in present])
+    wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
     return tuple(next(wrapped) if g is not None else None for g in grads)
 
 
@@ -196,8 +230,19 @@ class ShardedTokenLoss(torch.autograd.Function):
     """Vocab-parallel token losses (eager only): ``logits`` is this rank's block."""
 
     @staticmethod
-    def forward(ctx, logits, targets, advantages, mask, tokens_per_advantage, params,
-                with_stats, backend, inplace_backward, shard: VocabShard):  # fmt: skip
+    def forward(
+        ctx,
+        logits,
+        targets,
+        advantages,
+        mask,
+        tokens_per_advantage,
+        params,
+        with_stats,
+        backend,
+        inplace_backward,
+        shard: VocabShard,
+    ):
         rows = load_backend(backend)
         out, local = sharded_token_pass(
             rows,

@@ -11,6 +11,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # Bad-value tests expect a ValueError; a device-side assert would end the CUDA context.
+    os.environ.setdefault("GFT_KERNELS_SYNC_CHECKS", "1")
 
 import pytest  # noqa: E402
 

@@ -183,7 +183,9 @@ def test_dropped_tokens_never_reach_the_head(monkeypatch):
     h, w, b, targets, adv, mask = head_case(per_token=True)
     seen = []
     original = head._logits_chunk
-    monkeypatch.setattr(head, "_logits_chunk", lambda x, *a: seen.append(x.shape[0]) or original(x, *a))
+    monkeypatch.setattr(
+        head, "_logits_chunk", lambda x, *a: seen.append(x.shape[0]) or original(x, *a)
+    )
     fused_linear_gft_loss(h, w, targets, adv, mask, backend="torch")
     contributing = ((targets != -100) & mask.bool() & (adv != 0)).sum().item()
     assert sum(seen) == contributing < targets.numel()
@@ -298,6 +300,6 @@ def test_weight_grad_is_the_precomputed_buffer_not_a_copy():
     precomputed_w = node.saved_tensors[1].data_ptr()
     (loss * 0.5).backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        node.saved_tensors  # released with the graph: nothing else holds a V x H buffer
+        _ = node.saved_tensors  # released with the graph: no other V x H buffer is held
     # The buffer computed in the forward became weight.grad itself (same storage).
     assert ww.grad.data_ptr() == precomputed_w

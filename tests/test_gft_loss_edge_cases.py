@@ -206,9 +206,14 @@ def test_token_pass_skips_rows_without_loss(backend, temperature):
     mask = torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.uint8, device=dev)
     active = (adv != 0) & (mask != 0)
     out = rows.token_pass(
-        z, targets, adv, mask, RowParams(tau=0.1, temperature=temperature),
-        tokens_per_advantage=1, with_stats=False,
-    )  # fmt: skip
+        z,
+        targets,
+        adv,
+        mask,
+        RowParams(tau=0.1, temperature=temperature),
+        tokens_per_advantage=1,
+        with_stats=False,
+    )
     for name in ("loss", "scale", "logprobs", "probs"):
         values = getattr(out, name)
         assert torch.all(values[~active] == 0), name

@@ -16,9 +16,86 @@ import torch
 from gft_kernels.backends import RowParams, load_backend, native
 from gft_kernels.backends.torch_rows import accumulate_dtype
 
-BACKENDS = ["torch", "cpu-simd", "cpu-scalar", "triton"]
+BACKENDS = ["torch", "cpu-simd", "cpu-scalar", "triton", "triton-split"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [(1, 1), (3, 2), (5, 37), (4, 4099), (2, 20011)]
+
+
+def combos(dtypes=DTYPES, shapes=SHAPES, params=None):
+    """(backend, dtype, shape[, params]) cases that exist: the Triton interpreter is slow,
+    so it gets the small shapes (and one set of params for the larger ones), and it takes
+    no fp64 (refused with a TypeError, tested elsewhere)."""
+    out = []
+    for backend in BACKENDS:
+        for dtype in dtypes:
+            if backend.startswith("triton") and dtype == torch.float64:
+                continue
+            for shape in shapes:
+                interpreted = backend.startswith("triton")
+                if backend == "triton-split" and shape[1] > 5000:
+                    continue
+                large = shape[1] > (1000 if backend == "triton-split" else 5000)
+                for i, p in enumerate(params or [None]):
+                    if interpreted and large and i > 0:
+                        continue
+                    case = (backend, dtype, shape) + ((p,) if params else ())
+                    out.append(pytest.param(*case, id="-".join(map(_name, case))))
+    return out
+
+
+def _name(value) -> str:
+    if isinstance(value, RowParams):
+        return f"T{value.temperature}-cap{value.logit_softcap}-scale{value.logit_scale}"
+    return str(value).replace("torch.", "")
+
+
+class OnDevice:
+    """A backend whose calls run on ``device`` (CUDA for Triton when present, so that the
+    same tests check the compiled kernels there): CPU tensors in, CPU tensors out."""
+
+    def __init__(self, rows, device: torch.device) -> None:
+        self.rows, self.device, self.name = rows, device, rows.name
+
+    def _to(self, x):
+        return x.to(self.device) if isinstance(x, torch.Tensor) else x
+
+    @staticmethod
+    def _back(result):
+        fields = [f.cpu() if isinstance(f, torch.Tensor) else f for f in vars(result).values()]
+        return type(result)(*fields)
+
+    def _out(self, logits, d_logits, out):
+        return d_logits if out is logits else self._to(out)
+
+    def token_pass(self, logits, targets, advantages, mask, params, **kw):
+        d_logits = self._to(logits)
+        out = kw.get("grad_out")
+        d_out = self._out(logits, d_logits, out)
+        kw = {k: self._to(v) for k, v in kw.items()}
+        kw["grad_out"] = d_out
+        res = self.rows.token_pass(
+            d_logits, self._to(targets), self._to(advantages), self._to(mask), params, **kw
+        )
+        if out is not None and d_out is not out:
+            out.copy_(d_out)
+        return self._back(res)
+
+    def partial_stats(self, logits, local_targets, params, **kw):
+        return self._back(
+            self.rows.partial_stats(self._to(logits), self._to(local_targets), params, **kw)
+        )
+
+    def row_grad(self, logits, targets, row_max, sum_exp, grad_rows, scale, params, out):
+        d_logits = self._to(logits)
+        d_out = self._out(logits, d_logits, out)
+        args = [self._to(t) for t in (targets, row_max, sum_exp, grad_rows, scale)]
+        self.rows.row_grad(d_logits, *args, params, d_out)
+        if d_out is not out:
+            out.copy_(d_out)
+        return out
+
+
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -31,13 +108,19 @@ def rows(request) -> Iterator:
             yield load_backend("cpu")
         finally:
             module.set_simd_enabled(previous)
+    elif name == "triton-split":
+        # Few rows on a large GPU: each row's columns are split across programs.
+        from gft_kernels.backends.triton import tuning
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tuning, "MIN_PROGRAMS", 64)
+            patch.setattr(tuning, "MIN_SEGMENT_BLOCKS", 1)
+            patch.setattr(tuning, "MAX_BLOCK", {4: 64, 2: 64})
+            yield OnDevice(load_backend("triton"), TRITON_DEVICE)
+    elif name == "triton":
+        yield OnDevice(load_backend("triton"), TRITON_DEVICE)
     else:
         yield load_backend(name)
-
-
-def skip_unsupported(rows, dtype: torch.dtype) -> None:
-    if rows.name == "triton" and dtype == torch.float64:
-        pytest.skip("triton takes fp32/bf16/fp16 (fp64 is refused with a TypeError)")
 
 
 def make_logits(shape, dtype, seed=0, scale=4.0) -> torch.Tensor:
@@ -131,13 +214,8 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"T{p.temperature}-cap{p.logit_softcap}")
+@pytest.mark.parametrize("rows, dtype, shape, params", combos(params=PARAMS), indirect=["rows"])
 def test_token_pass_matches_fp64(rows, dtype, shape, params):
-    skip_unsupported(rows, dtype)
-    if rows.name == "triton" and shape[1] > 5000 and params is not PARAMS[0]:
-        pytest.skip("interpreter time: large rows run once per dtype for triton")
     z, targets, adv, mask = case(shape, dtype)
     valid = (targets != -100) & (mask != 0)
     out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True)
@@ -154,12 +232,12 @@ def test_token_pass_matches_fp64(rows, dtype, shape, params):
     torch.testing.assert_close(got, lse, **tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("params", PARAMS[:4], ids=lambda p: f"T{p.temperature}-cap{p.logit_softcap}")
+@pytest.mark.parametrize(
+    "rows, dtype, shape, params", combos(shapes=[(6, 515)], params=PARAMS[:4]), indirect=["rows"]
+)
 @pytest.mark.parametrize("in_place", [False, True])
-def test_token_pass_writes_the_gradient(rows, dtype, params, in_place):
+def test_token_pass_writes_the_gradient(rows, dtype, shape, params, in_place):
     """With grad_weights/grad_out the pass writes w A c / T (softmax - onehot) dz'/dz."""
-    skip_unsupported(rows, dtype)
     z, targets, adv, mask = case((6, 515), dtype, seed=3)
     valid = (targets != -100) & (mask != 0)
     weights = torch.rand(6, dtype=accumulate_dtype(dtype))
@@ -167,21 +245,23 @@ def test_token_pass_writes_the_gradient(rows, dtype, params, in_place):
     buffer = z.clone()
     out = buffer if in_place else torch.empty_like(z)
     rows.token_pass(
-        buffer, targets, adv, mask, params, tokens_per_advantage=1, with_stats=False,
-        grad_weights=weights, grad_out=out,
-    )  # fmt: skip
+        buffer,
+        targets,
+        adv,
+        mask,
+        params,
+        tokens_per_advantage=1,
+        with_stats=False,
+        grad_weights=weights,
+        grad_out=out,
+    )
     want = fp64_grad(z, targets, adv, valid, weights, params)
     grad_close(out, want, coefficients(z, targets, adv, valid, weights, params))
     assert torch.all(out[~valid | (weights == 0)] == 0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("params", PARAMS[:4], ids=lambda p: f"T{p.temperature}-cap{p.logit_softcap}")
+@pytest.mark.parametrize("rows, dtype, shape, params", combos(params=PARAMS[:4]), indirect=["rows"])
 def test_row_grad_matches_fp64(rows, dtype, shape, params):
-    skip_unsupported(rows, dtype)
-    if rows.name == "triton" and shape[1] > 5000 and params is not PARAMS[0]:
-        pytest.skip("interpreter time: large rows run once per dtype for triton")
     z, targets, adv, mask = case(shape, dtype, seed=5)
     valid = (targets != -100) & (mask != 0)
     out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=False)
@@ -193,9 +273,11 @@ def test_row_grad_matches_fp64(rows, dtype, shape, params):
     grad_close(got, want, coefficients(z, targets, adv, valid, grad_rows, params))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_partial_stats_of_blocks_match_fp64(rows, dtype):
-    z = make_logits((5, 300), dtype, seed=7)
+@pytest.mark.parametrize(
+    "rows, dtype, shape", combos([torch.float32, torch.bfloat16], [(5, 300)]), indirect=["rows"]
+)
+def test_partial_stats_of_blocks_match_fp64(rows, dtype, shape):
+    z = make_logits(shape, dtype, seed=7)
     z[2, :] = float("-inf")  # a block of -inf: m = -inf, S = 0
     params = RowParams(tau=0.1, temperature=0.7, logit_softcap=4.0)
     local = torch.tensor([3, -1, 0, 299, -1])
@@ -224,9 +306,16 @@ def test_certain_token_has_exactly_zero_gradient_at_any_temperature(rows):
         weights = torch.ones(2)
         out = torch.empty_like(z)
         res = rows.token_pass(
-            z, targets, adv, None, params, tokens_per_advantage=1, with_stats=True,
-            grad_weights=weights, grad_out=out,
-        )  # fmt: skip
+            z,
+            targets,
+            adv,
+            None,
+            params,
+            tokens_per_advantage=1,
+            with_stats=True,
+            grad_weights=weights,
+            grad_out=out,
+        )
         assert torch.isfinite(out).all() and torch.isfinite(res.loss).all(), temperature
         if temperature < 1e10:
             assert torch.all(out[0] == 0), (temperature, out[0])
@@ -250,9 +339,14 @@ def test_data_checks_raise_value_error(rows):
         args.update(override)
         with pytest.raises(ValueError) as info:
             rows.token_pass(
-                z, args["targets"], args["advantages"], args["mask"], params,
-                tokens_per_advantage=1, with_stats=False,
-            )  # fmt: skip
+                z,
+                args["targets"],
+                args["advantages"],
+                args["mask"],
+                params,
+                tokens_per_advantage=1,
+                with_stats=False,
+            )
         for word in words:
             assert word in str(info.value), (word, str(info.value))
 
@@ -262,10 +356,18 @@ def test_int32_targets_and_per_sequence_advantages(rows):
     targets = torch.randint(0, 13, (6,))
     adv_seq = torch.tensor([0.5, -2.0])
     params = RowParams(tau=0.2, temperature=0.9)
-    a = rows.token_pass(z, targets.int(), adv_seq, None, params, tokens_per_advantage=3,
-                        with_stats=False)  # fmt: skip
-    b = rows.token_pass(z, targets, adv_seq.repeat_interleave(3), None, params,
-                        tokens_per_advantage=1, with_stats=False)  # fmt: skip
+    a = rows.token_pass(
+        z, targets.int(), adv_seq, None, params, tokens_per_advantage=3, with_stats=False
+    )
+    b = rows.token_pass(
+        z,
+        targets,
+        adv_seq.repeat_interleave(3),
+        None,
+        params,
+        tokens_per_advantage=1,
+        with_stats=False,
+    )
     torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(a.scale, b.scale)
 
@@ -279,11 +381,27 @@ def test_native_results_do_not_depend_on_thread_count():
     try:
         for threads in (1, max(2, previous)):
             torch.set_num_threads(threads)
-            out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1,
-                                  with_stats=True, grad_weights=torch.ones(64),
-                                  grad_out=torch.empty_like(z))  # fmt: skip
-            grad = rows.row_grad(z, targets, out.row_max, out.sum_exp, torch.ones(64),
-                                 out.scale, params, torch.empty_like(z))  # fmt: skip
+            out = rows.token_pass(
+                z,
+                targets,
+                adv,
+                mask,
+                params,
+                tokens_per_advantage=1,
+                with_stats=True,
+                grad_weights=torch.ones(64),
+                grad_out=torch.empty_like(z),
+            )
+            grad = rows.row_grad(
+                z,
+                targets,
+                out.row_max,
+                out.sum_exp,
+                torch.ones(64),
+                out.scale,
+                params,
+                torch.empty_like(z),
+            )
             results.append((out.loss, out.entropy, out.sum_exp, grad))
     finally:
         torch.set_num_threads(previous)
@@ -305,10 +423,12 @@ def test_native_argument_checks():
         lambda: module.row_grad(z, targets, v.double(), v, v, v, 1.0, 1.0, 0.0, out),
         lambda: module.row_grad(z, targets, v, v, v, v, 1.0, 1.0, 0.0, out.double()),
         lambda: module.row_grad(z, targets, v, v, v, v, 1.0, 1.0, 0.0, out[:, :5]),
-        lambda: module.token_pass(z, targets.short(), v, None, 1, 0.1, 1.0, 1.0, 0.0, -100,
-                                  False, None, None),  # fmt: skip
-        lambda: module.token_pass(z, targets, v, None, 2, 0.1, 1.0, 1.0, 0.0, -100, False,
-                                  None, None),  # fmt: skip
+        lambda: module.token_pass(
+            z, targets.short(), v, None, 1, 0.1, 1.0, 1.0, 0.0, -100, False, None, None
+        ),
+        lambda: module.token_pass(
+            z, targets, v, None, 2, 0.1, 1.0, 1.0, 0.0, -100, False, None, None
+        ),
     ]
     # A shifted view of the logits is neither in place nor separate.
     storage = torch.zeros(40)
@@ -325,9 +445,11 @@ def test_empty_batch(rows):
     z = torch.empty(0, 17)
     empty_i = torch.empty(0, dtype=torch.long)
     params = RowParams(tau=0.1, temperature=1.0)
-    out = rows.token_pass(z, empty_i, torch.empty(0), None, params, tokens_per_advantage=1,
-                          with_stats=True)  # fmt: skip
+    out = rows.token_pass(
+        z, empty_i, torch.empty(0), None, params, tokens_per_advantage=1, with_stats=True
+    )
     assert out.loss.shape == out.entropy.shape == (0,)
-    grad = rows.row_grad(z, empty_i, out.row_max, out.sum_exp, out.loss, out.scale, params,
-                         torch.empty_like(z))  # fmt: skip
+    grad = rows.row_grad(
+        z, empty_i, out.row_max, out.sum_exp, out.loss, out.scale, params, torch.empty_like(z)
+    )
     assert grad.shape == (0, 17)

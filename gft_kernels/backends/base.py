@@ -167,4 +167,3 @@ class RowBackend(Protocol):
         their logits; ``targets`` of -1 (target in another block) subtract nothing.
         """
         ...
-

@@ -14,7 +14,9 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gft_kernels.backends.build", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m gft_kernels.backends.build", description=__doc__
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler output")
     args = parser.parse_args(argv)
 

@@ -8,11 +8,14 @@ a bad value.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
 
 from gft_kernels.backends.base import RowParams
+
+SYNC_CHECKS_ENV = "GFT_KERNELS_SYNC_CHECKS"
 
 # Bits of the per-token error flags written by the kernels' data checks.
 BAD_TARGET = 1
@@ -107,11 +110,16 @@ def raise_for_flags(
 ) -> None:
     """Turn the kernels' error flags into the library's ``ValueError``.
 
-    On CUDA this is a device-side assert (no host synchronisation; the message is fixed).
-    On the CPU the flags are read from host memory directly (no dispatch, no copy) and the
-    error names the first offending value.
+    On CUDA this is a device-side assert (no host synchronisation; the message is fixed,
+    and the CUDA context is lost afterwards, as with any device assert). With
+    ``GFT_KERNELS_SYNC_CHECKS=1`` the flags are copied to the host instead (one sync) and a
+    ``ValueError`` names the first offending value, as it does on the CPU, where the flags
+    are read from host memory directly (no dispatch, no copy).
     """
     targets_msg = f"targets: expected values in [0, {vocab_size}) or ignore_index={ignore_index}"
+    if flags.device.type != "cpu" and os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0"):
+        flags, targets, advantages = flags.cpu(), targets.cpu(), advantages.cpu()
+        mask = None if mask is None else mask.cpu()
     if flags.device.type != "cpu":
         for bit, what in (
             (BAD_TARGET, targets_msg + ", got a value outside"),
@@ -132,6 +140,30 @@ def raise_for_flags(
         raise ValueError(f"mask: expected 0/1 values, got {float(value)} (token {row})")
     row = _first(host, BAD_ADVANTAGE) // tokens_per_advantage
     raise ValueError(
-        f"advantages: expected finite values, got {float(advantages.numpy()[row])} "
-        f"(entry {row})"
+        f"advantages: expected finite values, got {float(advantages.numpy()[row])} (entry {row})"
     )
+
+
+def combine_partials(part, params: RowParams, *, reduce_max, reduce_sum):
+    """Exact row summary ``(M, S, S_1, W, z_y)`` of rows split into blocks of columns.
+
+    ``part`` holds per-block statistics (a ``PartialStats``); ``reduce_max``/``reduce_sum``
+    combine them across blocks (a reduction over the last dim for blocks of one row, or an
+    all-reduce for blocks on different ranks). With ``M = max_r m_r`` and
+    ``d_r = (m_r - M) / T``: ``S = sum_r S_r exp(d_r)``, ``W = sum_r exp(d_r) (W_r + d_r S_r)``;
+    ``z_y`` comes from the one block that holds the target (the others hold 0).
+    """
+    row_max = reduce_max(part.row_max)
+    # A block of -inf has m_r = -inf: its factor is exp(-inf) = 0. A row that is -inf in
+    # every block keeps M = -inf; shifting by 0 then avoids -inf - -inf.
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    delta_1 = part.row_max - shift
+    delta_t = delta_1 * params.inv_temperature
+    factor_t = torch.exp(delta_t)
+    sums = [part.sum_exp * factor_t, part.sum_exp_1 * torch.exp(delta_1), part.target_logit]
+    if part.weighted is not None:
+        live = factor_t > 0  # d_r = -inf on an all -inf block: its W_r term is 0, not NaN
+        sums.append(torch.where(live, factor_t * (part.weighted + delta_t * part.sum_exp), 0.0))
+    total = reduce_sum(torch.stack(sums))
+    weighted = total[3] if part.weighted is not None else None
+    return row_max, total[0], total[1], weighted, total[2]

@@ -44,8 +44,19 @@ def transform_slope(zt, TRANSFORM: tl.constexpr, logit_scale, cap):
 
 
 @triton.jit
-def _grad_block(z_raw, offs, target, row_max, scaled_inv_t, coef_over_sum, coef,
-                TRANSFORM: tl.constexpr, logit_scale, cap, slope):  # fmt: skip
+def _grad_block(
+    z_raw,
+    offs,
+    target,
+    row_max,
+    scaled_inv_t,
+    coef_over_sum,
+    coef,
+    TRANSFORM: tl.constexpr,
+    logit_scale,
+    cap,
+    slope,
+):
     zt = transform_logits(z_raw, TRANSFORM, logit_scale, cap, slope)
     g = tl.exp2((zt - row_max) * scaled_inv_t) * coef_over_sum
     g = tl.where(offs == target, g - coef, g)
@@ -61,10 +72,25 @@ def aligned_head(row_offset, VEC: tl.constexpr):
 
 
 @triton.jit
-def write_grad_row(logits_ptr, row_offset, grad_ptr, grad_offset, n_cols, target, row_max,
-                   sum_exp, coef, scaled_inv_t, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                   SAME_SKEW: tl.constexpr, TRANSFORM: tl.constexpr, logit_scale, cap,
-                   slope):  # fmt: skip
+def write_grad_row(
+    logits_ptr,
+    row_offset,
+    grad_ptr,
+    grad_offset,
+    n_cols,
+    target,
+    row_max,
+    sum_exp,
+    coef,
+    scaled_inv_t,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    SAME_SKEW: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+    logit_scale,
+    cap,
+    slope,
+):
     """Write one gradient row, reading ``logits_ptr[row_offset:]`` and writing
     ``grad_ptr[grad_offset:]``. Whole blocks start at the row's first element whose offset
     is a multiple of ``VEC`` (16 bytes), so their loads are unmasked vector loads; stores
@@ -76,15 +102,37 @@ def write_grad_row(logits_ptr, row_offset, grad_ptr, grad_offset, n_cols, target
     # The (< VEC) elements before the first aligned one.
     in_head = cols < head
     z = tl.load(logits_ptr + row_offset + cols, mask=in_head, other=0.0).to(tl.float32)
-    g = _grad_block(z, cols, target, row_max, scaled_inv_t, coef_over_sum, coef, TRANSFORM,
-                    logit_scale, cap, slope)  # fmt: skip
+    g = _grad_block(
+        z,
+        cols,
+        target,
+        row_max,
+        scaled_inv_t,
+        coef_over_sum,
+        coef,
+        TRANSFORM,
+        logit_scale,
+        cap,
+        slope,
+    )
     tl.store(grad_ptr + grad_offset + cols, g.to(out_ty), mask=in_head)
     n_full = (n_cols - head) // BLOCK_V
     for k in range(0, n_full):
         start = head + k * BLOCK_V
         z = tl.load(logits_ptr + tl.multiple_of(row_offset + start, VEC) + cols).to(tl.float32)
-        g = _grad_block(z, start + cols, target, row_max, scaled_inv_t, coef_over_sum, coef,
-                        TRANSFORM, logit_scale, cap, slope)  # fmt: skip
+        g = _grad_block(
+            z,
+            start + cols,
+            target,
+            row_max,
+            scaled_inv_t,
+            coef_over_sum,
+            coef,
+            TRANSFORM,
+            logit_scale,
+            cap,
+            slope,
+        )
         if SAME_SKEW:
             tl.store(grad_ptr + tl.multiple_of(grad_offset + start, VEC) + cols, g.to(out_ty))
         else:
@@ -93,8 +141,19 @@ def write_grad_row(logits_ptr, row_offset, grad_ptr, grad_offset, n_cols, target
     offs = start + cols
     in_tail = offs < n_cols
     z = tl.load(logits_ptr + row_offset + offs, mask=in_tail, other=0.0).to(tl.float32)
-    g = _grad_block(z, offs, target, row_max, scaled_inv_t, coef_over_sum, coef, TRANSFORM,
-                    logit_scale, cap, slope)  # fmt: skip
+    g = _grad_block(
+        z,
+        offs,
+        target,
+        row_max,
+        scaled_inv_t,
+        coef_over_sum,
+        coef,
+        TRANSFORM,
+        logit_scale,
+        cap,
+        slope,
+    )
     tl.store(grad_ptr + grad_offset + offs, g.to(out_ty), mask=in_tail)
 
 
@@ -107,17 +166,56 @@ def zero_row(grad_row_ptr, n_cols, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def row_grad_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, targets_ptr, row_max_ptr,
-                    sum_exp_ptr, grad_rows_ptr, scale_ptr, n_cols, inv_t, scaled_inv_t,
-                    logit_scale, cap, slope, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                    SAME_SKEW: tl.constexpr, TRANSFORM: tl.constexpr):  # fmt: skip
+def row_grad_kernel(
+    logits_ptr,
+    stride_row,
+    grad_ptr,
+    stride_grad,
+    targets_ptr,
+    row_max_ptr,
+    sum_exp_ptr,
+    grad_rows_ptr,
+    scale_ptr,
+    n_cols,
+    seg_len,
+    inv_t,
+    scaled_inv_t,
+    logit_scale,
+    cap,
+    slope,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    SAME_SKEW: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+):
+    """Gradient of segment ``program_id(1)`` (``seg_len`` columns) of each row: few rows
+    still fill the GPU when their columns are split across programs."""
     row = tl.program_id(0).to(tl.int64)
-    grad_offset = row * stride_grad
+    seg_start = tl.program_id(1) * seg_len
+    seg_cols = tl.minimum(seg_len, n_cols - seg_start)
+    grad_offset = row * stride_grad + seg_start
     coef = tl.load(grad_rows_ptr + row).to(tl.float32) * tl.load(scale_ptr + row) * inv_t
     if coef == 0.0:
-        zero_row(grad_ptr + grad_offset, n_cols, BLOCK_V)
+        zero_row(grad_ptr + grad_offset, seg_cols, BLOCK_V)
     else:
-        write_grad_row(logits_ptr, row * stride_row, grad_ptr, grad_offset, n_cols,
-                       tl.load(targets_ptr + row), tl.load(row_max_ptr + row),
-                       tl.load(sum_exp_ptr + row), coef, scaled_inv_t, BLOCK_V, VEC, SAME_SKEW,
-                       TRANSFORM, logit_scale, cap, slope)  # fmt: skip
+        target = tl.load(targets_ptr + row) - seg_start
+        target = tl.where((target >= 0) & (target < seg_cols), target, -1)
+        write_grad_row(
+            logits_ptr,
+            row * stride_row + seg_start,
+            grad_ptr,
+            grad_offset,
+            seg_cols,
+            target,
+            tl.load(row_max_ptr + row),
+            tl.load(sum_exp_ptr + row),
+            coef,
+            scaled_inv_t,
+            BLOCK_V,
+            VEC,
+            SAME_SKEW,
+            TRANSFORM,
+            logit_scale,
+            cap,
+            slope,
+        )

@@ -32,36 +32,46 @@ BAD_ADVANTAGE: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
-def _fold_block(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T: tl.constexpr,
-                WITH_ENTROPY: tl.constexpr):  # fmt: skip
+def _fold_block(
+    z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T: tl.constexpr, WITH_ENTROPY: tl.constexpr
+):
     """Fold one block of transformed logits (``-inf`` padding) into the row state."""
     new_m = tl.maximum(m, tl.max(z, axis=0))
     # Shift by 0 while everything seen is -inf (exp2 then gives 0, not NaN).
     shift = tl.where(new_m == -float("inf"), 0.0, new_m)
-    old_shift = tl.where(m == -float("inf"), 0.0, m)
-    # log2-scaled offsets: d2 = (old - new) log2(e) / T <= 0.
-    d2_t = (old_shift - shift) * scaled_inv_t
+    # log2-scaled offset of the old max: d2 = (old - new) log2(e) / T <= 0; -inf while
+    # nothing finite was seen (then the sums are 0 and the factor exp2(-inf) = 0).
+    d2_t = (m - shift) * scaled_inv_t
     x2 = (z - shift) * scaled_inv_t
     e_t = tl.exp2(x2)
     r_t = tl.exp2(d2_t)
     if WITH_ENTROPY:
         # W' = r (W + d S) re-centres sum e * x on the new max; x in natural units.
-        carried = tl.where(sum_t > 0.0, acc_w + d2_t * LN2 * sum_t, 0.0)
+        carried = tl.where(sum_t > 0.0, acc_w + d2_t * LN2 * sum_t, 0.0)  # no -inf * 0
         acc_w = r_t * carried + tl.sum(tl.where(e_t > 0.0, e_t * (x2 * LN2), 0.0), axis=0)
     sum_t = sum_t * r_t + tl.sum(e_t, axis=0)
     if UNIT_T:
         sum_1 = sum_t
     else:
-        sum_1 = sum_1 * tl.exp2((old_shift - shift) * LOG2E) + tl.sum(
-            tl.exp2((z - shift) * LOG2E), axis=0
-        )
+        sum_1 = sum_1 * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((z - shift) * LOG2E), axis=0)
     return new_m, sum_t, sum_1, acc_w
 
 
 @triton.jit
-def summarize_row(logits_ptr, row_offset, n_cols, scaled_inv_t, BLOCK_V: tl.constexpr,
-                  VEC: tl.constexpr, UNIT_T: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                  TRANSFORM: tl.constexpr, logit_scale, cap, slope):  # fmt: skip
+def summarize_row(
+    logits_ptr,
+    row_offset,
+    n_cols,
+    scaled_inv_t,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    UNIT_T: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+    logit_scale,
+    cap,
+    slope,
+):
     """``(m, S_t, S_1, W)`` of one row: max of ``z'``, ``sum exp((z' - m) / T)``,
     ``sum exp(z' - m)`` and ``sum e x`` with ``x = (z' - m) / T``."""
     cols = tl.arange(0, BLOCK_V)
@@ -73,36 +83,64 @@ def summarize_row(logits_ptr, row_offset, n_cols, scaled_inv_t, BLOCK_V: tl.cons
     z = tl.load(logits_ptr + row_offset + cols, mask=cols < head, other=-float("inf"))
     z = transform_logits(z.to(tl.float32), TRANSFORM, logit_scale, cap, slope)
     z = tl.where(cols < head, z, -float("inf"))
-    m, sum_t, sum_1, acc_w = _fold_block(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T,
-                                         WITH_ENTROPY)  # fmt: skip
+    m, sum_t, sum_1, acc_w = _fold_block(
+        z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
+    )
     n_full = (n_cols - head) // BLOCK_V
     for k in range(0, n_full):
         offset = tl.multiple_of(row_offset + head + k * BLOCK_V, VEC)
         z = tl.load(logits_ptr + offset + cols).to(tl.float32)
         z = transform_logits(z, TRANSFORM, logit_scale, cap, slope)
-        m, sum_t, sum_1, acc_w = _fold_block(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T,
-                                             WITH_ENTROPY)  # fmt: skip
+        m, sum_t, sum_1, acc_w = _fold_block(
+            z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
+        )
     offs = head + n_full * BLOCK_V + cols
     in_tail = offs < n_cols
     z = tl.load(logits_ptr + row_offset + offs, mask=in_tail, other=-float("inf"))
     z = transform_logits(z.to(tl.float32), TRANSFORM, logit_scale, cap, slope)
     z = tl.where(in_tail, z, -float("inf"))  # tanh(-inf) is -cap: pad after the transform
-    m, sum_t, sum_1, acc_w = _fold_block(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T,
-                                         WITH_ENTROPY)  # fmt: skip
+    m, sum_t, sum_1, acc_w = _fold_block(
+        z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
+    )
     return m, sum_t, sum_1, acc_w
 
 
 @triton.jit
 def token_pass_kernel(
-    logits_ptr, stride_row, targets_ptr, advantages_ptr, tokens_per_advantage, mask_ptr,
-    grad_weights_ptr, grad_ptr, stride_grad,
-    loss_ptr, logprobs_ptr, probs_ptr, entropy_ptr, row_max_ptr, sum_exp_ptr, scale_ptr,
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    advantages_ptr,
+    tokens_per_advantage,
+    mask_ptr,
+    grad_weights_ptr,
+    grad_ptr,
+    stride_grad,
+    loss_ptr,
+    logprobs_ptr,
+    probs_ptr,
+    entropy_ptr,
+    row_max_ptr,
+    sum_exp_ptr,
+    scale_ptr,
     flags_ptr,
-    n_cols, ignore_index, tau, inv_t, scaled_inv_t, logit_scale, cap, slope,
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr, UNIT_T: tl.constexpr, WITH_STATS: tl.constexpr,
-    TRANSFORM: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    n_cols,
+    ignore_index,
+    tau,
+    inv_t,
+    scaled_inv_t,
+    logit_scale,
+    cap,
+    slope,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    UNIT_T: tl.constexpr,
+    WITH_STATS: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
     SAME_SKEW: tl.constexpr,
-):  # fmt: skip
+):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row).to(tl.int64)
     adv = tl.load(advantages_ptr + row // tokens_per_advantage).to(tl.float32)
@@ -123,9 +161,19 @@ def token_pass_kernel(
         active = valid & (adv != 0.0)
     if active:
         m, sum_t, sum_1, acc_w = summarize_row(
-            logits_ptr, row_offset, n_cols, scaled_inv_t, BLOCK_V, VEC, UNIT_T, WITH_STATS,
-            TRANSFORM, logit_scale, cap, slope,
-        )  # fmt: skip
+            logits_ptr,
+            row_offset,
+            n_cols,
+            scaled_inv_t,
+            BLOCK_V,
+            VEC,
+            UNIT_T,
+            WITH_STATS,
+            TRANSFORM,
+            logit_scale,
+            cap,
+            slope,
+        )
         safe_target = tl.where(valid, target, 0)
         z_y = tl.load(logits_ptr + row_offset + safe_target).to(tl.float32)
         z_y = transform_logits(z_y, TRANSFORM, logit_scale, cap, slope)
@@ -150,9 +198,25 @@ def token_pass_kernel(
             if coef == 0.0:
                 zero_row(grad_ptr + grad_offset, n_cols, BLOCK_V)
             else:
-                write_grad_row(logits_ptr, row_offset, grad_ptr, grad_offset, n_cols,
-                               safe_target, m, sum_t, coef, scaled_inv_t, BLOCK_V, VEC,
-                               SAME_SKEW, TRANSFORM, logit_scale, cap, slope)  # fmt: skip
+                write_grad_row(
+                    logits_ptr,
+                    row_offset,
+                    grad_ptr,
+                    grad_offset,
+                    n_cols,
+                    safe_target,
+                    m,
+                    sum_t,
+                    coef,
+                    scaled_inv_t,
+                    BLOCK_V,
+                    VEC,
+                    SAME_SKEW,
+                    TRANSFORM,
+                    logit_scale,
+                    cap,
+                    slope,
+                )
     else:
         # Carries no loss: never read. Outputs as the other backends give them.
         tl.store(loss_ptr + row, 0.0)
@@ -169,23 +233,56 @@ def token_pass_kernel(
 
 @triton.jit
 def partial_stats_kernel(
-    logits_ptr, stride_row, local_targets_ptr, row_max_ptr, sum_exp_ptr, sum_exp_1_ptr,
-    weighted_ptr, target_logit_ptr, n_cols, scaled_inv_t, logit_scale, cap, slope,
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr, UNIT_T: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr, TRANSFORM: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    stride_row,
+    local_targets_ptr,
+    row_max_ptr,
+    sum_exp_ptr,
+    sum_exp_1_ptr,
+    weighted_ptr,
+    target_logit_ptr,
+    n_cols,
+    seg_len,
+    scaled_inv_t,
+    logit_scale,
+    cap,
+    slope,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    UNIT_T: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+):
+    """Statistics of segment ``program_id(1)`` (``seg_len`` columns, a multiple of
+    ``BLOCK_V``) of each row; outputs are ``(N, segments)``, row-major."""
     row = tl.program_id(0).to(tl.int64)
-    row_offset = row * stride_row
+    seg = tl.program_id(1)
+    n_segs = tl.num_programs(1)
+    seg_start = seg * seg_len
+    seg_cols = tl.minimum(seg_len, n_cols - seg_start)
+    row_offset = row * stride_row + seg_start
     m, sum_t, sum_1, acc_w = summarize_row(
-        logits_ptr, row_offset, n_cols, scaled_inv_t, BLOCK_V, VEC, UNIT_T, WITH_ENTROPY,
-        TRANSFORM, logit_scale, cap, slope,
-    )  # fmt: skip
-    target = tl.load(local_targets_ptr + row)
-    z_y = tl.load(logits_ptr + row_offset + tl.maximum(target, 0)).to(tl.float32)
+        logits_ptr,
+        row_offset,
+        seg_cols,
+        scaled_inv_t,
+        BLOCK_V,
+        VEC,
+        UNIT_T,
+        WITH_ENTROPY,
+        TRANSFORM,
+        logit_scale,
+        cap,
+        slope,
+    )
+    target = tl.load(local_targets_ptr + row) - seg_start
+    here = (target >= 0) & (target < seg_cols)
+    z_y = tl.load(logits_ptr + row_offset + tl.where(here, target, 0)).to(tl.float32)
     z_y = transform_logits(z_y, TRANSFORM, logit_scale, cap, slope)
-    tl.store(row_max_ptr + row, m)
-    tl.store(sum_exp_ptr + row, sum_t)
-    tl.store(sum_exp_1_ptr + row, sum_1)
+    out = row * n_segs + seg
+    tl.store(row_max_ptr + out, m)
+    tl.store(sum_exp_ptr + out, sum_t)
+    tl.store(sum_exp_1_ptr + out, sum_1)
     if WITH_ENTROPY:
-        tl.store(weighted_ptr + row, acc_w)
-    tl.store(target_logit_ptr + row, tl.where(target >= 0, z_y, 0.0))
+        tl.store(weighted_ptr + out, acc_w)
+    tl.store(target_logit_ptr + out, tl.where(here, z_y, 0.0))
