@@ -19,20 +19,27 @@ def run_example(*flags):
     env.pop("TRITON_INTERPRET", None)  # the example runs like a user's script
     proc = subprocess.run(
         [sys.executable, "integration/examples/train_tiny.py", "--backend", "torch", *flags],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     header = next(line for line in out.splitlines() if line.split()[-2:] == ["GFT", "SFT"])
     columns = header.split()
     table = {}
-    for line in out[out.index(header):].splitlines()[1:]:
+    for line in out[out.index(header) :].splitlines()[1:]:
         cells = line.split()
-        if len(cells) > len(columns) and all(c == "-" or c[0] in "-0123456789" for c in
-                                             cells[-len(columns):]):
+        if len(cells) > len(columns) and all(
+            c == "-" or c[0] in "-0123456789" for c in cells[-len(columns) :]
+        ):
             name = " ".join(cells[: -len(columns)])
-            table[name] = {k: float("nan") if v == "-" else float(v)
-                           for k, v in zip(columns, cells[-len(columns):])}
+            table[name] = {
+                k: float("nan") if v == "-" else float(v)
+                for k, v in zip(columns, cells[-len(columns) :])
+            }
     return out, table
 
 

@@ -109,28 +109,47 @@ def close(a, b, what):
 def test_two_process_fsdp_and_ddp_match_one_process(tmp_path):
     data = groups_dataset(4, seed=0)  # every group has unequal rewards, so nonzero advantages
     runs = []
-    for name, tie, shard in [("fsdp_untied", False, "transformers"),
-                             ("fully_shard_tied", True, "fully_shard"),
-                             ("ddp_tied", True, None),
-                             ("ddp_untied", False, None),
-                             ("fsdp_tied_transformers", True, "transformers")]:
+    for name, tie, shard in [
+        ("fsdp_untied", False, "transformers"),
+        ("fully_shard_tied", True, "fully_shard"),
+        ("ddp_tied", True, None),
+        ("ddp_untied", False, None),
+        ("fsdp_tied_transformers", True, "transformers"),
+    ]:
         if (shard == "transformers" and not HAS_HF_FSDP) or (
             shard == "fully_shard" and not HAS_FULLY_SHARD
         ):
             continue
         model_dir = tmp_path / f"model_{name}"
         tiny_model(tie=tie, seed=1).save_pretrained(model_dir)
-        runs.append(dict(name=name, model_dir=str(model_dir), data=data,
-                         args=train_args(4 // WORLD), shard=shard))
+        runs.append(
+            dict(
+                name=name,
+                model_dir=str(model_dir),
+                data=data,
+                args=train_args(4 // WORLD),
+                shard=shard,
+            )
+        )
     # DDP with gradient accumulation: 2 ranks x batch 1 x GA 2 against 1 process x batch 4.
     model_dir = tmp_path / "model_ddp_accumulation"
     tiny_model(tie=False, seed=1).save_pretrained(model_dir)
-    runs.append(dict(name="ddp_accumulation", model_dir=str(model_dir), data=data,
-                     args=dict(train_args(1), gradient_accumulation_steps=2), shard=None))
+    runs.append(
+        dict(
+            name="ddp_accumulation",
+            model_dir=str(model_dir),
+            data=data,
+            args=dict(train_args(1), gradient_accumulation_steps=2),
+            shard=None,
+        )
+    )
 
-    mp.spawn(workers.trainer_worker,
-             args=(WORLD, str(tmp_path / "init"), free_port(), str(tmp_path), runs),
-             nprocs=WORLD, join=True)
+    mp.spawn(
+        workers.trainer_worker,
+        args=(WORLD, str(tmp_path / "init"), free_port(), str(tmp_path), runs),
+        nprocs=WORLD,
+        join=True,
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     singles = {}
@@ -207,23 +226,36 @@ def check_accumulation_and_metrics(run, single, outs):
     for pname, p in single["params"].items():
         for r, out in enumerate(outs):
             update, reference = out["params"][pname] - init[pname], p - init[pname]
-            torch.testing.assert_close(update, reference, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, r=r, n=pname: f"rank {r} {n}: {m}")
+            torch.testing.assert_close(
+                update,
+                reference,
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m, r=r, n=pname: f"rank {r} {n}: {m}",
+            )
     for step in range(2):
         for out in outs:
             log, ref = out["logs"][step], single["logs"][step]
             assert log["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-7), step
-            for key in ("reward/mean", "reward/std", "reward/expert/mean", "response_tokens",
-                        "num_responses/teacher", "frac_reward_zero_std", "entropy",
-                        "rectified_fraction"):
+            for key in (
+                "reward/mean",
+                "reward/std",
+                "reward/expert/mean",
+                "response_tokens",
+                "num_responses/teacher",
+                "frac_reward_zero_std",
+                "entropy",
+                "rectified_fraction",
+            ):
                 assert log[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (key, step)
 
 
 # -- the loss-in-head path in one process ----------------------------------------------------
 
 
-@pytest.mark.parametrize("tie, bias, mode", [(True, False, "token-mean"),
-                                             (False, True, "seq-mean-token-mean")])
+@pytest.mark.parametrize(
+    "tie, bias, mode", [(True, False, "token-mean"), (False, True, "seq-mean-token-mean")]
+)
 def test_loss_in_head_matches_the_body_path(tmp_path, monkeypatch, tie, bias, mode):
     # The path wrapped/sharded models take, forced on a plain model: same losses and weights
     # as the body + head path (which test_integration_trainer checks against the reference).
@@ -233,8 +265,12 @@ def test_loss_in_head_matches_the_body_path(tmp_path, monkeypatch, tie, bias, mo
         model = tiny_model(tie=tie, bias=bias)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        trainer = GFTTrainer(model=model, args=gft_args(tmp_path, max_steps=2, loss_agg_mode=mode),
-                             train_dataset=groups_dataset(4), optimizers=(optimizer, scheduler))
+        trainer = GFTTrainer(
+            model=model,
+            args=gft_args(tmp_path, max_steps=2, loss_agg_mode=mode),
+            train_dataset=groups_dataset(4),
+            optimizers=(optimizer, scheduler),
+        )
         trainer.train()
         assert "forward" not in model.get_output_embeddings().__dict__  # restored
         logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -261,13 +297,17 @@ def test_loss_in_head_refuses_a_model_that_changes_the_head_output(tmp_path, mon
     scaled.load_state_dict(model.state_dict())
     monkeypatch.setattr(GFTTrainer, "_computes_loss_in_head", lambda self, m: True)
     # The first-batch check (run inside the head's forward) ...
-    trainer = GFTTrainer(model=scaled, args=gft_args(tmp_path, max_steps=1),
-                         train_dataset=groups_dataset(2))
+    trainer = GFTTrainer(
+        model=scaled, args=gft_args(tmp_path, max_steps=1), train_dataset=groups_dataset(2)
+    )
     with pytest.raises(ValueError, match="logits differ"):
         trainer.train()
     # ... and, without it, the loss returned through the model's output.
-    trainer = GFTTrainer(model=scaled, args=gft_args(tmp_path, max_steps=1, check_head=False),
-                         train_dataset=groups_dataset(2))
+    trainer = GFTTrainer(
+        model=scaled,
+        args=gft_args(tmp_path, max_steps=1, check_head=False),
+        train_dataset=groups_dataset(2),
+    )
     with pytest.raises(ValueError, match="changes the lm_head output"):
         trainer.train()
     assert "forward" not in scaled.get_output_embeddings().__dict__
