@@ -134,7 +134,7 @@ def test_demonstrations_are_in_the_groups_and_the_loss_is_gft(tmp_path):
     assert inputs["advantages"].abs().sum() > 0
 
 
-def one_step_update(tmp_path, per_device, accumulation):
+def one_step_update(tmp_path, per_device, accumulation, mode):
     model = tiny_model(tie=False, bias=True)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     trainer = trainer_for(
@@ -144,6 +144,7 @@ def one_step_update(tmp_path, per_device, accumulation):
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
         num_generations=4,
+        loss_agg_mode=mode,
     )
     torch.manual_seed(0)
     trainer.train()
@@ -151,13 +152,14 @@ def one_step_update(tmp_path, per_device, accumulation):
     return {k: v.detach() - init[k] for k, v in model.named_parameters()}
 
 
-def test_update_is_invariant_to_gradient_accumulation(tmp_path):
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_update_is_invariant_to_gradient_accumulation(tmp_path, mode):
     # 2 prompts x 4 completions = 8 rows per step, as 8 x 1, 4 x 2 and 2 x 4.
-    reference = one_step_update(tmp_path, 8, 1)
+    reference = one_step_update(tmp_path, 8, 1, mode)
     scale = max(v.abs().max().item() for v in reference.values())
     assert scale > 1e-3
     for per_device, accumulation in ((4, 2), (2, 4)):
-        update = one_step_update(tmp_path, per_device, accumulation)
+        update = one_step_update(tmp_path, per_device, accumulation, mode)
         diff = max((update[k] - reference[k]).abs().max().item() for k in reference)
         assert diff / scale < 1e-4, (per_device, accumulation)
 

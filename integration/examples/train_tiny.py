@@ -189,14 +189,17 @@ def build_model(tokenizer: CharTokenizer, seed: int) -> LlamaForCausalLM:
 # -- evaluation -------------------------------------------------------------------------
 
 
+SAMPLES_PER_PROMPT = 16
+
+
 @torch.no_grad()
 def evaluate(
     model: LlamaForCausalLM, tokenizer: CharTokenizer, prompts: Sequence[str]
 ) -> Dict[str, float]:
-    """On ``prompts``: the mean reward of greedy answers, the expected reward of the
-    policy's samples at temperature 1 (exactly: the probability of the right answer followed
-    by eos, the only completion with reward 1) and the mean next-token entropy over the
-    expert answer tokens (teacher forcing)."""
+    """On ``prompts``: the mean reward of greedy answers, the mean reward of
+    ``SAMPLES_PER_PROMPT`` samples per prompt at temperature 1 (the policy's expected reward,
+    what GFT's self samples estimate) and the mean next-token entropy over the expert answer
+    tokens (teacher forcing)."""
     model.eval()
     device = next(model.parameters()).device
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -206,18 +209,40 @@ def evaluate(
     for i, e in enumerate(encoded):  # left padding for generation
         ids[i, width - len(e) :] = torch.tensor(e)
         mask[i, width - len(e) :] = 1
-    out = model.generate(
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    def rewards_of(out: torch.Tensor, row_prompts: Sequence[str]) -> List[float]:
+        rewards = []
+        for p, row in zip(row_prompts, out[:, width:].tolist()):
+            eos = tokenizer.eos_token_id
+            cut = row.index(eos) if eos in row else len(row)
+            rewards.append(reward_fn(p, tokenizer.decode(row[:cut])))
+        return rewards
+
+    greedy = model.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         max_new_tokens=3,
         do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **special,
     )
-    rewards = []
-    for p, row in zip(prompts, out[:, width:].tolist()):
-        cut = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
-        rewards.append(reward_fn(p, tokenizer.decode(row[:cut])))
+    rewards = rewards_of(greedy, prompts)
+    # Samples as the policy draws them (temperature 1, no top-k/top-p), with a fixed seed so
+    # that every model is scored on the same random draws; the global RNG is left as it was.
+    k = SAMPLES_PER_PROMPT
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        sampled = model.generate(
+            input_ids=ids.repeat_interleave(k, 0).to(device),
+            attention_mask=mask.repeat_interleave(k, 0).to(device),
+            max_new_tokens=3,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            **special,
+        )
+    sampled_rewards = rewards_of(sampled, [p for p in prompts for _ in range(k)])
 
     batch = SFTCollator(tokenizer)(
         [
@@ -233,15 +258,12 @@ def evaluate(
         .logits[:, :-1]
         .float()
     )
-    labels = batch["labels"][:, 1:].to(device)
-    valid = labels != -100
+    valid = (batch["labels"][:, 1:] != -100).to(device)
     logp = torch.log_softmax(logits, -1)
     entropy = -(logp.exp() * logp).sum(-1)
-    answer_logp = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-    expected = (answer_logp * valid).sum(-1).exp()
     return {
         "reward": sum(rewards) / len(rewards),
-        "expected_reward": expected.mean().item(),
+        "expected_reward": sum(sampled_rewards) / len(sampled_rewards),
         "entropy": (entropy * valid).sum().item() / valid.sum().item(),
     }
 
