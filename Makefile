@@ -15,7 +15,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,bench,hf,verl,dev]"
+	$(PY) -m pip install -q -e ".[test,bench,hf,trl,verl,dev]"
 	touch $(STAMP)
 
 build: $(STAMP)

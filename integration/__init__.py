@@ -1,12 +1,18 @@
-"""HF Trainer integration of the GFT loss (importable as ``gft_kernels.integration``).
+"""HF Trainer and TRL integrations of the GFT loss (importable as ``gft_kernels.integration``).
 
 - :class:`GFTConfig`: ``TrainingArguments`` plus the GFT options.
 - :class:`GFTDataCollator`: prompt groups in, padded rows with group advantages out.
-- :class:`GFTTrainer`: ``Trainer`` with the fused GFT head and optional self-sampling.
+- :class:`GFTTrainer`: ``Trainer`` with the fused GFT head, step-level normalisation and
+  optional self-sampling.
+- ``gft_kernels.integration.trl.GFTGRPOTrainer``: TRL's ``GRPOTrainer`` with each prompt's
+  demonstrations in its group and the fused GFT loss (needs ``trl``).
+- ``gft_kernels.integration.heads``: the lm_head of a (wrapped, sharded) causal LM (torch
+  only).
+- ``gft_kernels.integration.verl``: the GFT policy loss, fused-head engine and hybrid
+  groups for verl (needs ``verl``; nothing else here imports verl).
 
-Needs ``transformers`` and ``accelerate`` (``pip install gft-kernels[hf]``). verl users
-import :mod:`gft_kernels.integration.verl` (``pip install gft-kernels[verl]``); nothing
-here imports verl.
+Needs ``transformers`` and ``accelerate`` (``pip install gft-kernels[hf]``); the head
+helpers need only torch.
 """
 
 __all__ = [

@@ -5,9 +5,12 @@ One dataset example is one prompt with its group of responses::
     {"prompt_ids": [int, ...],
      "responses": [{"ids": [int, ...], "reward": float, "source": "expert"}, ...]}
 
-or, with a tokenizer, ``"prompt": str`` and ``{"text": str, ...}`` instead of the ids.
-Each (prompt, response) pair becomes one row ``prompt + response`` (right padding). The
-advantages are computed inside each prompt's group (GAL, DESIGN §1), which is why the
+or, with a tokenizer, ``"prompt": str`` (or a chat: a list of ``{"role", "content"}``
+messages, rendered with the tokenizer's chat template) and ``{"text": str, ...}`` instead of
+the ids. Other fields of an example (e.g. a ground-truth ``solution``) are kept with the
+group for the reward functions. Each (prompt, response) pair becomes one row
+``prompt + response`` (right padding). The
+advantages are computed inside each prompt's group (GAL), which is why the
 collator sees whole groups: a group split across batches would get other advantages.
 
 Collation happens in two stages, so that the trainer can add the policy's own samples to
@@ -21,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -33,27 +36,48 @@ SOURCES = ("expert", "teacher", "self")
 SOURCE_CODES = {name: code for code, name in enumerate(SOURCES)}
 
 
+# Example fields the collator reads itself; every other field is a dataset column.
+_OWN_FIELDS = ("prompt", "prompt_ids", "responses")
+
+
 @dataclass(frozen=True)
 class Response:
-    """One response of a group: token ids, scalar reward and where it came from."""
+    """One response of a group: token ids, scalar reward and where it came from.
+
+    ``trainable=False`` keeps the response in its group (its reward counts in the group's
+    advantages) but out of the loss (e.g. a self sample cut at ``max_new_tokens``).
+    """
 
     ids: Tuple[int, ...]
     reward: float
     source: str
     text: Optional[str] = None
+    trainable: bool = True
 
 
 @dataclass(frozen=True)
 class PromptGroup:
-    """A prompt and its group of responses, checked and tokenized."""
+    """A prompt and its group of responses, checked and tokenized.
+
+    ``prompt_messages``: the chat messages of a chat prompt (None for text or ids);
+    ``columns``: the example's other fields (dataset columns), for the reward functions.
+    """
 
     prompt_ids: Tuple[int, ...]
     responses: Tuple[Response, ...]
     prompt_text: Optional[str] = None
+    prompt_messages: Optional[Tuple[Mapping[str, Any], ...]] = None
+    columns: Mapping[str, Any] = field(default_factory=dict)
 
     def with_responses(self, extra: Sequence[Response]) -> PromptGroup:
         """The same prompt with ``extra`` responses appended to its group."""
-        return PromptGroup(self.prompt_ids, self.responses + tuple(extra), self.prompt_text)
+        return PromptGroup(
+            self.prompt_ids,
+            self.responses + tuple(extra),
+            self.prompt_text,
+            self.prompt_messages,
+            self.columns,
+        )
 
 
 def _token_ids(where: str, value: Any) -> Tuple[int, ...]:
@@ -85,7 +109,8 @@ def _token_ids(where: str, value: Any) -> Tuple[int, ...]:
     return tuple(ids)
 
 
-def _reward(where: str, value: Any) -> float:
+def check_reward(where: str, value: Any) -> float:
+    """A reward (or weight) as a float: a real number or a one-element tensor, finite."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() <= 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -108,6 +133,8 @@ class GFTDataCollator:
         norm_adv_by_std: GRPO normalisation of the advantages (see ``group_advantages``).
         adv_eps: ``eps`` of the advantages.
         max_response_length: responses longer than this are truncated (right side).
+        max_prompt_length: prompts longer than this keep their last ``max_prompt_length``
+            tokens (left truncation, so the prompt still ends where the response starts).
         append_eos: append the tokenizer's eos to responses given as text (ids are used
             exactly as given).
         pad_to_multiple_of: round the padded length up to a multiple of this.
@@ -131,6 +158,7 @@ class GFTDataCollator:
         max_response_length: Optional[int] = None,
         append_eos: bool = True,
         pad_to_multiple_of: Optional[int] = None,
+        max_prompt_length: Optional[int] = None,
     ) -> None:
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = getattr(tokenizer, "pad_token_id", None)
@@ -150,6 +178,7 @@ class GFTDataCollator:
         for name, value in (
             ("max_response_length", max_response_length),
             ("pad_to_multiple_of", pad_to_multiple_of),
+            ("max_prompt_length", max_prompt_length),
         ):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value <= 0
@@ -162,6 +191,7 @@ class GFTDataCollator:
         self.max_response_length = max_response_length
         self.append_eos = append_eos
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_prompt_length = max_prompt_length
 
     # -- stage 1: check and tokenize ------------------------------------------------------
 
@@ -189,6 +219,52 @@ class GFTDataCollator:
             return self._encode(f'{where}["{text_key}"]', raw[text_key], response=response)
         raise ValueError(f'{where}: expected a "{ids_key}" or "{text_key}" field')
 
+    def _chat_prompt(self, where: str, messages: Sequence[Any]) -> Tuple[int, ...]:
+        """The ids of a chat prompt: the tokenizer's chat template with the generation
+        prompt (the assistant turn's opening) appended."""
+        for i, message in enumerate(messages):
+            if (
+                not isinstance(message, Mapping)
+                or "role" not in message
+                or "content" not in message
+            ):
+                raise TypeError(
+                    f'{where}["prompt"][{i}]: expected a chat message {{"role": ..., "content": '
+                    f"...}}, got {message!r}"
+                )
+        template = getattr(self.tokenizer, "apply_chat_template", None)
+        if not callable(template):
+            raise ValueError(
+                f'{where}["prompt"]: a chat prompt (list of messages) needs a tokenizer with '
+                "apply_chat_template (pass tokenizer= to GFTDataCollator), got "
+                f"{type(self.tokenizer).__name__}"
+            )
+        ids = template([dict(m) for m in messages], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, Mapping):  # transformers >= 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return _token_ids(f'{where}["prompt"]', ids)
+
+    def _prompt(
+        self, where: str, example: Mapping
+    ) -> Tuple[Tuple[int, ...], Optional[str], Optional[Tuple[Mapping[str, Any], ...]]]:
+        """``(ids, text, messages)`` of an example's prompt (ids, text or chat messages),
+        left-truncated to ``max_prompt_length``."""
+        raw = example.get("prompt")
+        text, messages = None, None
+        if (
+            example.get("prompt_ids") is None
+            and isinstance(raw, Sequence)
+            and not isinstance(raw, (str, bytes))
+        ):
+            messages = tuple(raw)
+            ids = self._chat_prompt(where, messages)
+        else:
+            ids = self._ids_or_text(where, example, "prompt_ids", "prompt", response=False)
+            text = raw if isinstance(raw, str) else None
+        if self.max_prompt_length is not None and len(ids) > self.max_prompt_length:
+            ids, text = ids[-self.max_prompt_length :], None  # the text no longer matches
+        return ids, text, messages
+
     def _response(self, where: str, raw: Any) -> Response:
         if isinstance(raw, Response):
             return raw
@@ -198,7 +274,7 @@ class GFTDataCollator:
         ids = self._ids_or_text(where, raw, "ids", "text", response=True)
         if "reward" not in raw:
             raise ValueError(f'{where}: missing the "reward" field')
-        reward = _reward(f'{where}["reward"]', raw["reward"])
+        reward = check_reward(f'{where}["reward"]', raw["reward"])
         source = raw.get("source")
         if source not in SOURCE_CODES:
             raise ValueError(
@@ -220,8 +296,9 @@ class GFTDataCollator:
                 continue
             if not isinstance(example, Mapping):
                 raise TypeError(f"{where}: expected a dict, got {type(example).__name__}")
-            prompt_text = example.get("prompt")
-            prompt_ids = self._ids_or_text(where, example, "prompt_ids", "prompt", response=False)
+            if "responses" not in example:
+                _refuse_other_formats(where, example)
+            prompt_ids, prompt_text, messages = self._prompt(where, example)
             responses = example.get("responses")
             if isinstance(responses, (str, bytes, Mapping)) or not isinstance(responses, Sequence):
                 raise TypeError(
@@ -233,13 +310,8 @@ class GFTDataCollator:
             parsed = tuple(
                 self._response(f'{where}["responses"][{j}]', r) for j, r in enumerate(responses)
             )
-            groups.append(
-                PromptGroup(
-                    prompt_ids,
-                    parsed,
-                    prompt_text if isinstance(prompt_text, str) else None,
-                )
-            )
+            columns = {k: v for k, v in example.items() if k not in _OWN_FIELDS}
+            groups.append(PromptGroup(prompt_ids, parsed, prompt_text, messages, columns))
         return groups
 
     # -- stage 2: pad and compute the advantages ------------------------------------------
@@ -249,7 +321,7 @@ class GFTDataCollator:
         if len(groups) == 0:
             raise ValueError("groups: expected at least one prompt group, got none")
         rows: List[Tuple[Tuple[int, ...], Tuple[int, ...]]] = []
-        group_ids, rewards, sources = [], [], []
+        group_ids, rewards, sources, trainable = [], [], [], []
         for g, group in enumerate(groups):
             if len(group.responses) == 0:
                 raise ValueError(f"groups[{g}].responses: expected at least one response")
@@ -261,6 +333,7 @@ class GFTDataCollator:
                 group_ids.append(g)
                 rewards.append(response.reward)
                 sources.append(SOURCE_CODES[response.source])
+                trainable.append(response.trainable)
 
         length = max(len(p) + len(r) for p, r in rows)
         if self.pad_to_multiple_of is not None:
@@ -273,7 +346,7 @@ class GFTDataCollator:
             n_prompt, n_total = len(prompt), len(prompt) + len(response)
             input_ids[i, :n_total] = torch.tensor(prompt + response, dtype=torch.long)
             attention_mask[i, :n_total] = 1
-            response_mask[i, n_prompt:n_total] = 1
+            response_mask[i, n_prompt:n_total] = int(trainable[i])
 
         group_ids_t = torch.tensor(group_ids, dtype=torch.long)
         rewards_t = torch.tensor(rewards, dtype=torch.float32)
@@ -309,3 +382,21 @@ class DeferredGroups:
 
     def __call__(self, examples: Sequence[Any]) -> Dict[str, List[PromptGroup]]:
         return {self.KEY: self.collator.normalize(examples)}
+
+
+def _refuse_other_formats(where: str, example: Mapping) -> None:
+    """A clear error for rows in another trainer's format (no ``responses`` field)."""
+    keys = set(example)
+    if keys & {"completion", "chosen", "rejected", "messages"}:
+        found = ", ".join(sorted(keys & {"completion", "chosen", "rejected", "messages"}))
+        raise ValueError(
+            f"{where}: a TRL-style row ({found}); GFT expects one prompt with its group of "
+            'scored responses: {"prompt": ..., "responses": [{"text" or "ids": ..., '
+            '"reward": float, "source": "expert" | "teacher" | "self"}, ...]}. To add '
+            "dataset completions to TRL's GRPO groups, use "
+            "gft_kernels.integration.trl.GFTGRPOTrainer"
+        )
+    raise ValueError(
+        f'{where}: missing the "responses" field (a list of scored responses), got the fields '
+        f"{sorted(keys)}"
+    )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from transformers import TrainingArguments
 
-# The reduced aggregation modes of DESIGN §1. ``none`` (per-token losses) is left out: a
+# The reduced aggregation modes of the loss. ``none`` (per-token losses) is left out: a
 # trainer needs a scalar to back-propagate.
 TRAINER_LOSS_AGG_MODES = (
     "token-mean",
@@ -19,10 +19,9 @@ TRAINER_LOSS_AGG_MODES = (
     "sum",
 )
 GFT_BACKENDS = ("auto", "triton", "cpu", "torch")
-
-
-def _default_generation_kwargs() -> Dict[str, Any]:
-    return {"max_new_tokens": 256, "do_sample": True}
+# ``step``: normalised over the optimizer step (all micro-batches and ranks);
+# ``micro_batch``: each micro-batch its own mean (the published GFT code).
+LOSS_NORMALIZATIONS = ("step", "micro_batch")
 
 
 @dataclass
@@ -32,28 +31,49 @@ class GFTConfig(TrainingArguments):
     All fields of ``transformers.TrainingArguments`` apply; the GFT fields are:
 
     Attributes:
-        tau: DCR threshold: token weight ``c = q if q <= tau else 1`` (DESIGN §1).
+        tau: DCR threshold: token weight ``c = q if q <= tau else 1`` (``q`` = the target's
+            probability at temperature 1).
         temperature: temperature of ``log p``; also the default sampling temperature of
             the self samples (the rollout and the loss should agree on it).
         loss_agg_mode: one of ``token-mean``, ``seq-mean-token-sum``,
             ``seq-mean-token-mean``, ``seq-mean-token-sum-norm``, ``sum``.
+        loss_normalization: ``step`` (default): the counts ``loss_agg_mode`` divides by are
+            those of the whole optimizer step, over every gradient-accumulation micro-batch
+            and every rank (``token-mean``: the step's response tokens; ``seq-*``: its
+            responses; ``seq-mean-token-sum-norm``: responses x ``Tlen``), so any split of
+            the step into batch size x accumulation steps x ranks gives the same update.
+            ``micro_batch``: each micro-batch is its own mean and the Trainer averages them
+            (the published GFT code).
         norm_adv_by_std: GRPO advantages ``(r - mean) / (std + eps)`` when True, else
             ``r - mean`` (Dr. GRPO style).
         adv_eps: the ``eps`` of the advantages.
         num_self_samples: responses sampled from the current policy per prompt at every
-            training step and merged into the prompt's group (needs a ``reward_fn``).
+            training step and merged into the prompt's group (needs reward functions).
         max_response_length: responses are truncated to this many tokens; it is also
-            ``Tlen`` of ``seq-mean-token-sum-norm`` (else the longest response of the batch).
-        generation_kwargs: keywords of ``model.generate`` for the self samples.
+            ``Tlen`` of ``seq-mean-token-sum-norm`` (else the longest response of the step)
+            and the default ``max_new_tokens`` of the self samples.
+        max_prompt_length: prompts keep their last this-many tokens (None: all).
+        generation_kwargs: keywords of ``model.generate`` for the self samples, merged over
+            the faithful defaults (``do_sample=True``, ``temperature``, ``top_k=0``,
+            ``top_p=1``, ``repetition_penalty=1``, ``max_new_tokens=max_response_length``
+            or 256); nothing comes from the model's own generation config.
+        mask_truncated_completions: self samples that end without an eos (cut at
+            ``max_new_tokens`` or ``max_response_length``) keep their place in the group's
+            advantages but are left out of the loss.
+        reward_weights: one weight per reward function (default: all 1).
+        log_completions: print a few self samples (prompt, completion, reward, advantage)
+            at every log, and keep them in ``trainer.completion_samples``.
+        num_completions_to_print: how many samples ``log_completions`` prints.
         gft_backend: ``backend`` of ``fused_linear_gft_loss`` (``auto``, ``triton``, ``cpu``,
             ``torch``).
         gft_chunk_size: ``chunk_size`` of ``fused_linear_gft_loss`` (None: its default).
         log_token_stats: log ``rectified_fraction`` and the mean entropy. They come from the
             loss pass itself, but every valid token then reaches the head, including those of
             zero-advantage groups that would otherwise be skipped.
-        check_head: on the first batch, compare ``hidden @ W.T (+ b)`` with the model's own
-            logits once and raise if they differ (a model that rescales or soft-caps its
-            logits cannot use the fused head).
+        check_head: on the first batch, compare the head's logits as the fused loss computes
+            them (``hidden @ W.T (+ b)``, then the model's soft-cap and scale read from its
+            config) with the model's own logits once and raise if they differ: a model that
+            transforms its logits in a way its config does not say cannot use the fused head.
         model_init_kwargs: keywords of ``from_pretrained`` / ``from_config`` when the trainer
             is given a model name or a config instead of a model.
 
@@ -75,21 +95,38 @@ class GFTConfig(TrainingArguments):
         default=True, metadata={"help": "Divide advantages by the group std (GRPO)."}
     )
     adv_eps: float = field(default=1e-6, metadata={"help": "eps added to the group std."})
+    loss_normalization: str = field(
+        default="step",
+        metadata={"help": "Normalise per optimizer step (step) or per micro-batch (micro_batch)."},
+    )
     num_self_samples: int = field(
         default=0, metadata={"help": "Policy samples per prompt added to each group."}
     )
     max_response_length: Optional[int] = field(
         default=None, metadata={"help": "Truncate responses; Tlen of seq-mean-token-sum-norm."}
     )
+    max_prompt_length: Optional[int] = field(
+        default=None, metadata={"help": "Keep the last tokens of longer prompts."}
+    )
     # ``dict | str | None`` (the shape HfArgumentParser reads as a string): a JSON string
     # from the command line becomes a dict; None means the defaults.
     generation_kwargs: Optional[Union[Dict[str, Any], str]] = field(
-        default_factory=_default_generation_kwargs,
+        default=None,
         metadata={"help": "Keywords of model.generate for the self samples (dict or JSON)."},
     )
-    gft_backend: str = field(
-        default="auto", metadata={"help": "Backend of fused_linear_gft_loss."}
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Leave self samples without an eos out of the loss."}
     )
+    reward_weights: Optional[List[float]] = field(
+        default=None, metadata={"help": "One weight per reward function (default: all 1)."}
+    )
+    log_completions: bool = field(
+        default=False, metadata={"help": "Print a few self samples at every log."}
+    )
+    num_completions_to_print: int = field(
+        default=4, metadata={"help": "Self samples printed by log_completions."}
+    )
+    gft_backend: str = field(default="auto", metadata={"help": "Backend of fused_linear_gft_loss."})
     gft_chunk_size: Optional[int] = field(
         default=None, metadata={"help": "Token chunk of the fused head (None: default)."}
     )
@@ -131,11 +168,16 @@ class GFTConfig(TrainingArguments):
             raise TypeError(
                 f"norm_adv_by_std: expected a bool, got {type(self.norm_adv_by_std).__name__}"
             )
-        for name in ("num_self_samples",):
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"loss_normalization: expected one of {', '.join(LOSS_NORMALIZATIONS)}, got "
+                f"{self.loss_normalization!r}"
+            )
+        for name in ("num_self_samples", "num_completions_to_print"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-        for name in ("max_response_length", "gft_chunk_size"):
+        for name in ("max_response_length", "max_prompt_length", "gft_chunk_size"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value <= 0
@@ -147,19 +189,29 @@ class GFTConfig(TrainingArguments):
                 try:
                     setattr(self, name, json.loads(value))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{name}: expected a dict or a JSON object, got {value!r}") \
-                        from err
+                    raise ValueError(
+                        f"{name}: expected a dict or a JSON object, got {value!r}"
+                    ) from err
         if self.generation_kwargs is None:
-            self.generation_kwargs = _default_generation_kwargs()
+            self.generation_kwargs = {}
         if not isinstance(self.generation_kwargs, dict):
             raise TypeError(
-                "generation_kwargs: expected a dict, got "
-                f"{type(self.generation_kwargs).__name__}"
+                f"generation_kwargs: expected a dict, got {type(self.generation_kwargs).__name__}"
             )
+        if self.reward_weights is not None:
+            if isinstance(self.reward_weights, (str, bytes)) or not isinstance(
+                self.reward_weights, (list, tuple)
+            ):
+                raise TypeError(
+                    "reward_weights: expected None or a list of numbers, got "
+                    f"{type(self.reward_weights).__name__}"
+                )
+            self.reward_weights = [
+                number(f"reward_weights[{i}]", w) for i, w in enumerate(self.reward_weights)
+            ]
         if self.gft_backend not in GFT_BACKENDS:
             raise ValueError(
-                f"gft_backend: expected one of {', '.join(GFT_BACKENDS)}, got "
-                f"{self.gft_backend!r}"
+                f"gft_backend: expected one of {', '.join(GFT_BACKENDS)}, got {self.gft_backend!r}"
             )
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise TypeError(

@@ -1,51 +1,66 @@
 """``GFTTrainer``: a ``transformers.Trainer`` that trains with the fused GFT loss.
 
-Per batch of prompt groups (see :mod:`.collator`):
+Per optimizer step (all its gradient-accumulation micro-batches are read at once):
 
 1. optionally, ``num_self_samples`` responses per prompt are sampled from the current
-   policy, scored by ``reward_fn`` and appended to the prompt's group (the hybrid group);
+   policy (:mod:`.sampling`), scored by the reward functions and appended to the prompt's
+   group (the hybrid group);
 2. the groups are padded into rows and the advantages computed inside each group;
-3. the model *body* runs once for the final hidden states; only the hidden states that
-   predict response tokens (position t - 1 predicts the token at t) are kept, and they go
-   with the lm_head weight (and bias) into :func:`gft_kernels.fused_linear_gft_loss`, so
-   prompt and padding positions never reach the head and the ``tokens x vocab`` logits are
-   never materialised.
+3. the step's counts (response tokens, responses, longest response; over all micro-batches
+   and ranks) fix the loss normalisation (:mod:`.loss`);
+4. per micro-batch, the model *body* runs once for the final hidden states; only those that
+   predict response tokens go with the lm_head weight (and bias) into
+   :func:`gft_kernels.fused_linear_gft_loss`.
 
 A wrapped (DDP, FSDP, DeepSpeed) or sharded (FSDP2) model runs its own forward instead, and
-the loss is computed inside the lm_head's forward, where sharding frameworks have gathered
-the full head weight and from where they reduce its gradient (see
-:meth:`GFTTrainer.loss_in_head_forward`).
+the loss is computed inside the lm_head's forward (:mod:`.heads`), where sharding frameworks
+have gathered the full head weight and from where they reduce its gradient.
 
-The loss equals :func:`gft_kernels.reference.gft_loss_reference` on the model's full logits
+With one micro-batch per step on one process, the loss equals
+:func:`gft_kernels.reference.gft_loss_reference` on the model's full logits
 ``logits[:, :-1]`` with targets ``input_ids[:, 1:]`` and mask ``response_mask[:, 1:]``, for
-every mode; for ``seq-mean-token-sum-norm`` with ``Tlen = max_response_length`` (when it is
-not set, ``Tlen`` is the longest response of the batch, verl's ``response_length``, where
-the reference on full rows would use the padded row length).
+every mode (``seq-mean-token-sum-norm``: divided by the number of responses too, as verl's
+global-batch form, and with ``Tlen = max_response_length`` or the longest response).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import inspect
 import os
-import warnings
-from collections import defaultdict
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, Trainer
 
-from gft_kernels import fused_linear_gft_loss
-from gft_kernels.distributed import global_num_tokens
-
-from .collator import SOURCE_CODES, DeferredGroups, GFTDataCollator, PromptGroup, Response
+from . import heads, loss
+from .collator import DeferredGroups, GFTDataCollator, PromptGroup, Response
 from .config import GFTConfig
+from .fused_head import FusedHeadMixin
+from .metrics import MetricsAccumulator, record_batch
+from .sampling import (
+    PairRewardFn,
+    RewardFunc,
+    RewardScorer,
+    SelfSample,
+    Stopwatch,
+    as_reward_funcs,
+    eos_token_ids,
+    sample_responses,
+    self_sampling_kwargs,
+)
 
-# reward_fn(prompt, response) -> float; prompt/response are text when the collator has a
-# tokenizer, else lists of token ids.
-RewardFn = Callable[[Union[str, List[int]], Union[str, List[int]]], float]
+# Names other modules (and older code) import from here.
+_forward_replaced = heads.forward_replaced
+_output_head = heads.output_head
+_head_params = heads.head_params
+_is_sharded = heads.is_sharded
+_is_dtensor = heads.is_dtensor
+_max_over_ranks = heads.max_over_ranks
+
+# The batch key of the step's loss counts (see loss.LossNormalizer.to_tensor).
+STEP_KEY = "gft_step_counts"
 
 
 def default_attn_implementation(dtype: Optional[torch.dtype] = None) -> str:
@@ -81,23 +96,17 @@ def create_model(
     return AutoModelForCausalLM.from_pretrained(model, **kwargs)
 
 
-def _response_layout(
-    mask: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Positions of each row's valid tokens, packed to the left: ``(B, T_resp)`` indices
-    into the row and their validity. Sorting puts a row's masked positions first in
-    order, so this also holds for non-contiguous masks (e.g. multi-turn)."""
-    n_pos = mask.shape[1]
-    positions = torch.arange(n_pos, device=mask.device).expand_as(mask)
-    key = torch.where(mask, positions, torch.full_like(positions, n_pos))
-    width = max(int(mask.sum(1).max()), 1)
-    packed = key.sort(dim=1).values[:, :width]
-    valid = packed < n_pos
-    # Padded slots point at a real position; the mask keeps them away from the head.
-    return packed.clamp_max(n_pos - 1), valid
+def _is_iterable_dataset(dataset: Any) -> bool:
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return True
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(dataset, datasets.IterableDataset)
 
 
-class GFTTrainer(Trainer):
+class GFTTrainer(FusedHeadMixin, Trainer):
     """Trains a causal LM with the GFT loss on hybrid response groups.
 
     Args:
@@ -107,33 +116,43 @@ class GFTTrainer(Trainer):
         args: a :class:`GFTConfig`.
         data_collator: default: a :class:`GFTDataCollator` built from ``args`` and
             ``processing_class``.
-        reward_fn: ``reward_fn(prompt, response) -> float`` scoring the self samples;
-            required when ``args.num_self_samples > 0``. Text in, when the collator has a
-            tokenizer (prompt text, response decoded without special tokens), else token ids.
+        reward_funcs: reward functions for the self samples, in TRL's convention: one or a
+            list of ``f(prompts, completions, completion_ids, **columns) -> list[float |
+            None]``, called once per step with all self samples; ``columns`` are the
+            dataset's extra fields (e.g. ``solution``), one value per completion, plus
+            ``trainer_state``. Weighted by ``args.reward_weights``.
+        reward_fn: alternatively, one pair function ``reward_fn(prompt, response) -> float``.
+            Prompts and completions are text when the collator has a tokenizer (a chat
+            prompt: its messages, and the completion ``[{"role": "assistant", "content":
+            text}]``), else token id lists. One of the two is required when
+            ``args.num_self_samples > 0``.
         Other arguments: as ``transformers.Trainer``.
 
-    Logged (averaged over the steps between two logs; ``eval_`` prefixed in evaluation):
-    ``rectified_fraction``, ``entropy`` (mean over response tokens), ``response_tokens``,
-    ``reward/mean`` and, per source present in the batch, ``reward/<source>``,
-    ``advantage/<source>`` and ``num_responses/<source>`` (``num_responses/self`` counts
-    the self samples).
+    Logged (over the steps since the last log, all ranks; ``eval_`` prefixed in
+    evaluation): ``reward/mean``, ``reward/std``, per source ``reward/<source>/mean``,
+    ``reward/<source>/std``, ``advantage/<source>/mean``, ``num_responses/<source>`` (per
+    step), ``frac_reward_zero_std`` (share of groups whose rewards are all equal),
+    ``response_tokens`` (per step), ``rectified_fraction``, ``entropy``; with self-sampling,
+    ``completions/mean_length``, ``completions/min_length``, ``completions/max_length``,
+    ``completions/clipped_ratio`` (samples without an eos), ``rewards/<function>/mean`` and
+    ``/std``; and ``tokens_per_second`` (prompt + response tokens trained, all ranks),
+    ``timing/generation``, ``timing/reward``, ``timing/train`` (seconds per step, slowest
+    rank).
 
-    The loss of each micro-batch is its own mean (``token-mean`` divides by the micro-batch's
-    response tokens, counted over all data-parallel ranks and divided by their number, so
-    that DDP's gradient average equals one rank holding the whole micro-batch); under
-    gradient accumulation the Trainer averages the micro-batches.
-    Models whose logits are not ``hidden @ W.T (+ b)`` (soft-capped or rescaled logits) are
-    rejected by the first-batch check (``args.check_head``).
+    The loss is normalised per optimizer step (``args.loss_normalization="step"``): any
+    split of a step into batch size x gradient accumulation x ranks gives the same update.
+    The logit soft-cap and scale of the model (Gemma 2/3 ``final_logit_softcapping``, ...)
+    are read from its config and applied inside the fused loss.
 
     Wrapped models (DDP, FSDP, DeepSpeed) and models sharded with FSDP2 (e.g.
     ``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=...))``) run
     through their own forward, and the loss is computed inside the lm_head's forward
-    (:meth:`loss_in_head_forward`): the full head weight exists only there under FSDP and
-    ZeRO-3, and their hooks reduce its gradient. Tensor-parallel heads are not supported.
+    (:meth:`loss_in_head_forward`). Tensor-parallel heads are not supported.
     """
 
-    # compute_loss returns a per-micro-batch mean: the Trainer divides it by the number of
-    # accumulation steps (transformers >= 5 reads this attribute).
+    # compute_loss returns its micro-batch's share of the step's loss times the number of
+    # accumulation steps, and the Trainer divides by that number (transformers >= 5.19 reads
+    # this attribute; older releases divide whenever num_items_in_batch is None, as here).
     loss_is_scaled_for_ga = False
 
     def __init__(
@@ -144,7 +163,8 @@ class GFTTrainer(Trainer):
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
-        reward_fn: Optional[RewardFn] = None,
+        reward_fn: Optional[PairRewardFn] = None,
+        reward_funcs: Union[RewardFunc, Sequence[RewardFunc], None] = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, GFTConfig):
@@ -156,12 +176,18 @@ class GFTTrainer(Trainer):
             )
         if isinstance(model, (str, os.PathLike, PretrainedConfig)):
             model = create_model(model, args)
-        if reward_fn is not None and not callable(reward_fn):
-            raise TypeError(f"reward_fn: expected a callable, got {type(reward_fn).__name__}")
-        if args.num_self_samples > 0 and reward_fn is None:
+        funcs = as_reward_funcs(reward_fn, reward_funcs)
+        if args.num_self_samples > 0 and not funcs:
             raise ValueError(
-                f"reward_fn: required to score the self samples (num_self_samples="
-                f"{args.num_self_samples}), got None"
+                f"reward_fn: reward_fn or reward_funcs is required to score the self samples "
+                f"(num_self_samples={args.num_self_samples}), got None"
+            )
+        if args.num_self_samples > 0 and _is_iterable_dataset(train_dataset):
+            raise TypeError(
+                "train_dataset: self-sampling needs a map-style dataset (the prompt groups stay "
+                "Python objects until the samples are added, which accelerate cannot dispatch "
+                "from an iterable dataset), got an IterableDataset; pass a list or a "
+                "datasets.Dataset"
             )
         if data_collator is None:
             data_collator = GFTDataCollator(
@@ -170,11 +196,13 @@ class GFTTrainer(Trainer):
                 norm_adv_by_std=args.norm_adv_by_std,
                 adv_eps=args.adv_eps,
                 max_response_length=args.max_response_length,
+                max_prompt_length=args.max_prompt_length,
             )
         if isinstance(data_collator, GFTDataCollator):
             for name, expected in (
                 ("norm_adv_by_std", args.norm_adv_by_std),
                 ("max_response_length", args.max_response_length),
+                ("max_prompt_length", args.max_prompt_length),
                 ("adv_eps", float(args.adv_eps)),
             ):
                 if getattr(data_collator, name) != expected:
@@ -190,8 +218,14 @@ class GFTTrainer(Trainer):
                     f"the samples before padding), got {type(data_collator).__name__}"
                 )
             # The loader only checks/tokenizes; padding and advantages happen after the
-            # self samples are in their groups (see compute_loss).
+            # self samples are in their groups (see get_batch_samples).
             data_collator = DeferredGroups(self.gft_collator)
+        self.generation_kwargs = self_sampling_kwargs(
+            args.temperature,
+            args.max_response_length,
+            args.generation_kwargs,
+            args.num_self_samples,
+        )
         super().__init__(
             model=model,
             args=args,
@@ -201,378 +235,152 @@ class GFTTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        tokenizer = self.gft_collator.tokenizer if self.gft_collator is not None else None
+        self.reward_scorer = RewardScorer(funcs, args.reward_weights, tokenizer) if funcs else None
         self.reward_fn = reward_fn
-        self._gft_metrics: Dict[str, Dict[str, List[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
+        self.logit_transform = heads.head_logit_transform(self.accelerator.unwrap_model(model))
+        self.gft_metrics = {"train": MetricsAccumulator(), "eval": MetricsAccumulator()}
+        self.stopwatch = Stopwatch()
+        self.completion_samples: List[Dict[str, Any]] = []
+        self._last_log_time: Optional[float] = None
         self._head_checked = not args.check_head
 
     # -- self samples -------------------------------------------------------------------
 
-    def _eos_ids(self, model: PreTrainedModel, gen_kwargs: Dict[str, Any]) -> List[int]:
-        eos = gen_kwargs.get("eos_token_id")
-        tokenizer = self.gft_collator.tokenizer if self.gft_collator is not None else None
-        if eos is None and tokenizer is not None:
-            eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is None and getattr(model, "generation_config", None) is not None:
-            eos = model.generation_config.eos_token_id
-        if eos is None:
-            return []
-        return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
-
-    @torch.no_grad()
     def sample_responses(
         self, model: nn.Module, groups: Sequence[PromptGroup]
-    ) -> List[List[List[int]]]:
-        """``num_self_samples`` responses per prompt from the current policy.
-
-        The model is put in eval mode (no dropout) for generation and back in its previous
-        mode afterwards. Returns, per prompt, lists of response token ids cut after the
-        first eos (inclusive); empty generations are dropped.
-        """
+    ) -> List[List[SelfSample]]:
+        """``num_self_samples`` responses per prompt from the current policy (see
+        :func:`.sampling.sample_responses`)."""
         args: GFTConfig = self.args
         unwrapped = self.accelerator.unwrap_model(model)
         collator = self.gft_collator
-        pad = collator.pad_token_id
-        gen_kwargs = dict(args.generation_kwargs)
-        if gen_kwargs.get("do_sample", False):
-            # Sample at the temperature the loss reads log p at, unless told otherwise.
-            gen_kwargs.setdefault("temperature", args.temperature)
-        eos_ids = self._eos_ids(unwrapped, gen_kwargs)
-        if eos_ids:
-            gen_kwargs.setdefault("eos_token_id", eos_ids)
-        gen_kwargs.setdefault("pad_token_id", pad)
-
-        # Decoder-only generation continues from the last column: left padding.
-        width = max(len(g.prompt_ids) for g in groups)
-        device = self.args.device
-        input_ids = torch.full((len(groups), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(groups), width), dtype=torch.long)
-        for i, group in enumerate(groups):
-            input_ids[i, width - len(group.prompt_ids) :] = torch.tensor(group.prompt_ids)
-            attention_mask[i, width - len(group.prompt_ids) :] = 1
-        k = args.num_self_samples
-        # Rows repeated rather than num_return_sequences, which greedy decoding refuses.
-        input_ids = input_ids.repeat_interleave(k, dim=0)
-        attention_mask = attention_mask.repeat_interleave(k, dim=0)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        try:
-            out = unwrapped.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                **gen_kwargs,
-            )
-        finally:
-            unwrapped.train(was_training)
-        generated = out[:, width:].tolist()
-        eos_set = set(eos_ids)
-        samples: List[List[List[int]]] = []
-        for i in range(len(groups)):
-            per_prompt = []
-            for row in generated[i * k : (i + 1) * k]:
-                cut = next((j + 1 for j, tok in enumerate(row) if tok in eos_set), len(row))
-                if cut:
-                    per_prompt.append(row[:cut])
-            samples.append(per_prompt)
-        return samples
-
-    def _reward_inputs(self, group: PromptGroup, ids: List[int]) -> Tuple[Any, Any]:
-        tokenizer = self.gft_collator.tokenizer if self.gft_collator is not None else None
-        if tokenizer is None:
-            return list(group.prompt_ids), list(ids)
-        prompt = group.prompt_text
-        if prompt is None:
-            prompt = tokenizer.decode(list(group.prompt_ids), skip_special_tokens=True)
-        return prompt, tokenizer.decode(ids, skip_special_tokens=True)
+        eos = eos_token_ids(unwrapped, self.generation_kwargs, collator.tokenizer)
+        return sample_responses(
+            unwrapped,
+            groups,
+            args.num_self_samples,
+            self.generation_kwargs,
+            pad_token_id=collator.pad_token_id,
+            eos_ids=eos,
+            device=self.args.device,
+            max_response_length=args.max_response_length,
+        )
 
     def add_self_samples(
         self, model: nn.Module, groups: Sequence[PromptGroup]
     ) -> List[PromptGroup]:
-        """Sample, score with ``reward_fn`` and append the samples to each prompt's group
-        (source ``"self"``), before the advantages are computed."""
-        samples = self.sample_responses(model, groups)
+        """Sample, score with the reward functions and append the samples to each prompt's
+        group (source ``"self"``), before the advantages are computed."""
+        args: GFTConfig = self.args
+        metrics = self.gft_metrics["train"]
+        with self.stopwatch.time("generation"):
+            samples = self.sample_responses(model, groups)
+        with self.stopwatch.time("reward"):
+            rewards, per_func = self.reward_scorer.score(groups, samples, trainer_state=self.state)
+        flat = [s for per_prompt in samples for s in per_prompt]
+        metrics.add(
+            "completion_length",
+            [len(s.ids) for s in flat],
+            {
+                "mean": "completions/mean_length",
+                "min": "completions/min_length",
+                "max": "completions/max_length",
+            },
+        )
+        metrics.add(
+            "clipped", [float(s.truncated) for s in flat], {"mean": "completions/clipped_ratio"}
+        )
+        for name, values in per_func.items():
+            metrics.add(
+                f"reward_func/{name}",
+                values,
+                {"mean": f"rewards/{name}/mean", "std": f"rewards/{name}/std"},
+            )
         merged = []
-        for g, (group, responses) in enumerate(zip(groups, samples)):
-            extra = []
-            for ids in responses:
-                reward = self.reward_fn(*self._reward_inputs(group, ids))
-                try:
-                    reward = float(reward)
-                except (TypeError, ValueError):
-                    raise TypeError(
-                        f"reward_fn: expected a float for group {g}, got {type(reward).__name__}"
-                    ) from None
-                if reward != reward or reward in (float("inf"), float("-inf")):
-                    raise ValueError(f"reward_fn: expected a finite reward, got {reward}")
-                extra.append(Response(tuple(ids), reward, "self"))
+        for group, per_prompt, scores in zip(groups, samples, rewards):
+            extra = [
+                Response(
+                    s.ids,
+                    r,
+                    "self",
+                    trainable=not (args.mask_truncated_completions and s.truncated),
+                )
+                for s, r in zip(per_prompt, scores)
+            ]
             merged.append(group.with_responses(extra))
+        if args.log_completions:
+            self._keep_samples(merged, samples)
         return merged
 
-    # -- batch ---------------------------------------------------------------------------
+    def _keep_samples(self, groups: Sequence[PromptGroup], samples: Sequence[Any]) -> None:
+        scorer = self.reward_scorer
+        rows = []
+        for group, per_prompt in zip(groups, samples):
+            batch = self.gft_collator.collate([group])
+            n_given = len(group.responses) - len(per_prompt)
+            for i, sample in enumerate(per_prompt):
+                rows.append(
+                    {
+                        "step": self.state.global_step,
+                        "prompt": scorer.prompt_for(group),
+                        "completion": scorer.completion_for(group, sample.ids),
+                        "reward": float(batch["rewards"][n_given + i]),
+                        "advantage": float(batch["advantages"][n_given + i]),
+                    }
+                )
+        self.completion_samples = rows
 
-    def _materialize(self, model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]:
-        """Deferred groups -> (self samples when training) -> padded batch on the device."""
+    # -- batches -------------------------------------------------------------------------
+
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> Tuple[List[Dict[str, Any]], None]:
+        """The micro-batches of one optimizer step, with the self samples in their groups
+        and the step's loss counts (over all micro-batches and ranks) in each batch."""
+        if self._last_log_time is None:
+            self._last_log_time = time.perf_counter()
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = [self._materialize(self.model, b, sample=True) for b in batches]
+        if batches and self.args.loss_normalization == "step":
+            normalizer = loss.step_normalizer(
+                [loss.response_positions(b) for b in batches],
+                self.args.device,
+                across_ranks=self.accelerator.num_processes > 1,
+            )
+            for batch in batches:
+                batch[STEP_KEY] = normalizer.to_tensor()
+        self.gft_metrics["train"].step()
+        # None: the loss is normalised by the step counts above, not by the Trainer.
+        return batches, None
+
+    def _materialize(
+        self, model: nn.Module, inputs: Dict[str, Any], sample: bool = False
+    ) -> Dict[str, Any]:
+        """Deferred groups -> (self samples, when ``sample``) -> padded batch."""
         if DeferredGroups.KEY not in inputs:
             return inputs
         groups = inputs[DeferredGroups.KEY]
-        if model.training and self.args.num_self_samples > 0:
+        if sample and self.args.num_self_samples > 0:
             groups = self.add_self_samples(model, groups)
-        return self._prepare_inputs(self.gft_collator.collate(groups))
+        return self.gft_collator.collate(groups)
 
     def floating_point_ops(self, inputs: Dict[str, Any]) -> int:
         if DeferredGroups.KEY in inputs and hasattr(self.model, "num_parameters"):
-            # Raw groups (self samples not yet added): count the tokens that are there.
+            # Raw groups (evaluation with deferred groups): count the tokens that are there.
             tokens = sum(
-                len(g.prompt_ids) + len(r.ids) for g in inputs[DeferredGroups.KEY]
+                len(g.prompt_ids) + len(r.ids)
+                for g in inputs[DeferredGroups.KEY]
                 for r in g.responses
             )
             return 6 * tokens * self.model.num_parameters(exclude_embeddings=True)
         return super().floating_point_ops(inputs)
 
-    # -- hidden states and head ----------------------------------------------------------
-
-    @staticmethod
-    def _body(unwrapped: nn.Module) -> Optional[nn.Module]:
-        """The decoder stack without the head (``LlamaModel`` in ``LlamaForCausalLM``)."""
-        body = None
-        if callable(getattr(unwrapped, "get_decoder", None)):
-            body = unwrapped.get_decoder()
-        if (body is None or body is unwrapped) and isinstance(unwrapped, PreTrainedModel):
-            body = unwrapped.base_model
-        if body is None or body is unwrapped or not isinstance(body, nn.Module):
-            return None
-        return body
-
-    def final_hidden_states(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """``(B, L, H)`` hidden states the lm_head reads, from one pass of the model body.
-
-        A wrapped model (DDP, ...) must run through its own forward (gradient sync hooks),
-        so there, and for models without a separable body, the full model runs with
-        ``output_hidden_states`` (and ``logits_to_keep`` = no position, where supported, so
-        the head still computes nothing). (Training uses :meth:`loss_in_head_forward` for
-        wrapped and sharded models.)
-        """
-        unwrapped = self.accelerator.unwrap_model(model)
-        body = self._body(unwrapped) if model is unwrapped else None
-        if body is not None:
-            # accelerate applies mixed precision by wrapping model.forward; the body is
-            # called directly, so it gets the same autocast here.
-            with self.accelerator.autocast():
-                out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        kwargs: Dict[str, Any] = {"output_hidden_states": True, "use_cache": False}
-        if "logits_to_keep" in inspect.signature(unwrapped.forward).parameters:
-            kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=input_ids.device)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return out.hidden_states[-1]
-
-    def _head(self, model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return _head_params(_output_head(self.accelerator.unwrap_model(model)))
-
-    def _computes_loss_in_head(self, model: nn.Module) -> bool:
-        """Whether the loss must be computed inside the lm_head's forward: the model is
-        wrapped (DDP, FSDP, DeepSpeed: it must run through its own forward) or sharded
-        (FSDP2 / DTensor parameters: the full head weight exists only inside the forward).
-        A model only wrapped by ``torch.compile`` keeps the fused op outside its graph (the
-        full-forward path of :meth:`final_hidden_states`)."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        if _is_sharded(unwrapped):
-            return True
-        return model is not unwrapped and type(model).__name__ != "OptimizedModule"
-
-    @staticmethod
-    def _all_positions_kwargs(unwrapped: nn.Module) -> Dict[str, Any]:
-        """Forward keywords that make the model pass every position to its head."""
-        if "logits_to_keep" in inspect.signature(unwrapped.forward).parameters:
-            return {"logits_to_keep": 0}
-        return {}
-
-    def loss_in_head_forward(
-        self, model: nn.Module, inputs: Dict[str, Any]
-    ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[Any, ...]]:
-        """The GFT loss computed inside the lm_head's forward, during the model's own forward.
-
-        For wrapped and sharded models: for the duration of one ``model(...)`` call, the
-        forward of the unwrapped model's output embedding (``get_output_embeddings()``) is
-        replaced by one that takes the head's input (the final hidden states, every position)
-        and returns the fused GFT loss computed with the head's ``weight`` and ``bias`` as
-        they are inside the forward (gathered by FSDP/ZeRO-3's pre-forward hooks; their
-        gradients are reduced by the post-backward hooks like those of a plain lm_head).
-        The model hands the loss back as its ``logits``; a model that changes its head's
-        output (soft-capping, scaling) is refused.
-
-        Returns ``(loss, hidden, (mask, stats_mask, stats))``: the loss as the model returned
-        it, the ``(B, L, H)`` hidden states the head received, and what
-        :meth:`_record_metrics` needs.
-        """
-        unwrapped = self.accelerator.unwrap_model(model)
-        head = _output_head(unwrapped)
-        input_ids = inputs["input_ids"]
-        attention_mask = inputs["attention_mask"]
-        result: Dict[str, Any] = {}
-
-        def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if "loss" in result:
-                raise ValueError(
-                    "model: its forward calls the lm_head more than once; the GFT loss "
-                    "computed in the lm_head needs exactly one call"
-                )
-            if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(input_ids.shape):
-                raise ValueError(
-                    f"model: lm_head input expected (B, L, H) with (B, L) = "
-                    f"{tuple(input_ids.shape)} (every position), got {tuple(hidden.shape)}"
-                )
-            weight, bias = _head_params(head)
-            result["hidden"] = hidden
-            loss, *rest = self._gft_head_loss(
-                hidden, weight, bias, inputs, keep_graph_of=(weight, bias)
-            )
-            result["loss"], result["rest"] = loss, tuple(rest)
-            return loss
-
-        with _forward_replaced(head, forward):
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                use_cache=False,
-                **self._all_positions_kwargs(unwrapped),
-            )
-        if "loss" not in result:
-            raise ValueError(
-                "model: its forward did not call the lm_head (get_output_embeddings())"
-            )
-        returned = getattr(out, "logits", None)
-        if returned is None and isinstance(out, (tuple, list)) and out:
-            returned = out[0]
-        loss = result["loss"]
-        # The model's own output carries the wrappers' hooks (DDP may return a copy): it is
-        # what backward must start from, and it must still be the loss.
-        if returned is not loss and not (
-            isinstance(returned, torch.Tensor)
-            and returned.shape == loss.shape
-            and returned.dtype == loss.dtype
-            and torch.equal(returned.detach(), loss.detach())
-        ):
-            raise ValueError(
-                "model: its forward changes the lm_head output (soft-capped or rescaled "
-                "logits?); the GFT loss computed in the lm_head cannot pass through it"
-            )
-        return returned, result["hidden"], result["rest"]
-
-    def _mixed_precision_dtype(self) -> Optional[torch.dtype]:
-        """The autocast dtype of the Trainer's mixed precision, None without it."""
-        mode = getattr(self.accelerator, "mixed_precision", "no")
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mode))
-
-    @torch.no_grad()
-    def _check_head(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> None:
-        """Once: the model's own logits must equal ``hidden @ W.T (+ b)`` (one row)."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        try:
-            ids, am = input_ids[:1], attention_mask[:1]
-            n = int(am.sum())
-            if self._computes_loss_in_head(model):
-                # Wrapped/sharded: the weight is read inside the head's forward, where the
-                # loss will be computed; the model must return the head's output unchanged.
-                logits, mine = self._head_check_in_forward(model, ids, am)
-                logits, mine = logits[0, :n], mine[0, :n]
-            else:
-                logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits[0, :n]
-                hidden = self.final_hidden_states(model, ids, am)[0, :n]
-                weight, bias = self._head(model)
-                mine = hidden.float() @ weight.float().t()
-                if bias is not None:
-                    mine = mine + bias.float()
-        finally:
-            unwrapped.train(was_training)
-        err = (mine - logits.float()).abs().max().item()
-        scale = logits.float().abs().max().item() + 1.0
-        half = self._mixed_precision_dtype() is not None or logits.dtype not in (
-            torch.float32, torch.float64
-        )
-        tol = 5e-2 if half else 1e-3
-        relative = err / scale if err == err else float("inf")
-        if self.accelerator.num_processes > 1:
-            # Every rank takes the same decision (a rank raising alone would leave the
-            # others waiting in their next collective).
-            relative = _max_over_ranks(relative, logits.device)
-        if not relative <= tol:
-            raise ValueError(
-                f"model: its logits differ from hidden @ lm_head.weight.T (+ bias) by {err:.3g} "
-                "(soft-capped or rescaled logits?); the fused GFT head cannot reproduce them. "
-                "Set check_head=False only if this is expected."
-            )
-        self._head_checked = True
-
-    def _head_check_in_forward(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The model's logits and ``head_input @ W.T (+ b)`` (fp32, read inside the head's
-        forward), from one forward of the model.
-
-        Warns when the model ties its input embedding to the head but the two hold different
-        tensors inside the forward (a tied pair put in two FSDP groups trains two copies).
-        """
-        unwrapped = self.accelerator.unwrap_model(model)
-        head = _output_head(unwrapped)
-        original = head.forward
-        mine: List[torch.Tensor] = []
-        untied: List[bool] = []
-        config = getattr(unwrapped, "config", None)
-        get_input = getattr(unwrapped, "get_input_embeddings", None)
-        embedding = None
-        if getattr(config, "tie_word_embeddings", False) and callable(get_input):
-            embedding = get_input()
-            while isinstance(getattr(embedding, "_fsdp_wrapped_module", None), nn.Module):
-                embedding = embedding._fsdp_wrapped_module
-
-        def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            out = original(hidden, *args, **kwargs)
-            weight, bias = _head_params(head)
-            if embedding is not None and getattr(embedding, "weight", None) is not weight:
-                untied.append(True)
-            with torch.autocast(device_type=hidden.device.type, enabled=False):
-                z = hidden.float() @ weight.float().t()
-                mine.append(z + bias.float() if bias is not None else z)
-            return out
-
-        with _forward_replaced(head, forward):
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                use_cache=False,
-                **self._all_positions_kwargs(unwrapped),
-            )
-        if len(mine) != 1:
-            raise ValueError(
-                f"model: its forward calls the lm_head {len(mine)} times; the GFT loss "
-                "computed in the lm_head needs exactly one call"
-            )
-        if untied:
-            warnings.warn(
-                "model: tie_word_embeddings is set but, inside the forward, the lm_head weight "
-                "is not the input embedding's weight (are they sharded in two different FSDP "
-                "groups?); they will train as two diverging copies. Shard them in one group, "
-                "e.g. fully_shard([embed_tokens, lm_head, ...]) or on the root module.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        logits = out.logits
-        if logits.shape != mine[0].shape:
-            raise ValueError(
-                f"model: logits of shape {tuple(logits.shape)} differ from the lm_head "
-                f"output {tuple(mine[0].shape)}; the fused GFT head cannot reproduce them"
-            )
-        return logits, mine[0]
-
     # -- loss ----------------------------------------------------------------------------
+
+    def training_step(self, model: nn.Module, inputs: Dict[str, Any], *args: Any, **kwargs: Any):
+        with self.stopwatch.time("train"):
+            return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_loss(
         self,
@@ -584,103 +392,50 @@ class GFTTrainer(Trainer):
         """GFT loss of a batch from :class:`GFTDataCollator` (or deferred groups).
 
         Shapes: ``input_ids``/``attention_mask``/``response_mask`` (R, L),
-        ``advantages``/``rewards``/``sources`` (R,). ``num_items_in_batch`` is unused: the
-        loss is normalised per micro-batch as ``loss_agg_mode`` says.
+        ``advantages``/``rewards``/``sources``/``group_ids`` (R,). In training, the batch's
+        share of its step's loss (the step counts travel in the batch, see
+        :meth:`get_batch_samples`; a batch without them is its own step), times the number of
+        accumulation steps the Trainer divides by. ``num_items_in_batch`` is unused.
         """
-        inputs = self._materialize(model, inputs)
+        args: GFTConfig = self.args
+        if DeferredGroups.KEY in inputs:
+            inputs = self._prepare_inputs(self._materialize(model, inputs))
         input_ids = inputs["input_ids"]
         attention_mask = inputs["attention_mask"]
         if not self._head_checked:
             self._check_head(model, input_ids, attention_mask)
 
-        if self._computes_loss_in_head(model):
-            loss, hidden, (mask, m_in, stats) = self.loss_in_head_forward(model, inputs)
-        else:
-            hidden = self.final_hidden_states(model, input_ids, attention_mask)
-            weight, bias = self._head(model)
-            loss, mask, m_in, stats = self._gft_head_loss(hidden, weight, bias, inputs)
+        mask = loss.response_positions(inputs)
+        training = model.training
+        normalizer = self._normalizer(inputs, mask, training)
+        weights = loss.token_weights(mask, args.loss_agg_mode, normalizer, args.max_response_length)
 
-        self._record_metrics(model, inputs, mask, m_in, stats)
+        value, hidden, stats = self.head_loss(model, inputs, weights)
+
+        self._record_metrics(training, inputs, mask, stats)
+        if training and normalizer.per_step:
+            # The Trainer divides every micro-batch's loss by the accumulation steps.
+            value = value * self.current_gradient_accumulation_steps
         if return_outputs:
-            return loss, {"hidden_states": hidden}
-        return loss
+            return value, {"hidden_states": hidden}
+        return value
 
-    def _gft_head_loss(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        inputs: Dict[str, Any],
-        keep_graph_of: Sequence[Optional[torch.Tensor]] = (),
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Any]:
-        """The fused GFT loss of the response positions of ``hidden`` ``(B, L, H)``.
-
-        Returns ``(loss, mask, stats_mask, stats)``. ``keep_graph_of``: tensors that get a
-        zero gradient when there is no response token at all (the head's parameters under
-        FSDP, whose ranks must all reduce a gradient for them).
-        """
+    def _normalizer(
+        self, inputs: Dict[str, Any], mask: torch.Tensor, training: bool
+    ) -> loss.LossNormalizer:
+        """The counts of this batch's loss: its step's (training, step normalisation), the
+        micro-batch's own (``micro_batch``), or the batch alone (evaluation)."""
         args: GFTConfig = self.args
-        input_ids = inputs["input_ids"]
-        attention_mask = inputs["attention_mask"]
-        # Position t - 1 predicts the token at t.
-        h = hidden[:, :-1]
-        targets = input_ids[:, 1:]
-        mask = inputs["response_mask"][:, 1:].bool() & attention_mask[:, 1:].bool()
-        advantages = inputs["advantages"].to(torch.float32)
-
-        if args.loss_agg_mode in ("token-mean", "sum"):
-            # Token modes need no row structure: only the (N_resp, H) response rows.
-            picked = mask.nonzero(as_tuple=True)
-            h_in, t_in = h[picked], targets[picked]
-            a_in = advantages[:, None].expand_as(targets)[picked]
-            m_in = None
-        else:
-            # seq-* modes need (B, T_resp): each row's response positions packed left.
-            pos, m_in = _response_layout(mask)
-            h_in = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-            t_in = targets.gather(1, pos)
-            a_in = advantages
-
-        # Mixed precision: the head runs in the autocast dtype, as model.lm_head would (the
-        # fused op accumulates dW in fp32 and returns fp32 loss); else in the body's dtype.
-        compute_dtype = self._mixed_precision_dtype() or h_in.dtype
-        h_in = h_in.to(compute_dtype)
-        if weight.dtype != compute_dtype:
-            weight = weight.to(compute_dtype)
-            bias = bias.to(compute_dtype) if bias is not None else None
-        # Under data parallelism the ranks' gradients are averaged, so token-mean divides by
-        # the global token count over the world size (one all-reduce): N ranks then give
-        # the gradient of one rank holding the whole batch.
-        num_tokens = None
-        if args.loss_agg_mode == "token-mean" and self.accelerator.num_processes > 1:
-            num_tokens = global_num_tokens(t_in)
-        stats = None
-        if h_in.numel() == 0:  # no response token at all: a defined 0 that keeps the graph
-            loss = hidden.sum() * 0.0
-            for tensor in keep_graph_of:
-                if tensor is not None and tensor.requires_grad:
-                    loss = loss + tensor.sum() * 0.0
-        else:
-            # The fused op manages its own precision; autocast must not re-cast its matmuls.
-            with torch.autocast(device_type=h_in.device.type, enabled=False):
-                result = fused_linear_gft_loss(
-                    h_in,
-                    weight,
-                    t_in,
-                    a_in,
-                    m_in,
-                    bias=bias,
-                    tau=args.tau,
-                    temperature=args.temperature,
-                    loss_agg_mode=args.loss_agg_mode,
-                    max_response_length=args.max_response_length,
-                    num_tokens=num_tokens,
-                    return_stats=args.log_token_stats,
-                    backend=args.gft_backend,
-                    chunk_size=args.gft_chunk_size,
-                )
-            loss, stats = result if args.log_token_stats else (result, None)
-        return loss, mask, m_in, stats
+        across = self.accelerator.num_processes > 1
+        if not training:
+            return loss.step_normalizer([mask], mask.device, across_ranks=False)
+        if args.loss_normalization == "micro_batch":
+            return loss.micro_batch_normalizer(mask, args.loss_agg_mode, across_ranks=across)
+        counts = inputs.get(STEP_KEY)
+        if counts is not None:
+            return loss.LossNormalizer.from_tensor(counts)
+        # Called outside the Trainer's loop (training_step by hand): the batch is the step.
+        return loss.step_normalizer([mask], mask.device, across_ranks=across)
 
     def prediction_step(
         self,
@@ -690,63 +445,77 @@ class GFTTrainer(Trainer):
         ignore_keys: Optional[List[str]] = None,
     ):
         """Evaluation: the GFT loss of the batch (no self samples, no predictions)."""
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._prepare_inputs(self._materialize(model, inputs))
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            value = self.compute_loss(model, inputs)
+        self.gft_metrics["eval"].step()
+        return value.detach(), None, None
 
     # -- metrics -------------------------------------------------------------------------
 
     def _record_metrics(
-        self,
-        model: nn.Module,
-        inputs: Dict[str, Any],
-        mask: torch.Tensor,
-        stats_mask: Optional[torch.Tensor],
-        stats: Any,
+        self, training: bool, inputs: Dict[str, Any], mask: torch.Tensor, stats: Any
     ) -> None:
-        values: Dict[str, torch.Tensor] = {}
-        n_tokens = mask.sum()
-        values["response_tokens"] = n_tokens.float()
-        if stats is not None:
-            valid = stats_mask if stats_mask is not None else torch.ones_like(stats.entropy)
-            valid = valid.to(stats.entropy.dtype)
-            values["entropy"] = (stats.entropy * valid).sum() / valid.sum().clamp_min(1)
-            values["rectified_fraction"] = stats.rectified_fraction.float()
-        rewards = inputs["rewards"].float()
-        advantages = inputs["advantages"].float()
-        sources = inputs["sources"]
-        values["reward/mean"] = rewards.mean()
-        for name, code in SOURCE_CODES.items():
-            pick = sources == code
-            count = pick.sum()
-            values[f"num_responses/{name}"] = count.float()
-            values[f"reward/{name}"] = (rewards * pick).sum() / count.clamp_min(1)
-            values[f"advantage/{name}"] = (advantages * pick).sum() / count.clamp_min(1)
-        keys = list(values)
-        # One device->host transfer for all metrics of the step.
-        numbers = torch.stack([values[k].detach().float().reshape(()) for k in keys]).tolist()
-        store = self._gft_metrics["train" if model.training else "eval"]
-        counts = dict(zip(keys, numbers))
-        for key, value in counts.items():
-            name = key.split("/", 1)[-1]
-            if key.startswith(("reward/", "advantage/")) and name in SOURCE_CODES:
-                if counts[f"num_responses/{name}"] == 0:
-                    continue  # this source is absent from the batch: no mean to log
-            store[key].append(value)
+        record_batch(
+            self.gft_metrics["train" if training else "eval"], inputs, mask, stats, training
+        )
 
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
-        """Adds the GFT metrics averaged since the last log to the Trainer's logs."""
-        mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
-        if mode is not None and self._gft_metrics[mode]:
+        """Adds the GFT metrics since the last log (all ranks) to the Trainer's logs."""
+        mode = (
+            "eval"
+            if any(k.startswith("eval_") for k in logs)
+            else ("train" if "loss" in logs else None)
+        )
+        if mode is not None:
+            values = self.gft_metrics[mode].reduce(self.args.device)
+            if mode == "train":
+                self._add_throughput(values)
             prefix = "eval_" if mode == "eval" else ""
-            for key, vals in self._gft_metrics[mode].items():
-                logs[prefix + key] = sum(vals) / len(vals)
-            self._gft_metrics[mode].clear()
+            logs.update({prefix + k: v for k, v in values.items()})
+            if mode == "train" and self.args.log_completions:
+                self._print_samples()
         if start_time is None:
             super().log(logs)
         else:
             super().log(logs, start_time)
+
+    def _add_throughput(self, values: Dict[str, float]) -> None:
+        """``tokens_per_second`` and per-step timings (slowest rank) from the stopwatch."""
+        now = time.perf_counter()
+        steps = max(self.state.global_step - getattr(self, "_last_log_step", 0), 1)
+        self._last_log_step = self.state.global_step
+        seconds = self.stopwatch.pop()
+        elapsed = now - self._last_log_time if self._last_log_time is not None else None
+        self._last_log_time = now
+        timings = torch.tensor(
+            [seconds.get(k, 0.0) for k in ("generation", "reward", "train")]
+            + [elapsed or seconds.get("train", 0.0)],
+            dtype=torch.float64,
+            device=self.args.device,
+        )
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(timings, op=dist.ReduceOp.MAX)
+        generation, reward, train, wall = timings.tolist()
+        if self.args.num_self_samples > 0:
+            values["timing/generation"] = generation / steps
+            values["timing/reward"] = reward / steps
+        values["timing/train"] = train / steps
+        tokens = values.pop("#tokens", None)
+        if tokens is not None and wall > 0:
+            values["tokens_per_second"] = tokens / wall
+
+    def _print_samples(self) -> None:
+        if not self.is_world_process_zero() or not self.completion_samples:
+            return
+        rows = self.completion_samples[: self.args.num_completions_to_print]
+        print(f"self samples at step {self.state.global_step}:")
+        for row in rows:
+            print(
+                f"  reward {row['reward']:+.3f} advantage {row['advantage']:+.3f} | "
+                f"prompt: {row['prompt']!r} | completion: {row['completion']!r}"
+            )
 
 
 def _model_pad_id(model: Any) -> Optional[int]:
@@ -759,82 +528,3 @@ def _model_pad_id(model: Any) -> Optional[int]:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
-
-
-def _output_head(unwrapped: nn.Module) -> nn.Module:
-    """The output embedding (lm_head) module, inside an FSDP1 wrapper if it has one."""
-    get = getattr(unwrapped, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    while isinstance(getattr(head, "_fsdp_wrapped_module", None), nn.Module):
-        head = head._fsdp_wrapped_module
-    if not isinstance(head, nn.Module):
-        raise ValueError("model: expected an output embedding (lm_head) with a weight")
-    return head
-
-
-def _head_params(head: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError("model: expected an output embedding (lm_head) with a weight")
-    if weight.dim() != 2 or _is_dtensor(weight):
-        raise ValueError(
-            f"model: lm_head weight expected a full (V, H) tensor, got "
-            f"{type(weight).__name__} of shape {tuple(weight.shape)} (a head sharded inside "
-            "its forward, e.g. tensor parallelism, is not supported)"
-        )
-    bias = getattr(head, "bias", None)
-    return weight, bias if isinstance(bias, torch.Tensor) else None
-
-
-def _fsdp2_types() -> Tuple[type, ...]:
-    """``(DTensor, FSDPModule)`` where this torch has them (public since torch 2.6)."""
-    if not torch.distributed.is_available():
-        return ()
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return ()
-    return DTensor, FSDPModule
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    types = _fsdp2_types()
-    return bool(types) and isinstance(tensor, types[0])
-
-
-def _is_sharded(module: nn.Module) -> bool:
-    """FSDP2 (``fully_shard``) anywhere in the model, or DTensor parameters."""
-    types = _fsdp2_types()
-    if not types:
-        return False
-    dtensor, fsdp_module = types
-    return any(isinstance(m, fsdp_module) for m in module.modules()) or any(
-        isinstance(p, dtensor) for p in module.parameters()
-    )
-
-
-@contextlib.contextmanager
-def _forward_replaced(module: nn.Module, forward: Callable[..., Any]):
-    """``module.forward`` is ``forward`` inside the block (``module(...)`` still runs the
-    module's hooks, e.g. FSDP's parameter gathering); the previous forward comes back."""
-    missing = object()
-    previous = module.__dict__.get("forward", missing)
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if previous is missing:
-            del module.forward
-        else:
-            module.forward = previous
-
-
-def _max_over_ranks(value: float, device: torch.device) -> float:
-    """``value``'s maximum over the ranks of the default process group (itself without one)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())

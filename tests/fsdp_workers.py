@@ -52,7 +52,7 @@ def train(run: Dict[str, Any], world: int, out_dir: str) -> Dict[str, Any]:
     keywords) and ``shard`` (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    import gft_kernels.integration.trainer as trainer_module
+    import gft_kernels.integration.loss as loss_module
     from gft_kernels.integration import GFTConfig, GFTTrainer
 
     shard = run["shard"]
@@ -64,7 +64,7 @@ def train(run: Dict[str, Any], world: int, out_dir: str) -> Dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(run["model_dir"], **kwargs)
 
     head_calls: List[Dict[str, Any]] = []
-    real = trainer_module.fused_linear_gft_loss
+    real = loss_module.fused_linear_gft_loss
 
     def spy(hidden, weight, *args, **kw):
         head_calls.append({"dtensor": _is_dtensor(weight), "shape": tuple(weight.shape)})
@@ -83,7 +83,7 @@ def train(run: Dict[str, Any], world: int, out_dir: str) -> Dict[str, Any]:
     step_losses: List[float] = []
     step_tokens: List[int] = []
     args = GFTConfig(output_dir=os.path.join(out_dir, run["name"]), **run["args"])
-    trainer_module.fused_linear_gft_loss = spy
+    loss_module.fused_linear_gft_loss = spy
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -106,7 +106,7 @@ def train(run: Dict[str, Any], world: int, out_dir: str) -> Dict[str, Any]:
             else:
                 trainer.train()
     finally:
-        trainer_module.fused_linear_gft_loss = real
+        loss_module.fused_linear_gft_loss = real
     # Full parameters (every rank takes part in gathering the shards).
     params = {
         name: (p.full_tensor() if _is_dtensor(p) else p).detach().clone()
@@ -116,6 +116,7 @@ def train(run: Dict[str, Any], world: int, out_dir: str) -> Dict[str, Any]:
         "losses": step_losses,
         "tokens": step_tokens,
         "logged": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "logs": [h for h in trainer.state.log_history if "loss" in h],
         "params": params,
         "head_calls": head_calls,
         "head_sharded": sharded,

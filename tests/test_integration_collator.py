@@ -53,10 +53,12 @@ def test_rows_masks_groups_and_advantages():
 
 def test_advantages_without_std_and_equal_rewards():
     examples = hand_made()
-    examples.append({
-        "prompt_ids": [3],
-        "responses": [{"ids": [4], "reward": 0.7, "source": "self"}] * 3,
-    })
+    examples.append(
+        {
+            "prompt_ids": [3],
+            "responses": [{"ids": [4], "reward": 0.7, "source": "self"}] * 3,
+        }
+    )
     batch = GFTDataCollator(pad_token_id=0, norm_adv_by_std=False)(examples)
     # Dr. GRPO style: only centred. Equal rewards in a group: exactly 0.
     expected = [0.5, -0.5, 0.0, 2.0, 0.0, 0.0, 0.0]
@@ -91,12 +93,17 @@ class ToyTokenizer:
 def test_text_fields_with_tokenizer():
     collator = GFTDataCollator(ToyTokenizer())
     assert collator.pad_token_id == 1
-    groups = collator.normalize([
-        {"prompt": "34", "responses": [
-            {"text": "7", "reward": 1.0, "source": "expert"},
-            {"ids": [15], "reward": 0.0, "source": "teacher"},
-        ]}
-    ])
+    groups = collator.normalize(
+        [
+            {
+                "prompt": "34",
+                "responses": [
+                    {"text": "7", "reward": 1.0, "source": "expert"},
+                    {"ids": [15], "reward": 0.0, "source": "teacher"},
+                ],
+            }
+        ]
+    )
     assert groups[0].prompt_ids == (2, 13, 14)  # bos added to the prompt
     assert groups[0].prompt_text == "34"
     assert groups[0].responses[0].ids == (17, 1)  # eos appended to text responses

@@ -53,6 +53,8 @@ HIDDEN = 32
 WORLD = 2
 
 try:  # transformers' own FSDP2 (DistributedConfig(fsdp_size=...)), in recent transformers only
+    import inspect
+
     from transformers.distributed import DistributedConfig
 
     # Older releases (e.g. 5.10, which verl 0.9 pins) have the class without FSDP.
@@ -105,26 +107,51 @@ def close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.distributed
 def test_two_process_fsdp_and_ddp_match_one_process(tmp_path):
     data = groups_dataset(4, seed=0)  # every group has unequal rewards, so nonzero advantages
     runs = []
-    for name, tie, shard in [("fsdp_untied", False, "transformers"),
-                             ("fully_shard_tied", True, "fully_shard"),
-                             ("ddp_tied", True, None),
-                             ("ddp_untied", False, None),
-                             ("fsdp_tied_transformers", True, "transformers")]:
+    for name, tie, shard in [
+        ("fsdp_untied", False, "transformers"),
+        ("fully_shard_tied", True, "fully_shard"),
+        ("ddp_tied", True, None),
+        ("ddp_untied", False, None),
+        ("fsdp_tied_transformers", True, "transformers"),
+    ]:
         if (shard == "transformers" and not HAS_HF_FSDP) or (
             shard == "fully_shard" and not HAS_FULLY_SHARD
         ):
             continue
         model_dir = tmp_path / f"model_{name}"
         tiny_model(tie=tie, seed=1).save_pretrained(model_dir)
-        runs.append(dict(name=name, model_dir=str(model_dir), data=data,
-                         args=train_args(4 // WORLD), shard=shard))
+        runs.append(
+            dict(
+                name=name,
+                model_dir=str(model_dir),
+                data=data,
+                args=train_args(4 // WORLD),
+                shard=shard,
+            )
+        )
+    # DDP with gradient accumulation: 2 ranks x batch 1 x GA 2 against 1 process x batch 4.
+    model_dir = tmp_path / "model_ddp_accumulation"
+    tiny_model(tie=False, seed=1).save_pretrained(model_dir)
+    runs.append(
+        dict(
+            name="ddp_accumulation",
+            model_dir=str(model_dir),
+            data=data,
+            args=dict(train_args(1), gradient_accumulation_steps=2),
+            shard=None,
+        )
+    )
 
-    mp.spawn(workers.trainer_worker,
-             args=(WORLD, str(tmp_path / "init"), free_port(), str(tmp_path), runs),
-             nprocs=WORLD, join=True)
+    mp.spawn(
+        workers.trainer_worker,
+        args=(WORLD, str(tmp_path / "init"), free_port(), str(tmp_path), runs),
+        nprocs=WORLD,
+        join=True,
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     singles = {}
@@ -135,6 +162,9 @@ def test_two_process_fsdp_and_ddp_match_one_process(tmp_path):
         assert single["num_processes"] == 1 and len(single["losses"]) == 2
         assert not single["warnings"]
         outs = [r[name] for r in ranks]
+        if name == "ddp_accumulation":
+            check_accumulation_and_metrics(run, single, outs)
+            continue
         for out in outs:
             assert out["num_processes"] == WORLD
             assert len(out["losses"]) == 2, name
@@ -190,11 +220,44 @@ def test_two_process_fsdp_and_ddp_match_one_process(tmp_path):
     assert (mean != pytest.approx(single["losses"][1], rel=1e-5, abs=1e-7)) == warned[0]
 
 
+def check_accumulation_and_metrics(run, single, outs):
+    """2 ranks x GA 2 x batch 1 train like one process on batch 4: same weights, same logged
+    loss, and the logged metrics are those of all ranks' data (not of one rank's)."""
+    init = transformers.AutoModelForCausalLM.from_pretrained(run["model_dir"])
+    init = dict(init.named_parameters())
+    for pname, p in single["params"].items():
+        for r, out in enumerate(outs):
+            update, reference = out["params"][pname] - init[pname], p - init[pname]
+            torch.testing.assert_close(
+                update,
+                reference,
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m, r=r, n=pname: f"rank {r} {n}: {m}",
+            )
+    for step in range(2):
+        for out in outs:
+            log, ref = out["logs"][step], single["logs"][step]
+            assert log["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-7), step
+            for key in (
+                "reward/mean",
+                "reward/std",
+                "reward/expert/mean",
+                "response_tokens",
+                "num_responses/teacher",
+                "frac_reward_zero_std",
+                "entropy",
+                "rectified_fraction",
+            ):
+                assert log[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (key, step)
+
+
 # -- the loss-in-head path in one process ----------------------------------------------------
 
 
-@pytest.mark.parametrize("tie, bias, mode", [(True, False, "token-mean"),
-                                             (False, True, "seq-mean-token-mean")])
+@pytest.mark.parametrize(
+    "tie, bias, mode", [(True, False, "token-mean"), (False, True, "seq-mean-token-mean")]
+)
 def test_loss_in_head_matches_the_body_path(tmp_path, monkeypatch, tie, bias, mode):
     # The path wrapped/sharded models take, forced on a plain model: same losses and weights
     # as the body + head path (which test_integration_trainer checks against the reference).
@@ -204,8 +267,12 @@ def test_loss_in_head_matches_the_body_path(tmp_path, monkeypatch, tie, bias, mo
         model = tiny_model(tie=tie, bias=bias)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        trainer = GFTTrainer(model=model, args=gft_args(tmp_path, max_steps=2, loss_agg_mode=mode),
-                             train_dataset=groups_dataset(4), optimizers=(optimizer, scheduler))
+        trainer = GFTTrainer(
+            model=model,
+            args=gft_args(tmp_path, max_steps=2, loss_agg_mode=mode),
+            train_dataset=groups_dataset(4),
+            optimizers=(optimizer, scheduler),
+        )
         trainer.train()
         assert "forward" not in model.get_output_embeddings().__dict__  # restored
         logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -232,13 +299,17 @@ def test_loss_in_head_refuses_a_model_that_changes_the_head_output(tmp_path, mon
     scaled.load_state_dict(model.state_dict())
     monkeypatch.setattr(GFTTrainer, "_computes_loss_in_head", lambda self, m: True)
     # The first-batch check (run inside the head's forward) ...
-    trainer = GFTTrainer(model=scaled, args=gft_args(tmp_path, max_steps=1),
-                         train_dataset=groups_dataset(2))
+    trainer = GFTTrainer(
+        model=scaled, args=gft_args(tmp_path, max_steps=1), train_dataset=groups_dataset(2)
+    )
     with pytest.raises(ValueError, match="logits differ"):
         trainer.train()
     # ... and, without it, the loss returned through the model's output.
-    trainer = GFTTrainer(model=scaled, args=gft_args(tmp_path, max_steps=1, check_head=False),
-                         train_dataset=groups_dataset(2))
+    trainer = GFTTrainer(
+        model=scaled,
+        args=gft_args(tmp_path, max_steps=1, check_head=False),
+        train_dataset=groups_dataset(2),
+    )
     with pytest.raises(ValueError, match="changes the lm_head output"):
         trainer.train()
     assert "forward" not in scaled.get_output_embeddings().__dict__

@@ -11,7 +11,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import gft_kernels.integration.trainer as trainer_module  # noqa: E402
+import gft_kernels.integration.loss as loss_module  # noqa: E402
 from gft_kernels import group_advantages  # noqa: E402
 from gft_kernels.integration import (  # noqa: E402
     GFTConfig,
@@ -80,8 +80,9 @@ def groups_dataset(n_prompts: int, seed: int = 0):
         responses = []
         for source in ("expert", "teacher", "self")[: rng.randint(2, 3)]:
             ids = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 5))]
-            responses.append({"ids": ids, "reward": rng.choice([0.0, 0.5, 1.0, 2.0]),
-                              "source": source})
+            responses.append(
+                {"ids": ids, "reward": rng.choice([0.0, 0.5, 1.0, 2.0]), "source": source}
+            )
         data.append({"prompt_ids": prompt, "responses": responses})
     return data
 
@@ -119,59 +120,80 @@ def gft_args(tmp_path, **overrides) -> GFTConfig:
 
 
 def reference_loss(model, batch, args: GFTConfig) -> torch.Tensor:
-    """The naive loss on the model's full logits (prompt and padding included)."""
+    """The naive loss on the model's full logits (prompt and padding included). Normalised
+    per step, ``seq-mean-token-sum-norm`` is also divided by the step's responses."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return gft_loss_reference(
-        logits[:, :-1],
-        batch["input_ids"][:, 1:],
-        batch["advantages"],
-        batch["response_mask"][:, 1:],
-        tau=args.tau,
-        temperature=args.temperature,
-        loss_agg_mode=args.loss_agg_mode,
-        ignore_index=-100,
-        num_tokens=None,
-        max_response_length=args.max_response_length,
+    per_step_norm = args.loss_agg_mode == "seq-mean-token-sum-norm" and (
+        args.loss_normalization == "step"
+    )
+    divisor = batch["input_ids"].shape[0] if per_step_norm else 1
+    return (
+        gft_loss_reference(
+            logits[:, :-1],
+            batch["input_ids"][:, 1:],
+            batch["advantages"],
+            batch["response_mask"][:, 1:],
+            tau=args.tau,
+            temperature=args.temperature,
+            loss_agg_mode=args.loss_agg_mode,
+            ignore_index=-100,
+            num_tokens=None,
+            max_response_length=args.max_response_length,
+        )
+        / divisor
     )
 
 
 CASES = [
-    # (tied embeddings, head bias, mode, max_response_length, temperature, tau)
-    (True, False, "token-mean", None, 1.0, 0.1),
-    (False, True, "seq-mean-token-mean", 3, 1.0, 0.1),  # responses truncated to 3
-    (True, False, "seq-mean-token-sum", None, 0.7, 0.5),
-    (False, True, "seq-mean-token-sum-norm", 6, 1.0, 0.1),  # Tlen 6 > longest response
-    (True, True, "sum", None, 1.0, 0.0),
+    # (tied embeddings, head bias, mode, max_response_length, temperature, tau, normalisation)
+    (True, False, "token-mean", None, 1.0, 0.1, "step"),
+    (False, True, "seq-mean-token-mean", 3, 1.0, 0.1, "step"),  # responses truncated to 3
+    (True, False, "seq-mean-token-sum", None, 0.7, 0.5, "micro_batch"),
+    (False, True, "seq-mean-token-sum-norm", 6, 1.0, 0.1, "step"),  # Tlen 6 > longest
+    (True, True, "seq-mean-token-sum-norm", 6, 1.0, 0.1, "micro_batch"),
+    (True, True, "sum", None, 1.0, 0.0, "step"),
 ]
 
 
-@pytest.mark.parametrize("tie, bias, mode, max_len, temperature, tau", CASES)
-def test_three_steps_match_reference_loop(tmp_path, monkeypatch, tie, bias, mode, max_len,
-                                          temperature, tau):
+@pytest.mark.parametrize("tie, bias, mode, max_len, temperature, tau, norm", CASES)
+def test_three_steps_match_reference_loop(
+    tmp_path, monkeypatch, tie, bias, mode, max_len, temperature, tau, norm
+):
     lr = 0.1
     model = tiny_model(tie=tie, bias=bias)
     ref_model = copy.deepcopy(model)
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == (
         tie and not bias
     )
-    args = gft_args(tmp_path, loss_agg_mode=mode, max_response_length=max_len,
-                    temperature=temperature, tau=tau)
+    args = gft_args(
+        tmp_path,
+        loss_agg_mode=mode,
+        max_response_length=max_len,
+        temperature=temperature,
+        tau=tau,
+        loss_normalization=norm,
+    )
     collator = RecordingCollator(pad_token_id=PAD, max_response_length=max_len)
 
     # Only response positions may reach the head: count the rows the fused op receives.
     head_rows = []
-    real = trainer_module.fused_linear_gft_loss
+    real = loss_module.fused_linear_gft_loss
 
     def spy(hidden, weight, targets, advantages, mask=None, **kw):
         valid = torch.ones(targets.shape, dtype=torch.bool) if mask is None else mask.bool()
         head_rows.append(int(valid.sum()))
         return real(hidden, weight, targets, advantages, mask, **kw)
 
-    monkeypatch.setattr(trainer_module, "fused_linear_gft_loss", spy)
+    monkeypatch.setattr(loss_module, "fused_linear_gft_loss", spy)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = GFTTrainer(model=model, args=args, data_collator=collator,
-                         train_dataset=groups_dataset(6), optimizers=(optimizer, scheduler))
+    trainer = GFTTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=groups_dataset(6),
+        optimizers=(optimizer, scheduler),
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and len(collator.batches) == 3
@@ -189,8 +211,9 @@ def test_three_steps_match_reference_loop(tmp_path, monkeypatch, tie, bias, mode
     moved = 0.0
     init = tiny_model(tie=tie, bias=bias).state_dict()
     for (name, p), (_, p_ref) in zip(model.named_parameters(), ref_model.named_parameters()):
-        torch.testing.assert_close(p.detach(), p_ref.detach(), rtol=1e-5, atol=1e-5,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            p.detach(), p_ref.detach(), rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
         moved = max(moved, (p.detach() - init[name]).abs().max().item())
     assert moved > 1e-3  # the steps really changed the weights
 
@@ -202,16 +225,29 @@ def test_logs_metrics_and_evaluates(tmp_path):
     trainer = GFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
     trainer.train()
     log = next(h for h in trainer.state.log_history if "loss" in h)
-    for key in ("rectified_fraction", "entropy", "response_tokens", "reward/mean",
-                "reward/expert", "advantage/expert", "num_responses/expert",
-                "num_responses/teacher"):
+    for key in (
+        "rectified_fraction",
+        "entropy",
+        "response_tokens",
+        "reward/mean",
+        "reward/std",
+        "reward/expert/mean",
+        "reward/expert/std",
+        "advantage/expert/mean",
+        "num_responses/expert",
+        "num_responses/teacher",
+        "frac_reward_zero_std",
+        "tokens_per_second",
+        "timing/train",
+    ):
         assert key in log, key
     assert 0.0 <= log["rectified_fraction"] <= 1.0
     assert log["entropy"] > 0
     assert log["num_responses/self"] <= 2  # the dataset's own 'self' responses only
+    assert log["tokens_per_second"] > 0 and log["timing/train"] > 0
     metrics = trainer.evaluate()
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
-    assert "eval_entropy" in metrics and "eval_reward/expert" in metrics
+    assert "eval_entropy" in metrics and "eval_reward/expert/mean" in metrics
 
 
 def test_self_sampling_adds_policy_samples_to_the_groups(tmp_path):
@@ -225,11 +261,16 @@ def test_self_sampling_adds_policy_samples_to_the_groups(tmp_path):
         return float(len(response) % 3)
 
     data = groups_dataset(4, seed=2)
-    args = gft_args(tmp_path, max_steps=2, num_self_samples=3,
-                    generation_kwargs={"max_new_tokens": 4, "do_sample": True})
+    args = gft_args(
+        tmp_path,
+        max_steps=2,
+        num_self_samples=3,
+        generation_kwargs={"max_new_tokens": 4, "do_sample": True},
+    )
     collator = RecordingCollator(pad_token_id=PAD)
-    trainer = GFTTrainer(model=model, args=args, data_collator=collator, train_dataset=data,
-                         reward_fn=reward_fn)
+    trainer = GFTTrainer(
+        model=model, args=args, data_collator=collator, train_dataset=data, reward_fn=reward_fn
+    )
     trainer.train()
     assert model.training  # generation ran in eval mode and the mode came back
 
@@ -256,14 +297,20 @@ def test_self_sampling_adds_policy_samples_to_the_groups(tmp_path):
 def test_self_sampling_rewards_reach_the_rows(tmp_path):
     # Deterministic check of add_self_samples: rewards and sources of the appended rows.
     model = tiny_model()
-    args = gft_args(tmp_path, num_self_samples=2,
-                    generation_kwargs={"max_new_tokens": 3, "do_sample": False})
-    trainer = GFTTrainer(model=model, args=args, train_dataset=groups_dataset(2),
-                         reward_fn=lambda p, r: 10.0 + len(r))
+    args = gft_args(
+        tmp_path, num_self_samples=2, generation_kwargs={"max_new_tokens": 3, "do_sample": False}
+    )
+    with pytest.warns(RuntimeWarning, match="identical"):  # greedy: not policy samples
+        trainer = GFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=groups_dataset(2),
+            reward_fn=lambda p, r: 10.0 + len(r),
+        )
     groups = trainer.gft_collator.normalize(groups_dataset(2))
     merged = trainer.add_self_samples(model, groups)
     for before, after in zip(groups, merged):
-        extra = after.responses[len(before.responses):]
+        extra = after.responses[len(before.responses) :]
         assert len(extra) == 2 and all(r.source == "self" for r in extra)
         assert all(r.reward == 10.0 + len(r.ids) for r in extra)
         # greedy: both samples equal; cut at eos (inclusive) or max_new_tokens
@@ -288,8 +335,11 @@ def test_config_and_trainer_validation(tmp_path):
     with pytest.raises(ValueError, match="remove_unused_columns"):
         GFTTrainer(model=model, args=gft_args(tmp_path, remove_unused_columns=True))
     with pytest.raises(ValueError, match="norm_adv_by_std"):
-        GFTTrainer(model=model, args=gft_args(tmp_path),
-                   data_collator=GFTDataCollator(pad_token_id=0, norm_adv_by_std=False))
+        GFTTrainer(
+            model=model,
+            args=gft_args(tmp_path),
+            data_collator=GFTDataCollator(pad_token_id=0, norm_adv_by_std=False),
+        )
     with pytest.raises(TypeError, match="GFTConfig"):
         GFTTrainer(model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path)))
 
@@ -305,15 +355,17 @@ def test_rescaled_logits_are_rejected(tmp_path):
 
     scaled = Scaled(model.config)
     scaled.load_state_dict(model.state_dict())
-    trainer = GFTTrainer(model=scaled, args=gft_args(tmp_path, max_steps=1),
-                         train_dataset=groups_dataset(2))
+    trainer = GFTTrainer(
+        model=scaled, args=gft_args(tmp_path, max_steps=1), train_dataset=groups_dataset(2)
+    )
     with pytest.raises(ValueError, match="logits differ"):
         trainer.train()
 
 
 def test_model_from_config_uses_sdpa_on_cpu(tmp_path):
-    trainer = GFTTrainer(model=tiny_config(), args=gft_args(tmp_path, max_steps=1),
-                         train_dataset=groups_dataset(2))
+    trainer = GFTTrainer(
+        model=tiny_config(), args=gft_args(tmp_path, max_steps=1), train_dataset=groups_dataset(2)
+    )
     assert trainer.model.config._attn_implementation == "sdpa"
     trainer.train()
 
@@ -323,7 +375,8 @@ def test_attention_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec",
+        importlib.util,
+        "find_spec",
         lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a),
     )
     assert default_attn_implementation(torch.bfloat16) == "flash_attention_2"
@@ -334,16 +387,30 @@ def test_attention_choice(monkeypatch):
 
 def test_config_from_command_line(tmp_path):
     parser = transformers.HfArgumentParser(GFTConfig)
-    (args,) = parser.parse_args_into_dataclasses([
-        "--output_dir", str(tmp_path), "--tau", "0.2", "--loss_agg_mode", "seq-mean-token-mean",
-        "--num_self_samples", "3", "--max_response_length", "16",
-        "--generation_kwargs", '{"max_new_tokens": 5, "do_sample": true}',
-    ])
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--tau",
+            "0.2",
+            "--loss_agg_mode",
+            "seq-mean-token-mean",
+            "--num_self_samples",
+            "3",
+            "--max_response_length",
+            "16",
+            "--generation_kwargs",
+            '{"max_new_tokens": 5, "do_sample": true}',
+        ]
+    )
     assert (args.tau, args.loss_agg_mode, args.num_self_samples) == (0.2, "seq-mean-token-mean", 3)
     assert args.generation_kwargs == {"max_new_tokens": 5, "do_sample": True}
     assert args.max_response_length == 16 and args.remove_unused_columns is False
     (defaults,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
-    assert defaults.generation_kwargs["do_sample"] is True and defaults.tau == 0.1
+    assert defaults.generation_kwargs == {} and defaults.tau == 0.1  # {}: the faithful defaults
+    assert defaults.loss_normalization == "step"
+    with pytest.raises(ValueError, match="loss_normalization"):
+        gft_args(tmp_path, loss_normalization="global")
     with pytest.raises(ValueError, match="generation_kwargs"):
         gft_args(tmp_path, generation_kwargs="{not json")
 
@@ -367,17 +434,20 @@ def test_fallback_hidden_states_match_the_body(tmp_path, monkeypatch):
 
 def test_mixed_precision_runs_the_head_in_bf16(tmp_path, monkeypatch):
     seen = []
-    real = trainer_module.fused_linear_gft_loss
+    real = loss_module.fused_linear_gft_loss
 
     def spy(hidden, weight, *a, **kw):
         seen.append((hidden.dtype, weight.dtype))
         return real(hidden, weight, *a, **kw)
 
-    monkeypatch.setattr(trainer_module, "fused_linear_gft_loss", spy)
+    monkeypatch.setattr(loss_module, "fused_linear_gft_loss", spy)
     losses = {}
     for bf16 in (False, True):
-        trainer = GFTTrainer(model=tiny_model(), args=gft_args(tmp_path, bf16=bf16, max_steps=2),
-                             train_dataset=groups_dataset(4))
+        trainer = GFTTrainer(
+            model=tiny_model(),
+            args=gft_args(tmp_path, bf16=bf16, max_steps=2),
+            train_dataset=groups_dataset(4),
+        )
         trainer.train()
         losses[bf16] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         assert trainer.model.get_output_embeddings().weight.dtype == torch.float32
@@ -385,3 +455,51 @@ def test_mixed_precision_runs_the_head_in_bf16(tmp_path, monkeypatch):
     assert seen[-1] == (torch.bfloat16, torch.bfloat16)  # as autocast would run lm_head
     for a, b in zip(losses[False], losses[True]):
         assert b == pytest.approx(a, rel=5e-2, abs=1e-2)
+
+
+# -- step-level normalisation ------------------------------------------------------------
+
+
+def one_step_update(tmp_path, per_device: int, accumulation: int, **overrides):
+    """The weight update of one SGD step over the same 4 prompt groups."""
+    model = tiny_model(tie=False, bias=True)
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = gft_args(
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        optim="sgd",
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        **overrides,
+    )
+    trainer = GFTTrainer(model=model, args=args, train_dataset=groups_dataset(4, seed=6))
+    trainer.train()
+    logged = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+    return {k: v.detach() - init[k] for k, v in model.named_parameters()}, logged
+
+
+def max_relative_difference(a, b):
+    """max |a - b| / max |b| over all parameters (b: the reference update)."""
+    diff = max((a[k] - b[k]).abs().max().item() for k in b)
+    return diff / max(v.abs().max().item() for v in b.values())
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_update_is_invariant_to_gradient_accumulation(tmp_path, mode):
+    # Batch size 4 x GA 1, 2 x 2 and 1 x 4: the same 4 groups in one optimizer step.
+    reference, logged = one_step_update(tmp_path, 4, 1, loss_agg_mode=mode)
+    assert max(v.abs().max().item() for v in reference.values()) > 1e-3  # a real update
+    for per_device, accumulation in ((2, 2), (1, 4)):
+        update, logged_split = one_step_update(
+            tmp_path, per_device, accumulation, loss_agg_mode=mode
+        )
+        assert max_relative_difference(update, reference) < 1e-4, (per_device, accumulation)
+        assert logged_split == pytest.approx(logged, rel=1e-5)  # the step's loss is logged
+    # The per-micro-batch mean of the published code differs (so the check above can fail):
+    # its micro-batches hold unequal numbers of tokens and responses.
+    update, _ = one_step_update(
+        tmp_path, 1, 4, loss_agg_mode=mode, loss_normalization="micro_batch"
+    )
+    assert max_relative_difference(update, reference) > 1e-3

@@ -108,13 +108,19 @@ def gft_examples(prompts: Sequence[str], seed: int) -> List[Dict[str, Any]]:
     for p in prompts:
         right = answer(p)
         teacher = right if rng.random() < 0.5 else max(0, right + rng.choice((-2, -1, 1, 2)))
-        examples.append({
-            "prompt": p,
-            "responses": [
-                {"text": str(right), "reward": reward_fn(p, str(right)), "source": "expert"},
-                {"text": str(teacher), "reward": reward_fn(p, str(teacher)), "source": "teacher"},
-            ],
-        })
+        examples.append(
+            {
+                "prompt": p,
+                "responses": [
+                    {"text": str(right), "reward": reward_fn(p, str(right)), "source": "expert"},
+                    {
+                        "text": str(teacher),
+                        "reward": reward_fn(p, str(teacher)),
+                        "source": "teacher",
+                    },
+                ],
+            }
+        )
     return examples
 
 
@@ -183,12 +189,17 @@ def build_model(tokenizer: CharTokenizer, seed: int) -> LlamaForCausalLM:
 # -- evaluation -------------------------------------------------------------------------
 
 
+SAMPLES_PER_PROMPT = 16
+
+
 @torch.no_grad()
 def evaluate(
     model: LlamaForCausalLM, tokenizer: CharTokenizer, prompts: Sequence[str]
 ) -> Dict[str, float]:
-    """Mean reward of greedy answers and the mean next-token entropy over the expert
-    answer tokens (teacher forcing), on ``prompts``."""
+    """On ``prompts``: the mean reward of greedy answers, the mean reward of
+    ``SAMPLES_PER_PROMPT`` samples per prompt at temperature 1 (the policy's expected reward,
+    what GFT's self samples estimate) and the mean next-token entropy over the expert answer
+    tokens (teacher forcing)."""
     model.eval()
     device = next(model.parameters()).device
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -198,28 +209,61 @@ def evaluate(
     for i, e in enumerate(encoded):  # left padding for generation
         ids[i, width - len(e) :] = torch.tensor(e)
         mask[i, width - len(e) :] = 1
-    out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=3,
-        do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    def rewards_of(out: torch.Tensor, row_prompts: Sequence[str]) -> List[float]:
+        rewards = []
+        for p, row in zip(row_prompts, out[:, width:].tolist()):
+            eos = tokenizer.eos_token_id
+            cut = row.index(eos) if eos in row else len(row)
+            rewards.append(reward_fn(p, tokenizer.decode(row[:cut])))
+        return rewards
+
+    greedy = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=3,
+        do_sample=False,
+        **special,
     )
-    rewards = []
-    for p, row in zip(prompts, out[:, width:].tolist()):
-        cut = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
-        rewards.append(reward_fn(p, tokenizer.decode(row[:cut])))
+    rewards = rewards_of(greedy, prompts)
+    # Samples as the policy draws them (temperature 1, no top-k/top-p), with a fixed seed so
+    # that every model is scored on the same random draws; the global RNG is left as it was.
+    k = SAMPLES_PER_PROMPT
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        sampled = model.generate(
+            input_ids=ids.repeat_interleave(k, 0).to(device),
+            attention_mask=mask.repeat_interleave(k, 0).to(device),
+            max_new_tokens=3,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            **special,
+        )
+    sampled_rewards = rewards_of(sampled, [p for p in prompts for _ in range(k)])
 
     batch = SFTCollator(tokenizer)(
-        [{"prompt": p, "responses": [{"text": str(answer(p)), "source": "expert"}]}
-         for p in prompts]
+        [
+            {"prompt": p, "responses": [{"text": str(answer(p)), "source": "expert"}]}
+            for p in prompts
+        ]
     )
-    logits = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-    ).logits[:, :-1].float()
+    logits = (
+        model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        )
+        .logits[:, :-1]
+        .float()
+    )
     valid = (batch["labels"][:, 1:] != -100).to(device)
     logp = torch.log_softmax(logits, -1)
     entropy = -(logp.exp() * logp).sum(-1)
     return {
         "reward": sum(rewards) / len(rewards),
+        "expected_reward": sum(sampled_rewards) / len(sampled_rewards),
         "entropy": (entropy * valid).sum().item() / valid.sum().item(),
     }
 
@@ -227,8 +271,14 @@ def evaluate(
 class PrintMetrics(TrainerCallback):
     """Prints a compact line per log."""
 
-    KEYS = ("loss", "rectified_fraction", "entropy", "reward/self", "advantage/teacher",
-            "num_responses/self")
+    KEYS = (
+        "loss",
+        "rectified_fraction",
+        "entropy",
+        "reward/self/mean",
+        "advantage/teacher/mean",
+        "num_responses/self",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -243,8 +293,16 @@ class PrintMetrics(TrainerCallback):
 # -- training ---------------------------------------------------------------------------
 
 
-def _trainer(kind: str, model: LlamaForCausalLM, cli: argparse.Namespace, steps: int, lr: float,
-             tokenizer: CharTokenizer, dataset: Dataset, verbose: bool) -> Trainer:
+def _trainer(
+    kind: str,
+    model: LlamaForCausalLM,
+    cli: argparse.Namespace,
+    steps: int,
+    lr: float,
+    tokenizer: CharTokenizer,
+    dataset: Dataset,
+    verbose: bool,
+) -> Trainer:
     common = dict(
         output_dir=cli.output_dir,  # nothing is saved (save_strategy="no")
         max_steps=steps,
@@ -273,22 +331,35 @@ def _trainer(kind: str, model: LlamaForCausalLM, cli: argparse.Namespace, steps:
             generation_kwargs={"max_new_tokens": 3, "do_sample": True},
             gft_backend=cli.backend,
         )
-        collator = GFTDataCollator(tokenizer, norm_adv_by_std=args.norm_adv_by_std,
-                                   max_response_length=args.max_response_length)
+        collator = GFTDataCollator(
+            tokenizer,
+            norm_adv_by_std=args.norm_adv_by_std,
+            max_response_length=args.max_response_length,
+        )
         trainer: Trainer = GFTTrainer(
-            model=model, args=args, data_collator=collator, train_dataset=dataset,
-            reward_fn=reward_fn if cli.num_self_samples > 0 else None, callbacks=callbacks,
+            model=model,
+            args=args,
+            data_collator=collator,
+            train_dataset=dataset,
+            reward_fn=reward_fn if cli.num_self_samples > 0 else None,
+            callbacks=callbacks,
         )
     else:
         args = TrainingArguments(**common, remove_unused_columns=False)
-        trainer = Trainer(model=model, args=args, data_collator=SFTCollator(tokenizer),
-                          train_dataset=dataset, callbacks=callbacks)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            data_collator=SFTCollator(tokenizer),
+            train_dataset=dataset,
+            callbacks=callbacks,
+        )
     trainer.remove_callback(PrinterCallback)  # PrintMetrics prints a compact line instead
     return trainer
 
 
-def warm_start(cli: argparse.Namespace, tokenizer: CharTokenizer,
-               dataset: Dataset) -> Optional[Dict[str, torch.Tensor]]:
+def warm_start(
+    cli: argparse.Namespace, tokenizer: CharTokenizer, dataset: Dataset
+) -> Optional[Dict[str, torch.Tensor]]:
     """A short SFT phase shared by both variants: GFT is a post-training objective (its
     DCR bounds the weight of tokens the model finds unlikely, so from random weights it
     mostly pushes its own wrong samples down), so, as in practice, it starts from a model
@@ -296,26 +367,42 @@ def warm_start(cli: argparse.Namespace, tokenizer: CharTokenizer,
     if cli.warm_start_steps == 0:
         return None
     model = build_model(tokenizer, cli.seed)
-    _trainer("sft", model, cli, cli.warm_start_steps, cli.warm_start_lr, tokenizer, dataset,
-             False).train()
+    _trainer(
+        "sft", model, cli, cli.warm_start_steps, cli.warm_start_lr, tokenizer, dataset, False
+    ).train()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def scores(model: LlamaForCausalLM, tokenizer: CharTokenizer, train_prompts: Sequence[str],
-           heldout: Sequence[str], loss: float, seconds: float) -> Dict[str, float]:
+def scores(
+    model: LlamaForCausalLM,
+    tokenizer: CharTokenizer,
+    train_prompts: Sequence[str],
+    heldout: Sequence[str],
+    loss: float,
+    seconds: float,
+) -> Dict[str, float]:
     heldout_eval = evaluate(model, tokenizer, heldout)
+    train_eval = evaluate(model, tokenizer, train_prompts)
     return {
         "final train loss": loss,
         "held-out reward (greedy)": heldout_eval["reward"],
-        "train-prompt reward (greedy)": evaluate(model, tokenizer, train_prompts)["reward"],
+        "train-prompt reward (greedy)": train_eval["reward"],
+        "held-out reward (samples)": heldout_eval["expected_reward"],
+        "train-prompt reward (samples)": train_eval["expected_reward"],
         "held-out entropy (expert tokens)": heldout_eval["entropy"],
         "train time (s)": seconds,
     }
 
 
-def train(kind: str, cli: argparse.Namespace, tokenizer: CharTokenizer, dataset: Dataset,
-          init_state: Optional[Dict[str, torch.Tensor]], train_prompts: Sequence[str],
-          heldout: Sequence[str]) -> Dict[str, float]:
+def train(
+    kind: str,
+    cli: argparse.Namespace,
+    tokenizer: CharTokenizer,
+    dataset: Dataset,
+    init_state: Optional[Dict[str, torch.Tensor]],
+    train_prompts: Sequence[str],
+    heldout: Sequence[str],
+) -> Dict[str, float]:
     model = build_model(tokenizer, cli.seed)
     if init_state is not None:
         model.load_state_dict(init_state)
@@ -324,16 +411,21 @@ def train(kind: str, cli: argparse.Namespace, tokenizer: CharTokenizer, dataset:
     trainer.train()
     seconds = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return scores(model, tokenizer, train_prompts, heldout,
-                  losses[-1] if losses else math.nan, seconds)
+    return scores(
+        model, tokenizer, train_prompts, heldout, losses[-1] if losses else math.nan, seconds
+    )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loss", choices=("both", "gft", "sft"), default="both")
     parser.add_argument("--steps", type=int, default=300, help="steps per variant")
-    parser.add_argument("--warm-start-steps", type=int, default=200,
-                        help="shared SFT steps before either variant (0: from scratch)")
+    parser.add_argument(
+        "--warm-start-steps",
+        type=int,
+        default=200,
+        help="shared SFT steps before either variant (0: from scratch)",
+    )
     parser.add_argument("--warm-start-lr", type=float, default=3e-3)
     parser.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
@@ -343,9 +435,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num-self-samples", type=int, default=4)
     parser.add_argument("--heldout", type=int, default=20, help="held-out prompts of 100")
     parser.add_argument("--backend", default="auto", choices=("auto", "cpu", "torch", "triton"))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (tiny matrices: one thread avoids OpenMP "
-                             "overhead and oversubscription on a busy machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (tiny matrices: one thread avoids OpenMP "
+        "overhead and oversubscription on a busy machine)",
+    )
     cli = parser.parse_args(argv)
     if cli.quick:
         cli.steps, cli.warm_start_steps, cli.batch_size, cli.num_self_samples = 3, 2, 4, 2
@@ -365,10 +461,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     train_prompts, heldout = make_prompts(cli.seed, cli.heldout)
     dataset = ListDataset(gft_examples(train_prompts, cli.seed))
     kinds = ("gft", "sft") if cli.loss == "both" else (cli.loss,)
-    print(f"tiny Llama ({default_attn_implementation(torch.float32)} attention), "
-          f"{len(train_prompts)} training prompts, {len(heldout)} held out; "
-          f"{cli.warm_start_steps} shared SFT warm-start steps, then {cli.steps} steps x "
-          f"{cli.batch_size} prompts per variant; seed {cli.seed}", flush=True)
+    print(
+        f"tiny Llama ({default_attn_implementation(torch.float32)} attention), "
+        f"{len(train_prompts)} training prompts, {len(heldout)} held out; "
+        f"{cli.warm_start_steps} shared SFT warm-start steps, then {cli.steps} steps x "
+        f"{cli.batch_size} prompts per variant; seed {cli.seed}",
+        flush=True,
+    )
     results = {}
     with tempfile.TemporaryDirectory(prefix="gft_tiny_") as out_dir:
         cli.output_dir = out_dir
@@ -377,23 +476,30 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         if init_state is not None:
             model = build_model(tokenizer, cli.seed)
             model.load_state_dict(init_state)
-            results["start"] = scores(model, tokenizer, train_prompts, heldout, math.nan,
-                                      time.perf_counter() - start)
+            results["start"] = scores(
+                model, tokenizer, train_prompts, heldout, math.nan, time.perf_counter() - start
+            )
         for kind in kinds:
-            print(f"training {kind.upper()}" + (
-                f" (expert + teacher + {cli.num_self_samples} self samples per prompt)"
-                if kind == "gft" else " (expert answers, causal-LM loss)"), flush=True)
-            results[kind] = train(kind, cli, tokenizer, dataset, init_state, train_prompts,
-                                  heldout)
+            print(
+                f"training {kind.upper()}"
+                + (
+                    f" (expert + teacher + {cli.num_self_samples} self samples per prompt)"
+                    if kind == "gft"
+                    else " (expert answers, causal-LM loss)"
+                ),
+                flush=True,
+            )
+            results[kind] = train(kind, cli, tokenizer, dataset, init_state, train_prompts, heldout)
 
     columns = list(results)
     print("\n" + f"{'':34}" + "".join(f"{k.upper():>10}" for k in columns))
     for name in results[kinds[0]]:
         cells = (results[k][name] for k in columns)
-        print(f"{name:34}" + "".join(f"{'-' if math.isnan(v) else f'{v:.4f}':>10}"
-                                     for v in cells))
-    print("START: the shared warm-start model both variants begin from. GFT and SFT minimise "
-          "different objectives: compare the rewards and the entropy.")
+        print(f"{name:34}" + "".join(f"{'-' if math.isnan(v) else f'{v:.4f}':>10}" for v in cells))
+    print(
+        "START: the shared warm-start model both variants begin from. GFT and SFT minimise "
+        "different objectives: compare the rewards and the entropy."
+    )
     return results
 
 

@@ -1,0 +1,336 @@
+"""GFT on TRL's ``GRPOTrainer``: demonstrations in the groups, the fused GFT loss.
+
+:class:`GFTGRPOTrainer` is a ``trl.GRPOTrainer`` whose groups hold, next to the policy's own
+samples, each prompt's expert/teacher completions from dataset columns, and whose loss is
+the GFT loss computed with the fused head. Everything else is TRL's: generation
+(transformers or vLLM), reward functions, group advantages, logging.
+
+Groups. TRL repeats every prompt ``num_generations`` times and forms a group of those rows
+(across processes). In each group the first rows take the prompt's demonstrations, in the
+order of ``demonstration_columns`` (a column holds one completion or a list of them); the
+remaining rows keep TRL's samples. The reward functions score demonstrations and samples
+alike, so GRPO's group advantages compare them. Demonstrations are tokenized without special
+tokens, end with the eos and are cut to ``max_completion_length``.
+
+Loss. Per token of a completion, ``-A * c * log p`` with ``c = stopgrad(q if q <= tau else
+1)`` (GFT's dynamic coefficient rectification), aggregated by ``loss_agg_mode`` over the
+optimizer step (all micro-batches and processes; TRL's ``num_items_in_batch`` for
+``token-mean``), with the logits never materialised. TRL's clipping, KL and importance
+sampling terms do not apply (GFT trains on-policy samples and off-policy demonstrations with
+the same bounded weight).
+
+Needs ``trl`` (``pip install gft-kernels[trl]``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from . import loss
+from .config import GFT_BACKENDS, TRAINER_LOSS_AGG_MODES
+from .fused_head import FusedHeadMixin
+from .heads import head_logit_transform
+
+__all__ = ["GFTGRPOConfig", "GFTGRPOTrainer"]
+
+
+@dataclass
+class GFTGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus the GFT options.
+
+    Attributes:
+        tau: DCR threshold: token weight ``c = q if q <= tau else 1``.
+        loss_agg_mode: ``token-mean`` (default), ``seq-mean-token-sum``,
+            ``seq-mean-token-mean``, ``seq-mean-token-sum-norm`` (``Tlen =
+            max_completion_length``) or ``sum``, over the optimizer step.
+        demonstration_columns: dataset columns whose completions join each prompt's group,
+            in this order (a missing or None value: none for that prompt).
+        gft_backend: ``backend`` of ``fused_linear_gft_loss``.
+        gft_chunk_size: ``chunk_size`` of ``fused_linear_gft_loss`` (None: its default).
+        log_token_stats: log ``rectified_fraction`` and ``entropy`` (from the loss pass).
+
+    ``num_generations`` counts the whole group (demonstrations + samples); ``temperature`` is
+    both the sampling temperature and that of ``log p``. ``loss_type``, ``epsilon*``,
+    ``importance_sampling_level`` and ``top_entropy_quantile`` do not apply; ``beta`` must
+    stay 0 (no KL term).
+    """
+
+    tau: float = field(default=0.1, metadata={"help": "DCR threshold tau >= 0."})
+    loss_agg_mode: str = field(
+        default="token-mean",
+        metadata={"help": "Aggregation: " + ", ".join(TRAINER_LOSS_AGG_MODES)},
+    )
+    demonstration_columns: List[str] = field(
+        default_factory=lambda: ["expert", "teacher"],
+        metadata={"help": "Dataset columns whose completions join each prompt's group."},
+    )
+    gft_backend: str = field(default="auto", metadata={"help": "Backend of the fused loss."})
+    gft_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "Token chunk of the fused head (None: default)."}
+    )
+    log_token_stats: bool = field(
+        default=True, metadata={"help": "Log rectified_fraction and entropy."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+            raise TypeError(f"tau: expected a real number, got {type(self.tau).__name__}")
+        if not (math.isfinite(self.tau) and self.tau >= 0):
+            raise ValueError(f"tau: expected a value in [0, inf), got {self.tau}")
+        if self.loss_agg_mode not in TRAINER_LOSS_AGG_MODES:
+            raise ValueError(
+                f"loss_agg_mode: expected one of {', '.join(TRAINER_LOSS_AGG_MODES)}, got "
+                f"{self.loss_agg_mode!r}"
+            )
+        if self.gft_backend not in GFT_BACKENDS:
+            raise ValueError(
+                f"gft_backend: expected one of {', '.join(GFT_BACKENDS)}, got {self.gft_backend!r}"
+            )
+        if isinstance(self.demonstration_columns, str) or not all(
+            isinstance(c, str) for c in self.demonstration_columns
+        ):
+            raise TypeError(
+                "demonstration_columns: expected a list of column names, got "
+                f"{self.demonstration_columns!r}"
+            )
+        if "self" in self.demonstration_columns:
+            raise ValueError('demonstration_columns: "self" names the policy samples')
+        if self.beta != 0.0:
+            raise ValueError(f"beta: expected 0 (the GFT loss has no KL term), got {self.beta}")
+
+
+def _is_message(value: Any) -> bool:
+    return isinstance(value, dict) and "content" in value
+
+
+class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
+    """``trl.GRPOTrainer`` with demonstrations in the groups and the fused GFT loss.
+
+    Arguments: as ``trl.GRPOTrainer``, with a :class:`GFTGRPOConfig`. Custom rollouts
+    (``rollout_func``) and tools are not supported.
+
+    Logged besides TRL's metrics: ``reward/<source>/mean`` (source: a demonstration column
+    or ``self``), ``rectified_fraction`` and ``entropy`` (over all processes).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, GFTGRPOConfig):
+            raise TypeError(f"args: expected a GFTGRPOConfig, got {type(self.args).__name__}")
+        if getattr(self, "tools", None) or getattr(self, "rollout_func", None) is not None:
+            raise ValueError(
+                "tools/rollout_func: not supported by GFTGRPOTrainer (the demonstrations "
+                "replace single-turn samples)"
+            )
+        self.sources = [*self.args.demonstration_columns, "self"]
+        self.logit_transform = head_logit_transform(self.accelerator.unwrap_model(self.model))
+        self._pending_demos: Optional[List[Optional[List[int]]]] = None
+        self._pending_sources: Optional[List[int]] = None
+
+    # -- demonstrations ------------------------------------------------------------------
+
+    def _demonstration_ids(self, where: str, value: Any) -> List[List[int]]:
+        """The completions of one column value (a completion or a list of them) as ids."""
+        if value is None:
+            return []
+        single = (
+            isinstance(value, str)
+            or _is_message(value)
+            or (isinstance(value, (list, tuple)) and value and all(_is_message(v) for v in value))
+            or (
+                isinstance(value, (list, tuple))
+                and value
+                and all(isinstance(v, int) for v in value)
+            )
+        )
+        items = [value] if single else list(value)
+        tokenizer = self._tokenizer
+        eos = self.eos_token_ids[0] if self.eos_token_ids else tokenizer.eos_token_id
+        out = []
+        for j, item in enumerate(items):
+            if isinstance(item, (list, tuple)) and item and all(isinstance(v, int) for v in item):
+                ids = [int(v) for v in item]
+            else:
+                if _is_message(item):
+                    item = item["content"]
+                elif isinstance(item, (list, tuple)) and item and all(_is_message(v) for v in item):
+                    item = item[-1]["content"]  # the assistant turn of a chat completion
+                if not isinstance(item, str) or not item:
+                    raise TypeError(
+                        f"{where}[{j}]: expected a completion (text, token ids or assistant "
+                        f"message), got {item!r}"
+                    )
+                ids = list(tokenizer.encode(item, add_special_tokens=False))
+                if eos is not None and (not ids or ids[-1] != eos):
+                    ids.append(eos)
+            out.append(ids[: self.max_completion_length])
+        return out
+
+    def _assign_demonstrations(self, inputs: List[Dict[str, Any]]) -> None:
+        """Which local rows take a demonstration: row ``i`` sits at position ``(process
+        offset + i) % num_generations`` of its group (TRL's global row order), and the
+        group's first positions take the prompt's demonstrations."""
+        group = self.num_generations if self.model.training else self.num_generations_eval
+        offset = self.accelerator.process_index * len(inputs)
+        demos: List[Optional[List[int]]] = []
+        sources: List[int] = []
+        for i, row in enumerate(inputs):
+            available = []
+            for code, column in enumerate(self.args.demonstration_columns):
+                where = f'inputs[{i}]["{column}"]'
+                available += [
+                    (code, ids) for ids in self._demonstration_ids(where, row.get(column))
+                ]
+            if len(available) > group:
+                raise ValueError(
+                    f"num_generations: a group of {group} cannot hold the {len(available)} "
+                    f"demonstrations of inputs[{i}]; expected num_generations >= {len(available)}"
+                )
+            position = (offset + i) % group
+            if position < len(available):
+                sources.append(available[position][0])
+                demos.append(available[position][1])
+            else:
+                sources.append(len(self.sources) - 1)
+                demos.append(None)
+        self._pending_demos, self._pending_sources = demos, sources
+
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+    ):
+        """TRL's generation, with the demonstration rows' completions replaced (and, on the
+        plain transformers path, not generated at all)."""
+        demos = self._pending_demos
+        if demos is None or all(d is None for d in demos):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        if len(demos) != len(prompt_ids):
+            raise RuntimeError(
+                f"GFTGRPOTrainer: {len(prompt_ids)} prompts to generate for, "
+                f"{len(demos)} demonstration slots"
+            )
+        plain = (
+            not self.use_vllm
+            and not getattr(self, "use_transformers_continuous_batching", False)
+            and images is None
+            and not multimodal_fields
+        )
+        if plain:
+            rows = [i for i, d in enumerate(demos) if d is None]
+            sampled: List[Any] = []
+            logprobs = None
+            if rows:
+                sampled, logprobs = super()._generate_single_turn(
+                    [prompt_ids[i] for i in rows], None, {}, num_generations, *args, **kwargs
+                )
+            completion_ids = [list(d) if d is not None else None for d in demos]
+            for i, ids in zip(rows, sampled):
+                completion_ids[i] = ids
+            return completion_ids, logprobs  # None: this path keeps no sampling log-probs
+        completion_ids, logprobs = super()._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+        )
+        completion_ids = [list(d) if d is not None else c for d, c in zip(demos, completion_ids)]
+        if logprobs is not None:
+            # No sampling log-probs for a demonstration: NaN makes TRL's importance ratio 1.
+            logprobs = [
+                [math.nan] * len(d) if d is not None else lp for d, lp in zip(demos, logprobs)
+            ]
+        return completion_ids, logprobs
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards (all processes), plus their mean per source in the metrics."""
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        if self._pending_sources is not None:
+            device = rewards_per_func.device
+            local = torch.tensor(self._pending_sources, device=device)
+            sources = self.accelerator.gather(local)
+            weights = self.reward_weights.to(device)
+            rewards = (rewards_per_func * weights[None]).nansum(dim=1)
+            mode = "train" if self.model.training else "eval"
+            for code, name in enumerate(self.sources):
+                pick = sources == code
+                if bool(pick.any()):
+                    value = rewards[pick].mean().item()
+                    self._metrics[mode][f"reward/{name}/mean"].append(value)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        self._assign_demonstrations(inputs)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            sources, self._pending_demos, self._pending_sources = self._pending_sources, None, None
+        device = output["completion_mask"].device
+        output["gft_sources"] = torch.tensor(sources, device=device)
+        # The seq-* modes divide by the generation batch's responses (all processes).
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        per_row = mask.sum(1)
+        tokens, sequences, longest, _ = loss.reduce_counts(
+            float(per_row.sum()), float((per_row > 0).sum()), float(per_row.max()), device
+        )
+        output["gft_sequences"] = torch.tensor(sequences, dtype=torch.float64, device=device)
+        return output
+
+    # -- loss ----------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        """The GFT loss of one micro-batch: its share of the optimizer step's loss (TRL
+        scales nothing afterwards: ``loss_is_scaled_for_ga``)."""
+        args: GFTGRPOConfig = self.args
+        prompt_mask, completion_mask = inputs["prompt_mask"], inputs["completion_mask"]
+        mask = completion_mask
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        batch = {
+            "input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1),
+            "response_mask": torch.cat([torch.zeros_like(prompt_mask), mask], dim=1),
+            "advantages": inputs["advantages"].reshape(-1),
+        }
+        positions = loss.response_positions(batch)
+        training = self.model.training
+        if training:
+            # One optimizer step holds GA / steps_per_generation of the generation batch.
+            share = self.current_gradient_accumulation_steps / args.steps_per_generation
+            tokens = float(inputs["num_items_in_batch"]) * share
+            sequences = float(inputs["gft_sequences"]) * share
+            normalizer = loss.LossNormalizer(
+                tokens,
+                sequences,
+                float(self.max_completion_length),
+                ranks=self.accelerator.num_processes,
+                per_step=True,
+            )
+        else:
+            normalizer = loss.step_normalizer([positions], positions.device, across_ranks=False)
+        weights = loss.token_weights(
+            positions, args.loss_agg_mode, normalizer, self.max_completion_length
+        )
+        value, _, stats = self.head_loss(model, batch, weights)
+        mode = "train" if training else "eval"
+        if stats is not None:
+            n = positions.sum().to(torch.float64)
+            totals = torch.stack(
+                [
+                    stats.entropy.sum().to(torch.float64),
+                    stats.rectified_fraction.to(torch.float64) * n,
+                    n,
+                ]
+            )
+            totals = self.accelerator.reduce(totals, reduction="sum")
+            count = max(float(totals[2]), 1.0)
+            self._metrics[mode]["entropy"].append(float(totals[0]) / count)
+            self._metrics[mode]["rectified_fraction"].append(float(totals[1]) / count)
+        return value
