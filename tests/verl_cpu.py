@@ -182,6 +182,16 @@ def save_tiny_qwen2(
     model.save_pretrained(path)
 
 
+def skip_trl_value_head_patch() -> None:
+    """verl 0.9.1 patches TRL's ``AutoModelForCausalLMWithValueHead`` whenever TRL is
+    installed, and that class is gone from TRL >= 1.16 (installed here for the TRL
+    integration), so verl's FSDP engine fails to build beside it. The patch concerns PPO
+    value heads only; the test environment tells verl's module that TRL is absent."""
+    from verl.models.transformers import monkey_patch
+
+    monkey_patch.is_trl_available = lambda: False
+
+
 def build_actor_engine(
     model_path: str,
     *,
@@ -221,6 +231,7 @@ def build_actor_engine(
     )
     from verl.trainer.config import CheckpointConfig
 
+    skip_trl_value_head_patch()
     engine = EngineRegistry.new(
         model_type="language_model",
         backend="fsdp2",

@@ -35,7 +35,7 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from gft_kernels import fused_linear_gft_loss
 
-from ..trainer import _forward_replaced, _head_params, _output_head
+from ..heads import forward_replaced, head_params, output_head
 from .aggregation import aggregation_weights
 from .policy_loss import LOSS_MODE, resolve_tau
 
@@ -172,7 +172,7 @@ class GFTFSDPEngine(FSDPEngineWithLMHead):
         token_advantages = padded["advantages"].float() * token_weights
 
         module = self.module
-        head = _output_head(module)
+        head = output_head(module)
         result: Dict[str, Any] = {}
 
         def head_forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -181,7 +181,7 @@ class GFTFSDPEngine(FSDPEngineWithLMHead):
                     "model: its forward calls the lm_head more than once; the fused GFT "
                     "engine needs exactly one call"
                 )
-            weight, bias = _head_params(head)
+            weight, bias = head_params(head)
             rows, targets = self._response_rows(micro_batch, output_args, hidden.shape)
             if rows.shape != mask.shape:
                 raise ValueError(
@@ -221,7 +221,7 @@ class GFTFSDPEngine(FSDPEngineWithLMHead):
             if autocast_dtype != torch.float32
             else _no_autocast()
         )
-        with autocast, _forward_replaced(head, head_forward):
+        with autocast, forward_replaced(head, head_forward):
             raw_output = module(**model_inputs, use_cache=False)
         if "loss" not in result:
             raise ValueError("model: its forward did not call the lm_head")
