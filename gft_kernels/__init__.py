@@ -1,6 +1,6 @@
 """gft_kernels: fused, memory-lean kernels for the Group Fine-Tuning (GFT) loss.
 
-Public API (see DESIGN §2)::
+Public API (docs/design.md, section 2)::
 
     from gft_kernels import (gft_loss, fused_linear_gft_loss, group_advantages,
                              GFTLoss, FusedLinearGFTLoss, GFTStats)

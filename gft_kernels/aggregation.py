@@ -1,6 +1,6 @@
 """Aggregation modes as per-token weights.
 
-Every reduced mode of DESIGN §1 is ``loss = sum_t w_t * l_t`` for a weight that depends
+Every reduced mode (docs/design.md) is ``loss = sum_t w_t * l_t`` for a weight that depends
 only on the mask and the mode, so the kernels never need to know the mode: the weight
 reaches them through autograd (``dL/dl_t = w_t``). Where the naive reference divides by
 zero (empty mask, fully masked sequence) the weight is 0.

@@ -52,10 +52,10 @@ def make_case(
 
 
 def reference_fp64(logits, targets, advantages, mask, *, ignore_index=-100, **kw):
-    """fp64 reference with DESIGN §1's definition where the naive formula is 0/0.
+    """fp64 reference with the library's definition where the naive formula is 0/0.
 
     ``seq-mean-token-mean`` divides each sequence by its token count, which is 0 for a
-    fully masked sequence; DESIGN defines such a sequence to add 0 (B unchanged), so it is
+    fully masked sequence; the library defines such a sequence to add 0 (B unchanged), so it is
     dropped from the reference and the result rescaled by kept/B. ``token-mean`` of an
     empty batch is defined as 0. Returns the loss; its backward reaches ``logits``.
     """

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN §5 raises ValueError/TypeError naming the argument."""
+"""Every bad input (docs/design.md, "Bad input") raises ValueError/TypeError naming the argument."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""DESIGN §1 edge cases, gradcheck, input immutability and the in-place backward."""
+"""Edge cases of the math (docs/design.md), gradcheck, input immutability and in-place backward."""
 
 import pytest
 import torch

@@ -61,10 +61,12 @@ def test_train_tiny_gft_improves_the_reward():
     assert heldout["GFT"] > heldout["START"] + 0.05
 
 
-def run_readme_block(index: int) -> dict:
-    readme = ROOT / "integration" / "README.md"
+def run_readme_block(guide: str) -> dict:
+    """Runs the first python example of ``docs/<guide>``."""
+    readme = ROOT / "docs" / guide
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
-    assert len(blocks) > index, "integration/README.md lacks its python examples"
+    assert blocks, f"docs/{guide} lacks its python example"
+    index = 0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -77,7 +79,7 @@ def run_readme_block(index: int) -> dict:
 
 def test_readme_trl_example_runs(capsys):
     pytest.importorskip("trl")
-    namespace = run_readme_block(1)
+    namespace = run_readme_block("trl.md")
     log = namespace["trainer"].state.log_history[0]
     assert {"reward/expert/mean", "reward/teacher/mean", "reward/self/mean"} <= set(log)
     assert log["reward/expert/mean"] == 1.0  # the expert's answers are right
@@ -85,7 +87,7 @@ def test_readme_trl_example_runs(capsys):
 
 
 def test_readme_usage_runs(capsys):
-    namespace = run_readme_block(0)
+    namespace = run_readme_block("hf_trainer.md")
     log = namespace["trainer"].state.log_history[0]
     assert log["num_responses/self"] == 4  # 2 prompts x 2 self samples
     assert "'reward/expert/mean'" in capsys.readouterr().out

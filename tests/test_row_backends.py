@@ -116,7 +116,6 @@ def rows(request) -> Iterator:
             patch.setattr(tuning, "MIN_PROGRAMS", 64)
             patch.setattr(tuning, "MIN_SEGMENT_BLOCKS", 1)
             patch.setattr(tuning, "MAX_BLOCK", {4: 64, 2: 64})
-            patch.setattr(tuning, "GRAD_BLOCK", 64)
             yield OnDevice(load_backend("triton"), TRITON_DEVICE)
     elif name == "triton":
         yield OnDevice(load_backend("triton"), TRITON_DEVICE)

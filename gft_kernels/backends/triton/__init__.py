@@ -146,7 +146,8 @@ class TritonRows:
         out: torch.Tensor,
     ) -> torch.Tensor:
         n_rows, n_cols = logits.shape
-        cfg = tuning.launch_config(logits.dtype, params.logit_softcap is not None)
+        softcap = params.logit_softcap is not None
+        cfg = tuning.launch_config(logits.dtype, softcap, tuning.GRAD_WARPS)
         segments = tuning.row_segments(n_rows, n_cols, cfg.grad_block, logits.device)
         grid, args, meta = tuning.row_grad_launch(
             logits, logits.stride(0), n_rows, n_cols, out, out.stride(0), targets, row_max,

@@ -38,11 +38,18 @@ class LaunchConfig:
 # Statistics block per element size (bytes): 16 elements per thread at 16 warps for
 # 16-bit logits, 8 for fp32 (same registers).
 MAX_BLOCK = {4: 4096, 2: 8192}
-GRAD_BLOCK = 4096
 NUM_WARPS = 16
+# The standalone gradient kernel: half the threads per program leave each thread twice
+# the registers (16 warps capped ptxas at 64 and spilled on sm_80), and the walk is
+# bandwidth-bound either way.
+GRAD_WARPS = 8
 
 
-def launch_config(dtype: torch.dtype, softcap: bool = False) -> LaunchConfig:
+def launch_config(
+    dtype: torch.dtype, softcap: bool = False, grad_warps: int = NUM_WARPS
+) -> LaunchConfig:
+    """The configuration for logits of ``dtype``; ``grad_warps``: the warps of the program
+    that walks the gradient (its block is one 16-byte vector per thread)."""
     element_bytes = torch.finfo(dtype).bits // 8
     block = MAX_BLOCK.get(element_bytes, 4096)
     if softcap:
@@ -52,7 +59,7 @@ def launch_config(dtype: torch.dtype, softcap: bool = False) -> LaunchConfig:
         block = max(block // 2, 16 // element_bytes)
     return LaunchConfig(
         block_v=block,
-        grad_block=min(GRAD_BLOCK, block),
+        grad_block=min(16 // element_bytes * 32 * grad_warps, block),
         num_warps=NUM_WARPS,
         vec=min(16 // element_bytes, block),
     )
@@ -168,7 +175,7 @@ def partial_stats_launch(logits, stride_row, n_rows, n_cols, segments, local_tar
 def row_grad_launch(logits, stride_row, n_rows, n_cols, out, stride_out, targets, row_max,
                     sum_exp, grad_rows, scale, params: RowParams, segments: int) -> Launch:  # fmt: skip
     """One ``row_grad_kernel`` launch over ``(rows, segments)``."""
-    cfg = launch_config(logits.dtype, params.logit_softcap is not None)
+    cfg = launch_config(logits.dtype, params.logit_softcap is not None, GRAD_WARPS)
     kind, logit_scale, cap, slope = transform_args(params)
     seg_len = segment_length(n_cols, segments, cfg.grad_block)
     args = (
@@ -181,7 +188,7 @@ def row_grad_launch(logits, stride_row, n_rows, n_cols, out, stride_out, targets
         VEC=cfg.vec,
         SAME_SKEW=same_skew(logits, stride_row, out, stride_out, n_rows, cfg.vec),
         TRANSFORM=kind,
-        num_warps=cfg.num_warps,
+        num_warps=GRAD_WARPS,
     )
     return (n_rows, triton.cdiv(n_cols, seg_len)), args, meta
 
