@@ -1,9 +1,9 @@
 """``python -m benchmarks.aot`` (``make aot``): compile every Triton kernel variant without a GPU.
 
 Every module of ``gft_kernels`` that defines ``aot_variants()`` lists the compilations its
-wrappers can launch (:class:`gft_kernels.backends.triton.variants.KernelVariant`). Each is compiled with
-``triton.compile`` for each target architecture (sm_80 and sm_90 by default), then read
-(:mod:`benchmarks.aot_worker`):
+wrappers can launch (``gft_kernels.backends.triton.variants.KernelVariant``). Each is
+compiled with ``triton.compile`` for each target architecture (sm_80 and sm_90 by
+default), then read (:mod:`benchmarks.aot_worker`):
 
 - registers, spills and stack from the ptxas report, local and shared memory from
   ``cuobjdump --dump-resource-usage`` (plus the shared memory Triton allocates itself);

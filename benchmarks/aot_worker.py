@@ -373,9 +373,12 @@ def loop_entries(
         )
         if machine and spec.bytes_per_element:
             bounds = sass.ceiling(
-                per_trip, entry["mufu"], entry["elements_per_thread"], spec.bytes_per_element,
+                per_trip,
+                entry["mufu"],
+                entry["elements_per_thread"],
+                spec.bytes_per_element,
                 machine,
-            )  # fmt: skip
+            )
             entry.update(
                 mufu_per_element=bounds.mufu_per_element,
                 ceiling_issue=bounds.issue,

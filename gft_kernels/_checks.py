@@ -6,20 +6,13 @@ TypeError naming the argument, what was expected and what was given.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-    "sum",
-    "none",
-)
-SEQ_MODES = ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from gft_kernels.options import LOSS_AGG_MODES, SEQ_MODES, check_int
+from gft_kernels.options import check_real as check_scalar
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -47,26 +40,6 @@ def check_nonempty(name: str, value: torch.Tensor, what: str) -> None:
         raise ValueError(f"{name}: expected at least one {what}, got shape {tuple(value.shape)}")
 
 
-def check_scalar(
-    name: str, value: object, *, minimum: float, inclusive: bool, allow_inf: bool = False
-) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(
-                f"{name}: expected a number, got a tensor of shape {tuple(value.shape)}"
-            )
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    if value < minimum or (value == minimum and not inclusive):
-        bound = f">= {minimum}" if inclusive else f"> {minimum}"
-        raise ValueError(f"{name}: expected a value {bound}, got {value}")
-    return value
-
-
 def check_mode(loss_agg_mode: object, token_dims: int) -> str:
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(
@@ -88,11 +61,7 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return value
+    return check_int(name, value, minimum=1)
 
 
 def check_count_or_tensor(name: str, value: object):

@@ -7,10 +7,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from gft_kernels._checks import LOSS_AGG_MODES
-from gft_kernels.backends import BACKENDS
 from gft_kernels.fused_linear import fused_linear_gft_loss
 from gft_kernels.loss import gft_loss
+from gft_kernels.options import BACKENDS, LOSS_AGG_MODES, check_choice
 from gft_kernels.tokens import check_options
 
 
@@ -30,15 +29,8 @@ class _KeywordLoss(nn.Module):
             logit_softcap=kwargs["logit_softcap"],
             ignore_index=kwargs["ignore_index"],
         )
-        if kwargs["loss_agg_mode"] not in LOSS_AGG_MODES:
-            raise ValueError(
-                f"loss_agg_mode: expected one of {', '.join(LOSS_AGG_MODES)}, "
-                f"got {kwargs['loss_agg_mode']!r}"
-            )
-        if kwargs["backend"] not in BACKENDS:
-            raise ValueError(
-                f"backend: expected one of {', '.join(BACKENDS)}, got {kwargs['backend']!r}"
-            )
+        check_choice("loss_agg_mode", kwargs["loss_agg_mode"], LOSS_AGG_MODES)
+        check_choice("backend", kwargs["backend"], BACKENDS)
         self.kwargs = kwargs
 
     def extra_repr(self) -> str:

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from gft_kernels import group_advantages
+from gft_kernels.options import check_int
 
 SOURCES = ("expert", "teacher", "self")
 # Per-row source code in the batch (``batch["sources"]``), stable across versions.
@@ -169,8 +170,7 @@ class GFTDataCollator:
                 "pad_token_id: expected an int (or a tokenizer with pad_token_id or "
                 "eos_token_id), got None"
             )
-        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
-            raise ValueError(f"pad_token_id: expected an int >= 0, got {pad_token_id!r}")
+        check_int("pad_token_id", pad_token_id, minimum=0)
         if not isinstance(norm_adv_by_std, bool):
             raise TypeError(
                 f"norm_adv_by_std: expected a bool, got {type(norm_adv_by_std).__name__}"
@@ -180,10 +180,7 @@ class GFTDataCollator:
             ("pad_to_multiple_of", pad_to_multiple_of),
             ("max_prompt_length", max_prompt_length),
         ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0
-            ):
-                raise ValueError(f"{name}: expected None or a positive int, got {value!r}")
+            check_int(name, value, allow_none=True)
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
         self.norm_adv_by_std = norm_adv_by_std

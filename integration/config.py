@@ -9,16 +9,12 @@ from typing import Any, Dict, List, Optional, Union
 
 from transformers import TrainingArguments
 
+from gft_kernels.options import BACKENDS, REDUCED_MODES, check_choice, check_int
+
 # The reduced aggregation modes of the loss. ``none`` (per-token losses) is left out: a
 # trainer needs a scalar to back-propagate.
-TRAINER_LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-    "sum",
-)
-GFT_BACKENDS = ("auto", "triton", "cpu", "torch")
+TRAINER_LOSS_AGG_MODES = REDUCED_MODES
+GFT_BACKENDS = BACKENDS
 # ``step``: normalised over the optimizer step (all micro-batches and ranks);
 # ``micro_batch``: each micro-batch its own mean (the published GFT code).
 LOSS_NORMALIZATIONS = ("step", "micro_batch")
@@ -159,30 +155,16 @@ class GFTConfig(TrainingArguments):
             raise ValueError(f"temperature: expected a value > 0, got {self.temperature}")
         if number("adv_eps", self.adv_eps) < 0:
             raise ValueError(f"adv_eps: expected a value >= 0, got {self.adv_eps}")
-        if self.loss_agg_mode not in TRAINER_LOSS_AGG_MODES:
-            raise ValueError(
-                f"loss_agg_mode: expected one of {', '.join(TRAINER_LOSS_AGG_MODES)}, got "
-                f"{self.loss_agg_mode!r}"
-            )
+        check_choice("loss_agg_mode", self.loss_agg_mode, TRAINER_LOSS_AGG_MODES)
         if not isinstance(self.norm_adv_by_std, bool):
             raise TypeError(
                 f"norm_adv_by_std: expected a bool, got {type(self.norm_adv_by_std).__name__}"
             )
-        if self.loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(
-                f"loss_normalization: expected one of {', '.join(LOSS_NORMALIZATIONS)}, got "
-                f"{self.loss_normalization!r}"
-            )
+        check_choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
         for name in ("num_self_samples", "num_completions_to_print"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+            check_int(name, getattr(self, name), minimum=0)
         for name in ("max_response_length", "max_prompt_length", "gft_chunk_size"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0
-            ):
-                raise ValueError(f"{name}: expected None or a positive int, got {value!r}")
+            check_int(name, getattr(self, name), allow_none=True)
         for name in ("generation_kwargs", "model_init_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -209,10 +191,7 @@ class GFTConfig(TrainingArguments):
             self.reward_weights = [
                 number(f"reward_weights[{i}]", w) for i, w in enumerate(self.reward_weights)
             ]
-        if self.gft_backend not in GFT_BACKENDS:
-            raise ValueError(
-                f"gft_backend: expected one of {', '.join(GFT_BACKENDS)}, got {self.gft_backend!r}"
-            )
+        check_choice("gft_backend", self.gft_backend, GFT_BACKENDS)
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise TypeError(
                 "model_init_kwargs: expected None or a dict, got "

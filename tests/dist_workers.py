@@ -7,14 +7,9 @@ import os
 import torch
 import torch.distributed as dist
 
-MODES = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-    "sum",
-    "none",
-)
+from gft_kernels.options import LOSS_AGG_MODES
+
+MODES = LOSS_AGG_MODES
 
 
 def shard_bounds(vocab: int, world: int):

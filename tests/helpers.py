@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from gft_kernels.options import BACKENDS as ALL_BACKENDS
+from gft_kernels.options import LOSS_AGG_MODES
 from gft_kernels.reference import gft_loss_reference
 
-BACKENDS = ("torch", "cpu", "triton")
+# Every concrete backend (the registry's names but "auto"), and every aggregation mode.
+BACKENDS = tuple(b for b in ALL_BACKENDS if b != "auto")
 CPU = torch.device("cpu")
-MODES = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-    "sum",
-    "none",
-)
+MODES = LOSS_AGG_MODES
 
 
 def device_for(backend: str) -> torch.device:

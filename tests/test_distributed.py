@@ -1,11 +1,11 @@
 """Multi-process tests (gloo on CPU): vocab-parallel heads and data-parallel token counts."""
 
-from tests import dist_workers as workers
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from gft_kernels import fused_linear_gft_loss, gft_loss
+from tests import dist_workers as workers
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not built"

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tests.helpers import BACKENDS, CPU, MODES, device_for, reference_fp64
 
 from gft_kernels import FusedLinearGFTLoss, fused_linear_gft_loss
+from tests.helpers import BACKENDS, CPU, MODES, device_for, reference_fp64
 
 
 def head_case(

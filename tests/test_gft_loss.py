@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tests.helpers import BACKENDS, MODES, check_against_reference, device_for, make_case
 
 from gft_kernels import gft_loss
+from tests.helpers import BACKENDS, MODES, check_against_reference, device_for, make_case
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

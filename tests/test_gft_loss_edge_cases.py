@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tests.helpers import BACKENDS, check_against_reference, device_for, make_case, reference_fp64
 
 from gft_kernels import GFTLoss, gft_loss
+from tests.helpers import BACKENDS, check_against_reference, device_for, make_case, reference_fp64
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

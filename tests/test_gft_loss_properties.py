@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from tests.helpers import BACKENDS, MODES, check_against_reference, device_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.helpers import BACKENDS, MODES, check_against_reference, device_for
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -29,21 +29,21 @@ import copy
 import inspect
 import socket
 
-from tests import fsdp_workers as workers
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests import fsdp_workers as workers
+
 transformers = pytest.importorskip("transformers")
 
+from gft_kernels.integration import GFTTrainer  # noqa: E402
 from tests.test_integration_trainer import (  # noqa: E402
     VOCAB,
     gft_args,
     groups_dataset,
     tiny_model,
 )
-
-from gft_kernels.integration import GFTTrainer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not built"

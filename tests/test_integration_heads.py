@@ -6,6 +6,13 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from gft_kernels.integration import GFTTrainer  # noqa: E402
+from gft_kernels.integration.heads import (  # noqa: E402
+    LogitTransform,
+    decoder_body,
+    head_logit_transform,
+)
+from gft_kernels.reference import gft_loss_reference  # noqa: E402
 from tests.test_integration_trainer import (  # noqa: E402
     EOS,
     PAD,
@@ -14,14 +21,6 @@ from tests.test_integration_trainer import (  # noqa: E402
     gft_args,
     groups_dataset,
 )
-
-from gft_kernels.integration import GFTTrainer  # noqa: E402
-from gft_kernels.integration.heads import (  # noqa: E402
-    LogitTransform,
-    decoder_body,
-    head_logit_transform,
-)
-from gft_kernels.reference import gft_loss_reference  # noqa: E402
 
 COMMON = dict(
     vocab_size=VOCAB,

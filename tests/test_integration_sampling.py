@@ -7,6 +7,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from gft_kernels.integration import GFTDataCollator, GFTTrainer  # noqa: E402
+from gft_kernels.integration.sampling import self_sampling_kwargs  # noqa: E402
 from tests.test_integration_trainer import (  # noqa: E402
     EOS,
     PAD,
@@ -16,9 +18,6 @@ from tests.test_integration_trainer import (  # noqa: E402
     groups_dataset,
     tiny_model,
 )
-
-from gft_kernels.integration import GFTDataCollator, GFTTrainer  # noqa: E402
-from gft_kernels.integration.sampling import self_sampling_kwargs  # noqa: E402
 
 SELF = 2  # SOURCE_CODES["self"]
 

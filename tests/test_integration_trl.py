@@ -7,10 +7,9 @@ import torch
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
+from gft_kernels.integration.trl import GFTGRPOConfig, GFTGRPOTrainer  # noqa: E402
 from tests.test_integration_sampling import chat_tokenizer  # noqa: E402
 from tests.test_integration_trainer import EOS, tiny_model  # noqa: E402
-
-from gft_kernels.integration.trl import GFTGRPOConfig, GFTGRPOTrainer  # noqa: E402
 
 PROMPTS = ["3 + 4 =", "1 + 1 =", "2 + 5 =", "4 + 4 ="]
 

@@ -20,7 +20,6 @@ import textwrap
 
 import pytest
 import torch
-from tests import verl_cpu
 from hydra.errors import InstantiationException
 from tensordict import TensorDict
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss
@@ -38,6 +37,7 @@ from gft_kernels.integration.verl import (
     resolve_tau,
 )
 from gft_kernels.reference import gft_token_terms_reference
+from tests import verl_cpu
 
 VOCAB = 11
 TAU = 0.3

@@ -21,12 +21,11 @@ import math
 import pytest
 import torch
 import torch.multiprocessing as mp
-from tests import verl_cpu
-from tests import verl_workers
 from transformers import AutoModelForCausalLM
 from verl.trainer.ppo.core_algos import agg_loss
 
 from gft_kernels.reference import gft_token_terms_reference
+from tests import verl_cpu, verl_workers
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15, 16]]
 RESPONSE_LENGTHS = [4, 2, 5, 3]

@@ -19,8 +19,7 @@ from gft_kernels import (
     group_advantages,
 )
 from gft_kernels.reference import gft_loss_reference
-
-BACKENDS = ("torch", "cpu", "triton")
+from tests.helpers import BACKENDS  # noqa: E402
 
 
 def on(backend, *tensors):

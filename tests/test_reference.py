@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from gft_kernels.options import LOSS_AGG_MODES
 from gft_kernels.reference import gft_loss_reference
 
 
@@ -42,17 +43,7 @@ def transcription(logits, targets, advantages, mask, tau, temperature, mode, tle
     return losses
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "token-mean",
-        "seq-mean-token-sum",
-        "seq-mean-token-mean",
-        "seq-mean-token-sum-norm",
-        "sum",
-        "none",
-    ],
-)
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 @pytest.mark.parametrize("tau", [0.0, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("per_token", [False, True])

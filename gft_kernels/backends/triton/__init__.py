@@ -51,18 +51,36 @@ class TritonRows:
         cfg = tuning.launch_config(logits.dtype, params.logit_softcap is not None)
         if tuning.row_segments(n_rows, n_cols, cfg.block_v, logits.device) > 1:
             return self._split_token_pass(
-                logits, targets, advantages, mask, params, tokens_per_advantage, with_stats,
-                grad_weights, grad_out,
-            )  # fmt: skip
+                logits,
+                targets,
+                advantages,
+                mask,
+                params,
+                tokens_per_advantage,
+                with_stats,
+                grad_weights,
+                grad_out,
+            )
         loss, logprobs, probs, row_max, sum_exp, scale = _vectors(n_rows, logits.device, 6)
         entropy = _vectors(n_rows, logits.device, 1)[0] if with_stats else None
         flags = torch.empty(n_rows, dtype=torch.int32, device=logits.device)
         outputs = (loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags)
         grid, args, meta = tuning.token_pass_launch(
-            logits, logits.stride(0), n_rows, n_cols, targets, advantages,
-            tokens_per_advantage, mask, grad_weights, grad_out,
-            grad_out.stride(0) if grad_out is not None else 0, outputs, params, with_stats,
-        )  # fmt: skip
+            logits,
+            logits.stride(0),
+            n_rows,
+            n_cols,
+            targets,
+            advantages,
+            tokens_per_advantage,
+            mask,
+            grad_weights,
+            grad_out,
+            grad_out.stride(0) if grad_out is not None else 0,
+            outputs,
+            params,
+            with_stats,
+        )
         if n_rows:
             token_pass_kernel[grid](*args, **meta)
         raise_for_flags(
@@ -91,15 +109,32 @@ class TritonRows:
         weighted = _vectors(n_rows, logits.device, 1, segments)[0] if with_entropy else None
         outputs = (row_max, sum_exp, sum_exp_1, weighted, target_logit)
         grid, args, meta = tuning.partial_stats_launch(
-            logits, logits.stride(0), n_rows, n_cols, segments, local_targets, outputs, params,
+            logits,
+            logits.stride(0),
+            n_rows,
+            n_cols,
+            segments,
+            local_targets,
+            outputs,
+            params,
             with_entropy,
-        )  # fmt: skip
+        )
         if n_rows:
             partial_stats_kernel[grid](*args, **meta)
         return PartialStats(row_max, sum_exp, sum_exp_1, weighted, target_logit)
 
-    def _split_token_pass(self, logits, targets, advantages, mask, params,
-                          tokens_per_advantage, with_stats, grad_weights, grad_out):  # fmt: skip
+    def _split_token_pass(
+        self,
+        logits,
+        targets,
+        advantages,
+        mask,
+        params,
+        tokens_per_advantage,
+        with_stats,
+        grad_weights,
+        grad_out,
+    ):
         """Few rows: each row's columns are split across programs, and the segments'
         statistics are combined exactly (the same algebra as vocab-parallel shards)."""
         n_rows, n_cols = logits.shape
@@ -150,9 +185,20 @@ class TritonRows:
         cfg = tuning.launch_config(logits.dtype, softcap, tuning.GRAD_WARPS)
         segments = tuning.row_segments(n_rows, n_cols, cfg.grad_block, logits.device)
         grid, args, meta = tuning.row_grad_launch(
-            logits, logits.stride(0), n_rows, n_cols, out, out.stride(0), targets, row_max,
-            sum_exp, grad_rows, scale, params, segments,
-        )  # fmt: skip
+            logits,
+            logits.stride(0),
+            n_rows,
+            n_cols,
+            out,
+            out.stride(0),
+            targets,
+            row_max,
+            sum_exp,
+            grad_rows,
+            scale,
+            params,
+            segments,
+        )
         if n_rows:
             row_grad_kernel[grid](*args, **meta)
         return out

@@ -32,8 +32,9 @@ BAD_ADVANTAGE: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
-def _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T: tl.constexpr,
-                WITH_ENTROPY: tl.constexpr):
+def _fold_slots(
+    z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T: tl.constexpr, WITH_ENTROPY: tl.constexpr
+):
     """Fold a ``[SLOTS, VEC]`` block of transformed logits (``-inf`` padding) into the
     per-slot running state (each ``[SLOTS]``).
 
@@ -67,8 +68,17 @@ def _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T: tl.constexpr,
 
 
 @triton.jit
-def _load_slots(logits_ptr, offset, slots, mask, TRANSFORM: tl.constexpr, logit_scale, cap,
-                slope, MASKED: tl.constexpr):
+def _load_slots(
+    logits_ptr,
+    offset,
+    slots,
+    mask,
+    TRANSFORM: tl.constexpr,
+    logit_scale,
+    cap,
+    slope,
+    MASKED: tl.constexpr,
+):
     if MASKED:
         z = tl.load(logits_ptr + offset + slots, mask=mask, other=0.0).to(tl.float32)
         z = transform_logits(z, TRANSFORM, logit_scale, cap, slope)
@@ -79,9 +89,20 @@ def _load_slots(logits_ptr, offset, slots, mask, TRANSFORM: tl.constexpr, logit_
 
 
 @triton.jit
-def summarize_row(logits_ptr, row_offset, n_cols, scaled_inv_t, BLOCK_V: tl.constexpr,
-                  VEC: tl.constexpr, UNIT_T: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                  TRANSFORM: tl.constexpr, logit_scale, cap, slope):
+def summarize_row(
+    logits_ptr,
+    row_offset,
+    n_cols,
+    scaled_inv_t,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    UNIT_T: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+    logit_scale,
+    cap,
+    slope,
+):
     """``(m, S_t, S_1, W)`` of one row: max of ``z'``, ``sum exp((z' - m) / T)``,
     ``sum exp(z' - m)`` and ``sum e x`` with ``x = (z' - m) / T`` (natural units).
 
@@ -96,22 +117,34 @@ def summarize_row(logits_ptr, row_offset, n_cols, scaled_inv_t, BLOCK_V: tl.cons
     sum_1 = tl.zeros([SLOTS], tl.float32)
     acc_w = tl.zeros([SLOTS], tl.float32)
     head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
-    z = _load_slots(logits_ptr, row_offset, slots, slots < head, TRANSFORM, logit_scale, cap,
-                    slope, True)
-    m, sum_t, sum_1, acc_w = _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T,
-                                         WITH_ENTROPY)
+    z = _load_slots(
+        logits_ptr, row_offset, slots, slots < head, TRANSFORM, logit_scale, cap, slope, True
+    )
+    m, sum_t, sum_1, acc_w = _fold_slots(
+        z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
+    )
     n_full = (n_cols - head) // BLOCK_V
     for k in range(0, n_full):
         block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
-        z = _load_slots(block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, slope,
-                        False)
-        m, sum_t, sum_1, acc_w = _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T,
-                                             WITH_ENTROPY)
+        z = _load_slots(block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, slope, False)
+        m, sum_t, sum_1, acc_w = _fold_slots(
+            z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
+        )
     start = head + n_full * BLOCK_V
-    z = _load_slots(logits_ptr, row_offset + start, slots, start + slots < n_cols, TRANSFORM,
-                    logit_scale, cap, slope, True)
-    m, sum_t, sum_1, acc_w = _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T,
-                                         WITH_ENTROPY)
+    z = _load_slots(
+        logits_ptr,
+        row_offset + start,
+        slots,
+        start + slots < n_cols,
+        TRANSFORM,
+        logit_scale,
+        cap,
+        slope,
+        True,
+    )
+    m, sum_t, sum_1, acc_w = _fold_slots(
+        z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
+    )
     # Combine the slots once per row (the same algebra as blocks on different ranks).
     row_max = tl.max(m, axis=0)
     shift = tl.where(row_max == -float("inf"), 0.0, row_max)

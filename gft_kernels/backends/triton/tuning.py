@@ -110,9 +110,22 @@ def same_skew(a, stride_a: int, b, stride_b: int, n_rows: int, vec: int) -> bool
 Launch = Tuple[Tuple[int, ...], Tuple[Any, ...], Dict[str, Any]]
 
 
-def token_pass_launch(logits, stride_row, n_rows, n_cols, targets, advantages,
-                      tokens_per_advantage, mask, grad_weights, grad_out, stride_grad, outputs,
-                      params: RowParams, with_stats: bool) -> Launch:  # fmt: skip
+def token_pass_launch(
+    logits,
+    stride_row,
+    n_rows,
+    n_cols,
+    targets,
+    advantages,
+    tokens_per_advantage,
+    mask,
+    grad_weights,
+    grad_out,
+    stride_grad,
+    outputs,
+    params: RowParams,
+    with_stats: bool,
+) -> Launch:
     """Grid, arguments and meta-parameters of one ``token_pass_kernel`` launch.
 
     ``outputs`` is ``(loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags)``
@@ -123,15 +136,32 @@ def token_pass_launch(logits, stride_row, n_rows, n_cols, targets, advantages,
     kind, logit_scale, cap, slope = transform_args(params)
     write_grad = grad_out is not None
     args = (
-        logits, stride_row, targets, advantages, tokens_per_advantage,
+        logits,
+        stride_row,
+        targets,
+        advantages,
+        tokens_per_advantage,
         mask if mask is not None else flags,
         grad_weights if write_grad else loss,
         grad_out if write_grad else logits,
         stride_grad if write_grad else 0,
-        loss, logprobs, probs, entropy if with_stats else loss, row_max, sum_exp, scale, flags,
-        n_cols, params.ignore_index, params.tau, params.inv_temperature,
-        params.inv_temperature * LOG2E, logit_scale, cap, slope,
-    )  # fmt: skip
+        loss,
+        logprobs,
+        probs,
+        entropy if with_stats else loss,
+        row_max,
+        sum_exp,
+        scale,
+        flags,
+        n_cols,
+        params.ignore_index,
+        params.tau,
+        params.inv_temperature,
+        params.inv_temperature * LOG2E,
+        logit_scale,
+        cap,
+        slope,
+    )
     meta = dict(
         BLOCK_V=cfg.block_v,
         VEC=cfg.vec,
@@ -148,8 +178,17 @@ def token_pass_launch(logits, stride_row, n_rows, n_cols, targets, advantages,
     return (n_rows,), args, meta
 
 
-def partial_stats_launch(logits, stride_row, n_rows, n_cols, segments, local_targets, outputs,
-                         params: RowParams, with_entropy: bool) -> Launch:  # fmt: skip
+def partial_stats_launch(
+    logits,
+    stride_row,
+    n_rows,
+    n_cols,
+    segments,
+    local_targets,
+    outputs,
+    params: RowParams,
+    with_entropy: bool,
+) -> Launch:
     """One ``partial_stats_kernel`` launch over ``(rows, segments)``; ``outputs`` is
     ``(row_max, sum_exp, sum_exp_1, weighted, target_logit)``, each ``(N, segments)``."""
     cfg = launch_config(logits.dtype, params.logit_softcap is not None)
@@ -157,10 +196,21 @@ def partial_stats_launch(logits, stride_row, n_rows, n_cols, segments, local_tar
     kind, logit_scale, cap, slope = transform_args(params)
     seg_len = segment_length(n_cols, segments, cfg.block_v)
     args = (
-        logits, stride_row, local_targets, row_max, sum_exp, sum_exp_1,
-        weighted if with_entropy else sum_exp, target_logit, n_cols, seg_len,
-        params.inv_temperature * LOG2E, logit_scale, cap, slope,
-    )  # fmt: skip
+        logits,
+        stride_row,
+        local_targets,
+        row_max,
+        sum_exp,
+        sum_exp_1,
+        weighted if with_entropy else sum_exp,
+        target_logit,
+        n_cols,
+        seg_len,
+        params.inv_temperature * LOG2E,
+        logit_scale,
+        cap,
+        slope,
+    )
     meta = dict(
         BLOCK_V=cfg.block_v,
         VEC=cfg.vec,
@@ -172,17 +222,43 @@ def partial_stats_launch(logits, stride_row, n_rows, n_cols, segments, local_tar
     return (n_rows, triton.cdiv(n_cols, seg_len)), args, meta
 
 
-def row_grad_launch(logits, stride_row, n_rows, n_cols, out, stride_out, targets, row_max,
-                    sum_exp, grad_rows, scale, params: RowParams, segments: int) -> Launch:  # fmt: skip
+def row_grad_launch(
+    logits,
+    stride_row,
+    n_rows,
+    n_cols,
+    out,
+    stride_out,
+    targets,
+    row_max,
+    sum_exp,
+    grad_rows,
+    scale,
+    params: RowParams,
+    segments: int,
+) -> Launch:
     """One ``row_grad_kernel`` launch over ``(rows, segments)``."""
     cfg = launch_config(logits.dtype, params.logit_softcap is not None, GRAD_WARPS)
     kind, logit_scale, cap, slope = transform_args(params)
     seg_len = segment_length(n_cols, segments, cfg.grad_block)
     args = (
-        logits, stride_row, out, stride_out, targets, row_max, sum_exp, grad_rows, scale,
-        n_cols, seg_len, params.inv_temperature, params.inv_temperature * LOG2E, logit_scale,
-        cap, slope,
-    )  # fmt: skip
+        logits,
+        stride_row,
+        out,
+        stride_out,
+        targets,
+        row_max,
+        sum_exp,
+        grad_rows,
+        scale,
+        n_cols,
+        seg_len,
+        params.inv_temperature,
+        params.inv_temperature * LOG2E,
+        logit_scale,
+        cap,
+        slope,
+    )
     meta = dict(
         BLOCK_V=cfg.grad_block,
         VEC=cfg.vec,
@@ -242,51 +318,103 @@ def aot_variants() -> List[Any]:
                     for with_stats in (False, True):
                         for mask in (None, AotTensor(torch.uint8)):
                             for grad_stride in (None, n_cols, n_cols + 1):
-                                outputs = (f32, f32, f32, f32 if with_stats else None, f32,
-                                           f32, f32, i32)  # fmt: skip
+                                outputs = (
+                                    f32,
+                                    f32,
+                                    f32,
+                                    f32 if with_stats else None,
+                                    f32,
+                                    f32,
+                                    f32,
+                                    i32,
+                                )
                                 write = grad_stride is not None
                                 grid, args, meta = token_pass_launch(
-                                    logits, n_cols, 2, n_cols, i64, f32, 1, mask,
-                                    f32 if write else None, logits if write else None,
-                                    grad_stride or 0, outputs, params, with_stats,
-                                )  # fmt: skip
+                                    logits,
+                                    n_cols,
+                                    2,
+                                    n_cols,
+                                    i64,
+                                    f32,
+                                    1,
+                                    mask,
+                                    f32 if write else None,
+                                    logits if write else None,
+                                    grad_stride or 0,
+                                    outputs,
+                                    params,
+                                    with_stats,
+                                )
                                 # The gradient loops are compiled out without WRITE_GRAD.
                                 loops = [
                                     _stats_loop(size, cfg, params),
                                     HotLoop("zero-fill", size, cfg.grad_block, "zero_row"),
-                                    HotLoop("gradient", 2 * size, cfg.grad_block,
-                                            "write_grad_row"),
-                                ]  # fmt: skip
-                                switches = [pname, "stats" if with_stats else "loss",
-                                            "mask" if mask is not None else "no-mask"]  # fmt: skip
+                                    HotLoop("gradient", 2 * size, cfg.grad_block, "write_grad_row"),
+                                ]
+                                switches = [
+                                    pname,
+                                    "stats" if with_stats else "loss",
+                                    "mask" if mask is not None else "no-mask",
+                                ]
                                 if write:
                                     skew = "same" if meta["SAME_SKEW"] else "other"
                                     switches.append(f"grad-in-pass/{skew}-skew")
-                                records.append(launch_variant(
-                                    "token_pass", "/".join([label, *switches, where]), label,
-                                    token_pass_kernel, args, meta, loops,
-                                ))  # fmt: skip
+                                records.append(
+                                    launch_variant(
+                                        "token_pass",
+                                        "/".join([label, *switches, where]),
+                                        label,
+                                        token_pass_kernel,
+                                        args,
+                                        meta,
+                                        loops,
+                                    )
+                                )
                     for with_entropy in (False, True):
                         outs = (f32, f32, f32, f32 if with_entropy else None, f32)
                         grid, args, meta = partial_stats_launch(
                             logits, n_cols, 2, n_cols, 4, i64, outs, params, with_entropy
                         )
-                        records.append(launch_variant(
-                            "partial_stats",
-                            f"{label}/{pname}/{'entropy' if with_entropy else 'sums'}/{where}",
-                            label, partial_stats_kernel, args, meta,
-                            [_stats_loop(size, cfg, params)],
-                        ))  # fmt: skip
+                        records.append(
+                            launch_variant(
+                                "partial_stats",
+                                f"{label}/{pname}/{'entropy' if with_entropy else 'sums'}/{where}",
+                                label,
+                                partial_stats_kernel,
+                                args,
+                                meta,
+                                [_stats_loop(size, cfg, params)],
+                            )
+                        )
                     for out_stride in (n_cols, n_cols + 1):
                         grid, args, meta = row_grad_launch(
-                            logits, n_cols, 2, n_cols, AotTensor(dtype), out_stride, i64, f32,
-                            f32, f32, f32, params, 1,
-                        )  # fmt: skip
+                            logits,
+                            n_cols,
+                            2,
+                            n_cols,
+                            AotTensor(dtype),
+                            out_stride,
+                            i64,
+                            f32,
+                            f32,
+                            f32,
+                            f32,
+                            params,
+                            1,
+                        )
                         skew = "same" if meta["SAME_SKEW"] else "other"
-                        records.append(launch_variant(
-                            "row_grad", f"{label}/{pname}/{skew}-skew/{where}", label,
-                            row_grad_kernel, args, meta,
-                            [HotLoop("zero-fill", size, cfg.grad_block, "zero_row"),
-                             HotLoop("gradient", 2 * size, cfg.grad_block, "write_grad_row")],
-                        ))  # fmt: skip
+                        records.append(
+                            launch_variant(
+                                "row_grad",
+                                f"{label}/{pname}/{skew}-skew/{where}",
+                                label,
+                                row_grad_kernel,
+                                args,
+                                meta,
+                                [
+                                    HotLoop("zero-fill", size, cfg.grad_block, "zero_row"),
+                                    HotLoop("gradient", 2 * size, cfg.grad_block, "write_grad_row"),
+                                ],
+                            )
+                        )
     return dedupe(records)
