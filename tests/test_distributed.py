@@ -7,9 +7,12 @@ import torch.multiprocessing as mp
 from gft_kernels import fused_linear_gft_loss, gft_loss
 from tests import dist_workers as workers
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not built"
-)
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not built"
+    ),
+]
 
 
 def spawn(fn, world, tmp_path, backend):

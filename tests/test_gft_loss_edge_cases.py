@@ -128,7 +128,6 @@ def test_inputs_not_modified(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward(backend):
     logits, targets, adv, mask = make_case(vocab=64, device=device_for(backend))
-    expected_grad = None
     x = logits.clone().requires_grad_(True)
     gft_loss(x, targets, adv, mask, backend=backend).backward()
     expected_grad = x.grad.clone()
