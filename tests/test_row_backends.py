@@ -453,3 +453,40 @@ def test_empty_batch(rows):
         z, empty_i, out.row_max, out.sum_exp, out.loss, out.scale, params, torch.empty_like(z)
     )
     assert grad.shape == (0, 17)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autotune_candidates_give_the_same_results(monkeypatch, dtype):
+    """GFT_KERNELS_AUTOTUNE picks the fastest candidate configuration once per key; every
+    candidate computes the same thing as the default."""
+    from gft_kernels.backends import triton as triton_backend
+    from gft_kernels.backends.triton import tuning
+
+    rows = OnDevice(load_backend("triton"), TRITON_DEVICE)
+    z, targets, adv, mask = case((5, 300), dtype, seed=11)
+    params = RowParams(tau=0.2, temperature=0.8)
+    want = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True)
+    candidates = tuning.candidate_configs(dtype, softcap=False)
+    assert candidates[0] == tuning.launch_config(dtype)
+    for pick, chosen in enumerate(candidates):
+        monkeypatch.setattr(tuning, "_TUNED", {})
+        monkeypatch.setattr(tuning, "autotune_enabled", lambda device: True)
+        monkeypatch.setattr(tuning, "candidate_configs", lambda *a: candidates)
+        seen = []
+
+        def time_launch(launch, seen=seen, pick=pick):
+            seen.append(launch[2]["BLOCK_V"])
+            return 0.0 if len(seen) - 1 == pick else 1.0
+
+        monkeypatch.setattr(triton_backend, "_time_launch", time_launch)
+        got = rows.token_pass(
+            z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True
+        )
+        assert seen == [c.block_v for c in candidates]
+        assert list(tuning._TUNED.values()) == [chosen]
+        for name in ("loss", "logprobs", "probs", "entropy", "sum_exp"):
+            torch.testing.assert_close(
+                getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6
+            )
+        rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True)
+        assert len(seen) == len(candidates), "the choice is remembered, not timed again"

@@ -65,22 +65,45 @@ class TritonRows:
         entropy = _vectors(n_rows, logits.device, 1)[0] if with_stats else None
         flags = torch.empty(n_rows, dtype=torch.int32, device=logits.device)
         outputs = (loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags)
-        grid, args, meta = tuning.token_pass_launch(
-            logits,
-            logits.stride(0),
-            n_rows,
-            n_cols,
-            targets,
-            advantages,
-            tokens_per_advantage,
-            mask,
-            grad_weights,
-            grad_out,
-            grad_out.stride(0) if grad_out is not None else 0,
-            outputs,
-            params,
-            with_stats,
-        )
+
+        def launch(config=None):
+            return tuning.token_pass_launch(
+                logits,
+                logits.stride(0),
+                n_rows,
+                n_cols,
+                targets,
+                advantages,
+                tokens_per_advantage,
+                mask,
+                grad_weights,
+                grad_out,
+                grad_out.stride(0) if grad_out is not None else 0,
+                outputs,
+                params,
+                with_stats,
+                config,
+            )
+
+        config = None
+        # Autotuning reruns the kernel: never when it writes over the logits it reads.
+        if n_rows and tuning.autotune_enabled(logits.device) and grad_out is not logits:
+            softcap = params.logit_softcap is not None
+            key = (
+                "token_pass",
+                logits.dtype,
+                softcap,
+                with_stats,
+                grad_out is not None,
+                mask is not None,
+                n_cols.bit_length(),
+            )
+            config = tuning.choose_config(
+                key,
+                tuning.candidate_configs(logits.dtype, softcap),
+                lambda cfg: _time_launch(launch(cfg)),
+            )
+        grid, args, meta = launch(config)
         if n_rows:
             token_pass_kernel[grid](*args, **meta)
         raise_for_flags(
@@ -202,6 +225,14 @@ class TritonRows:
         if n_rows:
             row_grad_kernel[grid](*args, **meta)
         return out
+
+
+def _time_launch(launch) -> float:
+    """Seconds one ``token_pass_kernel`` launch takes (CUDA; autotuning only)."""
+    import triton.testing
+
+    grid, args, meta = launch
+    return triton.testing.do_bench(lambda: token_pass_kernel[grid](*args, **meta)) * 1e-3
 
 
 def triton_cdiv(a: int, b: int) -> int:

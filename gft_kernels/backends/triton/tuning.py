@@ -125,13 +125,15 @@ def token_pass_launch(
     outputs,
     params: RowParams,
     with_stats: bool,
+    cfg: Optional[LaunchConfig] = None,
 ) -> Launch:
     """Grid, arguments and meta-parameters of one ``token_pass_kernel`` launch.
 
     ``outputs`` is ``(loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags)``
-    (``entropy`` None without stats); tensors may be AOT stand-ins.
+    (``entropy`` None without stats); tensors may be AOT stand-ins. ``cfg`` overrides the
+    default configuration (autotuning).
     """
-    cfg = launch_config(logits.dtype, params.logit_softcap is not None)
+    cfg = cfg or launch_config(logits.dtype, params.logit_softcap is not None)
     loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags = outputs
     kind, logit_scale, cap, slope = transform_args(params)
     write_grad = grad_out is not None
@@ -267,6 +269,43 @@ def row_grad_launch(
         num_warps=GRAD_WARPS,
     )
     return (n_rows, triton.cdiv(n_cols, seg_len)), args, meta
+
+
+# --- opt-in autotuning on a GPU --------------------------------------------------------
+
+AUTOTUNE_ENV = "GFT_KERNELS_AUTOTUNE"
+# (statistics block, warps) tried per element size when GFT_KERNELS_AUTOTUNE=1; the
+# first is the default. Only the defaults are compiled by ``make aot``.
+AUTOTUNE_CANDIDATES = {
+    2: ((8192, 16), (4096, 16), (4096, 8), (16384, 16)),
+    4: ((4096, 16), (2048, 8), (8192, 16)),
+}
+_TUNED: Dict[Tuple, LaunchConfig] = {}
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    import os
+
+    return device.type == "cuda" and os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
+
+
+def candidate_configs(dtype: torch.dtype, softcap: bool) -> List[LaunchConfig]:
+    base = launch_config(dtype, softcap)
+    element_bytes = torch.finfo(dtype).bits // 8
+    out = []
+    for block, warps in AUTOTUNE_CANDIDATES.get(element_bytes, ((base.block_v, NUM_WARPS),)):
+        block = max(block // 2, base.vec) if softcap else block
+        grad_block = min(base.vec * 32 * warps, block)
+        out.append(LaunchConfig(block, grad_block, warps, base.vec))
+    return out
+
+
+def choose_config(key: Tuple, candidates: List[LaunchConfig], time_of) -> LaunchConfig:
+    """The fastest candidate for ``key`` (timed once per process with ``time_of(cfg)``,
+    which returns seconds), remembered for later calls."""
+    if key not in _TUNED:
+        _TUNED[key] = min(candidates, key=time_of)
+    return _TUNED[key]
 
 
 # --- ahead-of-time variants (make aot) --------------------------------------------------
