@@ -235,15 +235,21 @@ def test_token_pass_matches_fp64(rows, dtype, shape, params):
 @pytest.mark.parametrize(
     "rows, dtype, shape, params", combos(shapes=[(6, 515)], params=PARAMS[:4]), indirect=["rows"]
 )
-@pytest.mark.parametrize("in_place", [False, True])
-def test_token_pass_writes_the_gradient(rows, dtype, shape, params, in_place):
-    """With grad_weights/grad_out the pass writes w A c / T (softmax - onehot) dz'/dz."""
+@pytest.mark.parametrize("out_layout", ["fresh", "in-place", "shifted"])
+def test_token_pass_writes_the_gradient(rows, dtype, shape, params, out_layout):
+    """With grad_weights/grad_out the pass writes w A c / T (softmax - onehot) dz'/dz,
+    into a fresh buffer, over the logits, or into a view whose rows start one element off
+    the logits' 16-byte phase (the element-by-element store path)."""
     z, targets, adv, mask = case((6, 515), dtype, seed=3)
     valid = (targets != -100) & (mask != 0)
     weights = torch.rand(6, dtype=accumulate_dtype(dtype))
     weights[2] = 0.0
     buffer = z.clone()
-    out = buffer if in_place else torch.empty_like(z)
+    out = {
+        "fresh": lambda: torch.empty_like(z),
+        "in-place": lambda: buffer,
+        "shifted": lambda: shifted_like(z),
+    }[out_layout]()
     rows.token_pass(
         buffer,
         targets,
@@ -260,14 +266,22 @@ def test_token_pass_writes_the_gradient(rows, dtype, shape, params, in_place):
     assert torch.all(out[~valid | (weights == 0)] == 0)
 
 
+def shifted_like(z: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer shaped like ``z`` whose rows start one element later in
+    memory than a contiguous copy's would (another base and row stride)."""
+    return torch.empty(z.shape[0], z.shape[1] + 2, dtype=z.dtype)[:, 1:-1]
+
+
 @pytest.mark.parametrize("rows, dtype, shape, params", combos(params=PARAMS[:4]), indirect=["rows"])
-def test_row_grad_matches_fp64(rows, dtype, shape, params):
+@pytest.mark.parametrize("shifted", [False, True])
+def test_row_grad_matches_fp64(rows, dtype, shape, params, shifted):
     z, targets, adv, mask = case(shape, dtype, seed=5)
     valid = (targets != -100) & (mask != 0)
     out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=False)
     grad_rows = torch.randn(shape[0], dtype=accumulate_dtype(dtype))
+    grad_out = shifted_like(z) if shifted else torch.empty_like(z)
     got = rows.row_grad(
-        z, targets, out.row_max, out.sum_exp, grad_rows, out.scale, params, torch.empty_like(z)
+        z, targets, out.row_max, out.sum_exp, grad_rows, out.scale, params, grad_out
     )
     want = fp64_grad(z, targets, adv, valid, grad_rows, params)
     grad_close(got, want, coefficients(z, targets, adv, valid, grad_rows, params))

@@ -119,9 +119,14 @@ def write_grad_row(
     )
     tl.store(grad_ptr + grad_offset + cols, g.to(out_ty), mask=in_head)
     n_full = (n_cols - head) // BLOCK_V
-    for k in range(0, n_full):
-        start = head + k * BLOCK_V
-        z = tl.load(tl.multiple_of(logits_ptr + row_offset + start, 16) + cols).to(tl.float32)
+    # The block pointers are carried through the loop and reused by the tail: recomputing
+    # the tail's addresses from the row's base kept a 64-bit address live across the loop,
+    # which ptxas spilled in the 16-warp fused pass.
+    start = head
+    z_block = logits_ptr + row_offset + head
+    g_block = grad_ptr + grad_offset + head
+    for _ in range(0, n_full):
+        z = tl.load(tl.multiple_of(z_block, 16) + cols).to(tl.float32)
         g = _grad_block(
             z,
             start + cols,
@@ -136,13 +141,15 @@ def write_grad_row(
             slope,
         )
         if SAME_SKEW:
-            tl.store(tl.multiple_of(grad_ptr + grad_offset + start, 16) + cols, g.to(out_ty))
+            tl.store(tl.multiple_of(g_block, 16) + cols, g.to(out_ty))
         else:
-            tl.store(grad_ptr + grad_offset + start + cols, g.to(out_ty))
-    start = head + n_full * BLOCK_V
+            tl.store(g_block + cols, g.to(out_ty))
+        start += BLOCK_V
+        z_block += BLOCK_V
+        g_block += BLOCK_V
     offs = start + cols
     in_tail = offs < n_cols
-    z = tl.load(logits_ptr + row_offset + offs, mask=in_tail, other=0.0).to(tl.float32)
+    z = tl.load(z_block + cols, mask=in_tail, other=0.0).to(tl.float32)
     g = _grad_block(
         z,
         offs,
@@ -156,7 +163,7 @@ def write_grad_row(
         cap,
         slope,
     )
-    tl.store(grad_ptr + grad_offset + offs, g.to(out_ty), mask=in_tail)
+    tl.store(g_block + cols, g.to(out_ty), mask=in_tail)
 
 
 @triton.jit

@@ -211,16 +211,18 @@ def token_pass_kernel(
     flags |= tl.where(tl.abs(adv) < float("inf"), 0, BAD_ADVANTAGE)  # NaN fails as well
     tl.store(flags_ptr + row, flags)
     valid = valid & (flags == 0)  # a bad row is reported; never index with its target
-    row_offset = row * stride_row
-    grad_offset = row * stride_grad
+    # One row pointer serves every read of the row, and the gradient row's offset is
+    # computed where it is written: each value kept live across the statistics loop costs
+    # registers in the gradient phase.
+    logits_row = logits_ptr + row * stride_row
     if WITH_STATS:
         active = flags == 0  # stats read every well-formed row, masked ones too
     else:
         active = valid & (adv != 0.0)
     if active:
         m, sum_t, sum_1, acc_w = summarize_row(
-            logits_ptr,
-            row_offset,
+            logits_row,
+            0,
             n_cols,
             scaled_inv_t,
             BLOCK_V,
@@ -233,7 +235,7 @@ def token_pass_kernel(
             slope,
         )
         safe_target = tl.where(valid, target, 0)
-        z_y = tl.load(logits_ptr + row_offset + safe_target).to(tl.float32)
+        z_y = tl.load(logits_row + safe_target).to(tl.float32)
         z_y = transform_logits(z_y, TRANSFORM, logit_scale, cap, slope)
         finite = tl.abs(m) < float("inf")
         shift = tl.where(finite, m, 0.0)
@@ -255,12 +257,13 @@ def token_pass_kernel(
             # The gradient walk has its own, smaller block: with the statistics' block it
             # would need more registers than 512 threads can have.
             coef = tl.load(grad_weights_ptr + row).to(tl.float32) * scale * inv_t
+            grad_offset = row * stride_grad
             if coef == 0.0:
                 zero_row(grad_ptr + grad_offset, n_cols, GRAD_BLOCK)
             else:
                 write_grad_row(
-                    logits_ptr,
-                    row_offset,
+                    logits_row,
+                    0,
                     grad_ptr,
                     grad_offset,
                     n_cols,
@@ -288,7 +291,7 @@ def token_pass_kernel(
         if WITH_STATS:
             tl.store(entropy_ptr + row, 0.0)
         if WRITE_GRAD:
-            zero_row(grad_ptr + grad_offset, n_cols, GRAD_BLOCK)
+            zero_row(grad_ptr + row * stride_grad, n_cols, GRAD_BLOCK)
 
 
 @triton.jit

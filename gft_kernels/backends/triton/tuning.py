@@ -43,6 +43,19 @@ NUM_WARPS = 16
 # the registers (16 warps capped ptxas at 64 and spilled on sm_80), and the walk is
 # bandwidth-bound either way.
 GRAD_WARPS = 8
+# Registers a thread of the fused pass may use when it also writes the gradient: the
+# budget of two programs per SM (64 at 16 warps). Left to itself, ptxas aimed that
+# two-phase kernel at three programs per SM and spilled a few values from the statistics
+# phase to the gradient phase. Two programs of 16 warps keep 32 KB of 16-byte loads in
+# flight per SM, more than HBM latency times bandwidth needs (about 15 KB on an H100).
+REGISTER_FILE = 65536
+PROGRAMS_PER_SM_WITH_GRAD = 2
+
+
+def fused_pass_registers(num_warps: int) -> int:
+    """``maxnreg`` of a fused pass that writes the gradient (a multiple of 8, <= 255)."""
+    per_thread = REGISTER_FILE // (PROGRAMS_PER_SM_WITH_GRAD * num_warps * 32)
+    return min(255, per_thread // 8 * 8)
 
 
 def launch_config(
@@ -164,6 +177,9 @@ def token_pass_launch(
         cap,
         slope,
     )
+    skew_agrees = write_grad and same_skew(
+        logits, stride_row, grad_out, stride_grad, n_rows, cfg.vec
+    )
     meta = dict(
         BLOCK_V=cfg.block_v,
         VEC=cfg.vec,
@@ -172,11 +188,14 @@ def token_pass_launch(
         TRANSFORM=kind,
         HAS_MASK=mask is not None,
         WRITE_GRAD=write_grad,
-        SAME_SKEW=write_grad
-        and same_skew(logits, stride_row, grad_out, stride_grad, n_rows, cfg.vec),
-        GRAD_BLOCK=cfg.grad_block,
+        SAME_SKEW=skew_agrees,
+        # With skews that differ the stores are element by element, each with its own
+        # address: at the full block ptxas spilled in the 16-bit variants (sm_80).
+        GRAD_BLOCK=cfg.grad_block if skew_agrees else max(cfg.grad_block // 2, cfg.vec),
         num_warps=cfg.num_warps,
     )
+    if write_grad:
+        meta["maxnreg"] = fused_pass_registers(cfg.num_warps)
     return (n_rows,), args, meta
 
 
@@ -385,10 +404,11 @@ def aot_variants() -> List[Any]:
                                     with_stats,
                                 )
                                 # The gradient loops are compiled out without WRITE_GRAD.
+                                grad_block = meta["GRAD_BLOCK"]
                                 loops = [
                                     _stats_loop(size, cfg, params),
-                                    HotLoop("zero-fill", size, cfg.grad_block, "zero_row"),
-                                    HotLoop("gradient", 2 * size, cfg.grad_block, "write_grad_row"),
+                                    HotLoop("zero-fill", size, grad_block, "zero_row"),
+                                    HotLoop("gradient", 2 * size, grad_block, "write_grad_row"),
                                 ]
                                 switches = [
                                     pname,

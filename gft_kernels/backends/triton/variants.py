@@ -73,7 +73,7 @@ class KernelVariant:
         signature: parameter name -> Triton type (``"*bf16"``, ``"i32"``, ``"constexpr"``).
         constexprs: parameter name -> value for every ``constexpr`` entry of ``signature``.
         attrs: ``{(param index,): [["tt.divisibility", 16]]}`` for 16-divisible arguments.
-        num_warps, num_stages: launch options (``num_stages`` None: Triton's default).
+        num_warps, num_stages, maxnreg: launch options (None: Triton's default).
         loops: every loop of ``fn`` and of the jit functions it calls (each described once,
             however many times it is inlined).
     """
@@ -88,12 +88,15 @@ class KernelVariant:
     num_warps: int
     num_stages: Optional[int]
     loops: Tuple[HotLoop, ...]
+    maxnreg: Optional[int] = None
 
     def options(self) -> Dict[str, int]:
         """The ``options`` dict for ``triton.compile``."""
         opts = {"num_warps": self.num_warps}
         if self.num_stages is not None:
             opts["num_stages"] = self.num_stages
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
         return opts
 
     def compile_key(self) -> Tuple:
@@ -105,6 +108,7 @@ class KernelVariant:
             tuple(sorted((k, repr(v)) for k, v in self.attrs.items())),
             self.num_warps,
             self.num_stages,
+            self.maxnreg,
         )
 
 
@@ -130,8 +134,9 @@ def launch_variant(
 
     ``args`` are the positional launch arguments with tensors replaced by
     :class:`AotTensor`; ``meta`` holds the keyword constexprs and launch options
-    (``num_warps``, ``num_stages``). Specialisation (``i32``/``i64``, an integer equal to 1
-    becoming a constant, 16-divisibility) follows the installed Triton's launcher.
+    (``num_warps``, ``num_stages``, ``maxnreg``). Specialisation (``i32``/``i64``, an
+    integer equal to 1 becoming a constant, 16-divisibility) follows the installed
+    Triton's launcher.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -174,6 +179,7 @@ def launch_variant(
         num_warps=int(meta.get("num_warps", 4)),
         num_stages=meta.get("num_stages"),
         loops=tuple(loops),
+        maxnreg=meta.get("maxnreg"),
     )
 
 
