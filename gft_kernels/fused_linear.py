@@ -289,6 +289,10 @@ def _setup(ctx, inputs, output) -> None:
     ctx.reduced = weights is not None
     ctx.has_bias = bias is not None
     ctx.used = False
+    # Only the loss is differentiated; without this autograd would hand the backward a
+    # zero-filled gradient for every other output, dW's V x H buffer included (a 1 GB
+    # fill at V = 128256, H = 2048).
+    ctx.set_materialize_grads(False)
     if ctx.reduced:
         ctx.save_for_backward(output[4], output[5], output[6])
     else:
@@ -306,6 +310,8 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss, *_unused):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_loss is None:  # only outputs other than the loss reached the backward
+        return (None,) * 21
     if ctx.reduced:
         if ctx.used:
             raise RuntimeError(SECOND_BACKWARD)

@@ -101,6 +101,25 @@ def test_fused_linear_syncs_once_with_compaction_and_never_without(backend):
     assert len(profiled(lambda: run(True))[1]) <= 1
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_fused_linear_backward_only_scales_the_forward_gradients(backend):
+    """A reduced loss's backward is the in-place scaling of dh, dW (and db): no zero-filled
+    gradient for the op's other outputs, which would include a V x H buffer."""
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(24, 32, generator=gen).requires_grad_(True)
+    weight = torch.randn(100, 32, generator=gen).requires_grad_(True)
+    bias = torch.randn(100, generator=gen).requires_grad_(True)
+    targets = torch.randint(0, 100, (24,), generator=gen)
+    adv = torch.randn(24, generator=gen)
+    loss = fused_linear_gft_loss(hidden, weight, targets, adv, bias=bias, backend=backend)
+    upstream = torch.tensor(3.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward(upstream)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    leaves = [e for e in events if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    assert [e.name for e in leaves if e.name not in NOT_COMPUTE] == ["aten::mul_"] * 3
+
+
 def _check_compiled(fn, args, compiler):
     compiled = torch.compile(fn, fullgraph=True, backend=compiler)
     eager_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
