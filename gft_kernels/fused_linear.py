@@ -308,10 +308,14 @@ def _setup(ctx, inputs, output) -> None:
         ctx.run = (chunk_size, backend, head)
 
 
+# Inputs of the op after hidden, weight and bias (none of them differentiable).
+_OTHER_INPUTS = 18
+
+
 def _backward(ctx, grad_loss, *_unused):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if grad_loss is None:  # only outputs other than the loss reached the backward
-        return (None,) * 21
+        return (None,) * (3 + _OTHER_INPUTS)
     if ctx.reduced:
         if ctx.used:
             raise RuntimeError(SECOND_BACKWARD)
@@ -345,7 +349,7 @@ def _backward(ctx, grad_loss, *_unused):
             g if need and g.numel() else None for g, need in zip(grads, (need_h, need_w, need_b))
         )
     grads = once_differentiable(grads)
-    return grads + (None,) * 18
+    return grads + (None,) * _OTHER_INPUTS
 
 
 fused_linear_loss.register_autograd(_backward, setup_context=_setup)

@@ -59,12 +59,19 @@ def fused_pass_registers(num_warps: int) -> int:
 
 
 def launch_config(
-    dtype: torch.dtype, softcap: bool = False, grad_warps: int = NUM_WARPS
+    dtype: torch.dtype,
+    softcap: bool = False,
+    grad_warps: int = NUM_WARPS,
+    *,
+    block_v: Optional[int] = None,
+    num_warps: int = NUM_WARPS,
 ) -> LaunchConfig:
     """The configuration for logits of ``dtype``; ``grad_warps``: the warps of the program
-    that walks the gradient (its block is one 16-byte vector per thread)."""
+    that walks the gradient (its block is one 16-byte vector per thread). ``block_v`` and
+    ``num_warps`` replace the statistics block (before the soft-cap halving) and warps
+    (autotuning candidates)."""
     element_bytes = torch.finfo(dtype).bits // 8
-    block = MAX_BLOCK.get(element_bytes, 4096)
+    block = block_v or MAX_BLOCK.get(element_bytes, 4096)
     if softcap:
         # tanh's extra live values spill at 16 elements per thread; the soft-capped loop is
         # bound by the exp unit anyway (see SOFTCAP_MIN_CEILING), so half the block costs
@@ -73,7 +80,7 @@ def launch_config(
     return LaunchConfig(
         block_v=block,
         grad_block=min(16 // element_bytes * 32 * grad_warps, block),
-        num_warps=NUM_WARPS,
+        num_warps=num_warps,
         vec=min(16 // element_bytes, block),
     )
 
@@ -309,14 +316,11 @@ def autotune_enabled(device: torch.device) -> bool:
 
 
 def candidate_configs(dtype: torch.dtype, softcap: bool) -> List[LaunchConfig]:
-    base = launch_config(dtype, softcap)
     element_bytes = torch.finfo(dtype).bits // 8
-    out = []
-    for block, warps in AUTOTUNE_CANDIDATES.get(element_bytes, ((base.block_v, NUM_WARPS),)):
-        block = max(block // 2, base.vec) if softcap else block
-        grad_block = min(base.vec * 32 * warps, block)
-        out.append(LaunchConfig(block, grad_block, warps, base.vec))
-    return out
+    return [
+        launch_config(dtype, softcap, warps, block_v=block, num_warps=warps)
+        for block, warps in AUTOTUNE_CANDIDATES.get(element_bytes, ((None, NUM_WARPS),))
+    ]
 
 
 def choose_config(key: Tuple, candidates: List[LaunchConfig], time_of) -> LaunchConfig:
