@@ -489,7 +489,7 @@ def fused_linear_gft_loss(
         return_stats, backend, logit_scale, logit_softcap: as in
             :func:`gft_kernels.gft_loss`.
         chunk_size: tokens per chunk; default from a memory budget (1 GiB of chunk logits
-            on CUDA, 256 MiB on CPU, counted in the real dtype).
+            on CUDA, 512 MiB on CPU, counted in the real dtype; chunks of equal size).
         process_group: vocab-parallel head: ``weight`` (and ``bias``) hold this rank's
             contiguous block of rows (blocks in rank order, any sizes); ``hidden``,
             ``targets`` (global ids) and the rest are replicated. ``dh`` is summed across

@@ -27,7 +27,7 @@ from gft_kernels.rows import VocabShard, sharded_token_pass
 # Bytes of one chunk's logits (plus their fp32 copy where dW needs one) when chunk_size is
 # not given: large enough for efficient matmuls, small enough that the head's memory
 # stays dominated by dW.
-_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 512 << 20}
 
 
 @dataclass
@@ -84,32 +84,38 @@ def default_chunk_size(
     per_row = vocab_size * (
         torch.finfo(dtype).bits // 8 + (4 if upcasts_for_dw(dtype, device) else 0)
     )
-    budget = _CHUNK_BYTES.get(device.type, 256 << 20)
+    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
     return max(1, min(max(n_tokens, 1), budget // per_row))
 
 
-def _logits_chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+def _logits_chunk(
+    h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor
+) -> torch.Tensor:
+    if bias is not None:
+        return torch.addmm(bias, h, weight.t(), out=out)
+    return torch.mm(h, weight.t(), out=out)
 
 
 _CUDA_OUT_DTYPE_OK = True
 
 
-def _accumulate_dw(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """``grad_w += g^T h`` with the sum kept in ``grad_w``'s precision (fp32 for 16-bit
-    heads): no chunk's partial product is rounded to 16 bits, and no ``V x H``
-    temporary is allocated per chunk."""
+def _accumulate_dw(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """``grad_w += g^T h`` (``grad_w = g^T h`` for the ``first`` chunk: the buffer is
+    not zero-filled first, and ``beta = 0`` never reads it) with the sum kept in
+    ``grad_w``'s precision (fp32 for 16-bit heads): no chunk's partial product is rounded
+    to 16 bits, and no ``V x H`` temporary is allocated per chunk."""
     global _CUDA_OUT_DTYPE_OK
+    beta = 0.0 if first else 1.0
     if g.dtype == grad_w.dtype:
-        grad_w.addmm_(g.t(), h)
+        grad_w.addmm_(g.t(), h, beta=beta)
         return
     if g.is_cuda and _CUDA_OUT_DTYPE_OK:
         try:
-            torch.addmm(grad_w, g.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+            torch.addmm(grad_w, g.t(), h, beta=beta, out_dtype=grad_w.dtype, out=grad_w)
             return
         except (RuntimeError, TypeError):  # an older torch without the fp32-output GEMM
             _CUDA_OUT_DTYPE_OK = False
-    grad_w.addmm_(g.t().to(grad_w.dtype), h.to(grad_w.dtype))
+    grad_w.addmm_(g.t().to(grad_w.dtype), h.to(grad_w.dtype), beta=beta)
 
 
 def _compact_index(inputs: HeadInputs, per_token_adv: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -155,17 +161,28 @@ def chunked_head(
     want = weights is not None and any(need_grads)
     need_h, need_w, need_b = need_grads if want else (False, False, False)
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    # Written by the first chunk's product (zero-filled only when there is no chunk).
+    grad_w = None
+    if need_w:
+        make = torch.empty if kept > 0 else torch.zeros
+        grad_w = make(weight.shape, dtype=acc, device=weight.device)
     grad_b = None
     if need_b and bias is not None:
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
 
     step = chunk_size or default_chunk_size(kept, weight.shape[0], hidden.dtype, hidden.device)
+    if chunk_size is None and kept > 0:
+        step = -(-kept // -(-kept // step))  # as many chunks, of equal size
+    # One chunk buffer serves every chunk: a fresh one per chunk would fault in its pages
+    # again each time (the CPU allocator returns large blocks to the system).
+    buffer = None
     parts = []
     for start in range(0, kept, step):
         sl = slice(start, min(start + step, kept))
         h = hidden[sl]
-        logits = _logits_chunk(h, weight, bias)
+        if buffer is None:
+            buffer = hidden.new_empty(min(step, kept), weight.shape[0])
+        logits = _logits_chunk(h, weight, bias, buffer[: h.shape[0]])
         chunk_mask = None if mask is None else mask[sl]
         if shard is None:
             out = rows.token_pass(
@@ -207,10 +224,11 @@ def chunked_head(
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[sl])
             if grad_w is not None:
-                _accumulate_dw(grad_w, logits, h)
+                _accumulate_dw(grad_w, logits, h, first=start == 0)
             if grad_b is not None:
                 grad_b.add_(logits.sum(0, dtype=grad_b.dtype))
         del logits
+    del buffer
 
     def gather(i: int) -> Optional[torch.Tensor]:
         if i == 3 and not with_stats:

@@ -91,6 +91,26 @@ def test_chunk_sizes(backend, chunk_size, mode):
     assert_all_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_buffers_are_written_before_they_are_read(monkeypatch, backend, dtype):
+    """dW is written by the first chunk's product (``beta = 0``) and one chunk buffer is
+    reused: with every fresh buffer full of NaN, nothing of it may leak into the results."""
+    real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
+
+    def poisoned(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(real_empty(*a, **k)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **k: poisoned(real_new_empty(self, *a, **k))
+    )
+    case = head_case(per_token=True, dtype=dtype)
+    ours, ref = run_both(backend, *case, chunk_size=4, tau=0.2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_all_close(ours, ref, rtol=tol * 10, atol=tol)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_dimensional_hidden_without_bias(backend):
     h, w, b, targets, adv, mask = head_case(device=device_for(backend), per_token=True)

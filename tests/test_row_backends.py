@@ -311,6 +311,29 @@ def test_partial_stats_of_blocks_match_fp64(rows, dtype, shape):
     torch.testing.assert_close(part.target_logit.double(), want_zy, **tol)
 
 
+def test_softcap_is_exact_to_fp32_over_the_whole_range(rows):
+    """``cap * tanh(z * scale / cap)`` per logit against fp64, from 0 (where ``1 - 2 / (1 +
+    e)`` cancels) through saturation and the exponent clamp to +-inf and +-3e38: the Triton
+    tanh divides on the FMA pipe (a bit-pattern seed and two refinement steps), so the
+    whole range of ``1 + e`` must come out right."""
+    cap, scale = 30.0, 1.5
+    u = torch.cat(
+        [
+            torch.linspace(-1e-3, 1e-3, 41, dtype=torch.float64),
+            torch.linspace(-40.0, 40.0, 161, dtype=torch.float64),
+            torch.tensor([-1e4, -700.0, 443.0, 444.0, 445.0, 1e4, 3e38, -3e38]),
+        ]
+    )
+    z = (u * cap / scale).float().clamp(-3e38, 3e38)
+    z = torch.cat([z, torch.tensor([float("inf"), float("-inf"), 0.0])])[:, None]
+    params = RowParams(tau=0.1, temperature=1.0, logit_scale=scale, logit_softcap=cap)
+    part = rows.partial_stats(z, torch.zeros(len(z), dtype=torch.int64), params, with_entropy=False)
+    want = cap * torch.tanh(z.double().squeeze(1) * scale / cap)
+    # fp32 rounding of a value of size <= cap, a few ulp of it
+    torch.testing.assert_close(part.target_logit.double(), want, rtol=0.0, atol=8 * cap * 2**-24)
+    assert torch.equal(part.row_max.double()[-3:-1], torch.tensor([cap, -cap], dtype=torch.float64))
+
+
 def test_certain_token_has_exactly_zero_gradient_at_any_temperature(rows):
     z = torch.tensor([[1000.0, 0.0, 0.0, 0.0], [0.0, 60.0, -5.0, 1.0]])
     targets = torch.tensor([0, 1])

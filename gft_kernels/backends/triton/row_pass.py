@@ -76,16 +76,16 @@ def _load_slots(
     TRANSFORM: tl.constexpr,
     logit_scale,
     cap,
-    slope,
+    tanh_slope,
     MASKED: tl.constexpr,
 ):
     if MASKED:
         z = tl.load(logits_ptr + offset + slots, mask=mask, other=0.0).to(tl.float32)
-        z = transform_logits(z, TRANSFORM, logit_scale, cap, slope)
+        z = transform_logits(z, TRANSFORM, logit_scale, cap, tanh_slope)
         return tl.where(mask, z, -float("inf"))  # padding after the transform (tanh(-inf))
     else:
         z = tl.load(logits_ptr + offset + slots).to(tl.float32)
-        return transform_logits(z, TRANSFORM, logit_scale, cap, slope)
+        return transform_logits(z, TRANSFORM, logit_scale, cap, tanh_slope)
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def summarize_row(
     TRANSFORM: tl.constexpr,
     logit_scale,
     cap,
-    slope,
+    tanh_slope,
 ):
     """``(m, S_t, S_1, W)`` of one row: max of ``z'``, ``sum exp((z' - m) / T)``,
     ``sum exp(z' - m)`` and ``sum e x`` with ``x = (z' - m) / T`` (natural units).
@@ -118,7 +118,7 @@ def summarize_row(
     acc_w = tl.zeros([SLOTS], tl.float32)
     head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
     z = _load_slots(
-        logits_ptr, row_offset, slots, slots < head, TRANSFORM, logit_scale, cap, slope, True
+        logits_ptr, row_offset, slots, slots < head, TRANSFORM, logit_scale, cap, tanh_slope, True
     )
     m, sum_t, sum_1, acc_w = _fold_slots(
         z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
@@ -126,7 +126,7 @@ def summarize_row(
     n_full = (n_cols - head) // BLOCK_V
     for k in range(0, n_full):
         block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
-        z = _load_slots(block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, slope, False)
+        z = _load_slots(block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, tanh_slope, False)
         m, sum_t, sum_1, acc_w = _fold_slots(
             z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
         )
@@ -139,7 +139,7 @@ def summarize_row(
         TRANSFORM,
         logit_scale,
         cap,
-        slope,
+        tanh_slope,
         True,
     )
     m, sum_t, sum_1, acc_w = _fold_slots(
@@ -188,7 +188,7 @@ def token_pass_kernel(
     scaled_inv_t,
     logit_scale,
     cap,
-    slope,
+    tanh_slope,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
     UNIT_T: tl.constexpr,
@@ -232,11 +232,11 @@ def token_pass_kernel(
             TRANSFORM,
             logit_scale,
             cap,
-            slope,
+            tanh_slope,
         )
         safe_target = tl.where(valid, target, 0)
         z_y = tl.load(logits_row + safe_target).to(tl.float32)
-        z_y = transform_logits(z_y, TRANSFORM, logit_scale, cap, slope)
+        z_y = transform_logits(z_y, TRANSFORM, logit_scale, cap, tanh_slope)
         finite = tl.abs(m) < float("inf")
         shift = tl.where(finite, m, 0.0)
         log_sum = tl.log(sum_t)
@@ -278,7 +278,7 @@ def token_pass_kernel(
                     TRANSFORM,
                     logit_scale,
                     cap,
-                    slope,
+                    tanh_slope,
                 )
     else:
         # Carries no loss: never read. Outputs as the other backends give them.
@@ -309,7 +309,7 @@ def partial_stats_kernel(
     scaled_inv_t,
     logit_scale,
     cap,
-    slope,
+    tanh_slope,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
     UNIT_T: tl.constexpr,
@@ -336,12 +336,12 @@ def partial_stats_kernel(
         TRANSFORM,
         logit_scale,
         cap,
-        slope,
+        tanh_slope,
     )
     target = tl.load(local_targets_ptr + row) - seg_start
     here = (target >= 0) & (target < seg_cols)
     z_y = tl.load(logits_ptr + row_offset + tl.where(here, target, 0)).to(tl.float32)
-    z_y = transform_logits(z_y, TRANSFORM, logit_scale, cap, slope)
+    z_y = transform_logits(z_y, TRANSFORM, logit_scale, cap, tanh_slope)
     out = row * n_segs + seg
     tl.store(row_max_ptr + out, m)
     tl.store(sum_exp_ptr + out, sum_t)

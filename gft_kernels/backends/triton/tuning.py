@@ -14,6 +14,7 @@ segments (:func:`row_segments`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -73,9 +74,10 @@ def launch_config(
     element_bytes = torch.finfo(dtype).bits // 8
     block = block_v or MAX_BLOCK.get(element_bytes, 4096)
     if softcap:
-        # tanh's extra live values spill at 16 elements per thread; the soft-capped loop is
-        # bound by the exp unit anyway (see SOFTCAP_MIN_CEILING), so half the block costs
-        # nothing.
+        # tanh's extra live values spill at 16 elements per thread; at 8 the soft-capped
+        # loops still clear the 85% gate at T = 1 (about 89%), and at T != 1 the
+        # exponential unit bounds them below that whatever the block (see
+        # SOFTCAP_MIN_CEILING).
         block = max(block // 2, 16 // element_bytes)
     return LaunchConfig(
         block_v=block,
@@ -111,9 +113,14 @@ def segment_length(n_cols: int, segments: int, block_v: int) -> int:
 
 
 def transform_args(params: RowParams) -> Tuple[int, float, float, float]:
-    """``(TRANSFORM, logit_scale, cap, slope)``: 2 soft-cap, 1 scale, 0 none."""
+    """``(TRANSFORM, logit_scale, cap, tanh_slope)``: 2 soft-cap, 1 scale, 0 none.
+
+    ``tanh_slope = 2 log2(e) scale / cap`` is the exp2 argument of the soft-cap's tanh per
+    raw logit (see ``row_grad.transform_logits``).
+    """
     if params.logit_softcap is not None:
-        return 2, params.logit_scale, params.logit_softcap, params.softcap_slope
+        tanh_slope = 2.0 * math.log2(math.e) * params.softcap_slope
+        return 2, params.logit_scale, params.logit_softcap, tanh_slope
     if params.logit_scale != 1.0:
         return 1, params.logit_scale, 1.0, 0.0
     return 0, 1.0, 1.0, 0.0
@@ -155,7 +162,7 @@ def token_pass_launch(
     """
     cfg = cfg or launch_config(logits.dtype, params.logit_softcap is not None)
     loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags = outputs
-    kind, logit_scale, cap, slope = transform_args(params)
+    kind, logit_scale, cap, tanh_slope = transform_args(params)
     write_grad = grad_out is not None
     args = (
         logits,
@@ -182,7 +189,7 @@ def token_pass_launch(
         params.inv_temperature * LOG2E,
         logit_scale,
         cap,
-        slope,
+        tanh_slope,
     )
     skew_agrees = write_grad and same_skew(
         logits, stride_row, grad_out, stride_grad, n_rows, cfg.vec
@@ -221,7 +228,7 @@ def partial_stats_launch(
     ``(row_max, sum_exp, sum_exp_1, weighted, target_logit)``, each ``(N, segments)``."""
     cfg = launch_config(logits.dtype, params.logit_softcap is not None)
     row_max, sum_exp, sum_exp_1, weighted, target_logit = outputs
-    kind, logit_scale, cap, slope = transform_args(params)
+    kind, logit_scale, cap, tanh_slope = transform_args(params)
     seg_len = segment_length(n_cols, segments, cfg.block_v)
     args = (
         logits,
@@ -237,7 +244,7 @@ def partial_stats_launch(
         params.inv_temperature * LOG2E,
         logit_scale,
         cap,
-        slope,
+        tanh_slope,
     )
     meta = dict(
         BLOCK_V=cfg.block_v,
@@ -267,7 +274,7 @@ def row_grad_launch(
 ) -> Launch:
     """One ``row_grad_kernel`` launch over ``(rows, segments)``."""
     cfg = launch_config(logits.dtype, params.logit_softcap is not None, GRAD_WARPS)
-    kind, logit_scale, cap, slope = transform_args(params)
+    kind, logit_scale, cap, tanh_slope = transform_args(params)
     seg_len = segment_length(n_cols, segments, cfg.grad_block)
     args = (
         logits,
@@ -285,7 +292,7 @@ def row_grad_launch(
         params.inv_temperature * LOG2E,
         logit_scale,
         cap,
-        slope,
+        tanh_slope,
     )
     meta = dict(
         BLOCK_V=cfg.grad_block,
@@ -343,16 +350,21 @@ _AOT_PARAMS = {
 }
 
 
-# tanh costs two operations of the exp/reciprocal unit (MUFU) per element; with the
-# statistics' one (T = 1) or two (T != 1) exponentials a soft-capped statistics loop is
-# bound by that unit at ~80% / ~59% of H100 HBM bandwidth, whatever the instruction count.
-SOFTCAP_MIN_CEILING = 0.55
+# A soft-capped statistics loop at T != 1 needs three exponentials per element (tanh's,
+# the sums' at T and at 1) from the exp/reciprocal unit (MUFU, 16 results per SM per
+# clock), plus two per running-max rescale; with the reciprocal on the FMA pipe
+# (``row_grad.reciprocal``) that bounds a 16-bit loop at about 77% of H100 HBM bandwidth,
+# and three exponentials alone at 83%, whatever else the loop does. Past that one of the
+# exponentials has to move to the FMA pipe (a polynomial), which the instruction budget
+# does not leave room for. T = 1 (two exponentials) meets the 85% gate.
+SOFTCAP_MIN_CEILING = 0.75
 
 
 def _stats_loop(size: int, cfg: LaunchConfig, params: RowParams):
     from gft_kernels.backends.triton.variants import HotLoop
 
-    gate = SOFTCAP_MIN_CEILING if params.logit_softcap is not None else None
+    exp_bound = params.logit_softcap is not None and not params.unit_temperature
+    gate = SOFTCAP_MIN_CEILING if exp_bound else None
     return HotLoop("stats", size, cfg.block_v, "summarize_row", min_ceiling=gate)
 
 
