@@ -171,17 +171,21 @@ def chunked_head(
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
 
     step = chunk_size or default_chunk_size(kept, weight.shape[0], hidden.dtype, hidden.device)
-    if chunk_size is None and kept > 0:
-        step = -(-kept // -(-kept // step))  # as many chunks, of equal size
+    n_chunks = -(-kept // step)
+    if chunk_size is None and n_chunks:  # as few chunks as the budget allows, equal (+-1)
+        bounds = [kept * i // n_chunks for i in range(n_chunks + 1)]
+    else:
+        bounds = [min(i * step, kept) for i in range(n_chunks + 1)]
     # One chunk buffer serves every chunk: a fresh one per chunk would fault in its pages
     # again each time (the CPU allocator returns large blocks to the system).
     buffer = None
     parts = []
-    for start in range(0, kept, step):
-        sl = slice(start, min(start + step, kept))
+    for start, stop in zip(bounds, bounds[1:]):
+        sl = slice(start, stop)
         h = hidden[sl]
         if buffer is None:
-            buffer = hidden.new_empty(min(step, kept), weight.shape[0])
+            largest = max(b - a for a, b in zip(bounds, bounds[1:]))
+            buffer = hidden.new_empty(largest, weight.shape[0])
         logits = _logits_chunk(h, weight, bias, buffer[: h.shape[0]])
         chunk_mask = None if mask is None else mask[sl]
         if shard is None:

@@ -111,6 +111,28 @@ def test_buffers_are_written_before_they_are_read(monkeypatch, backend, dtype):
     assert_all_close(ours, ref, rtol=tol * 10, atol=tol)
 
 
+@pytest.mark.parametrize("n_tokens, budget_rows", [(2048, 700), (2048, 441), (7, 3), (5, 9)])
+def test_default_chunks_are_as_few_as_the_budget_allows_and_equal(
+    monkeypatch, n_tokens, budget_rows
+):
+    import gft_kernels.head as head
+
+    vocab = 64
+    monkeypatch.setitem(head._CHUNK_BYTES, "cpu", budget_rows * vocab * 4 + 3)
+    seen = []
+    original = head._logits_chunk
+    monkeypatch.setattr(
+        head, "_logits_chunk", lambda h, *a: seen.append(h.shape[0]) or original(h, *a)
+    )
+    h = torch.randn(n_tokens, 8, requires_grad=True)
+    w = torch.randn(vocab, 8, requires_grad=True)
+    targets = torch.zeros(n_tokens, dtype=torch.int64)
+    fused_linear_gft_loss(h, w, targets, torch.ones(n_tokens), backend="torch").backward()
+    assert sum(seen) == n_tokens and max(seen) <= budget_rows
+    assert len(seen) == -(-n_tokens // budget_rows)  # as few chunks as the budget allows
+    assert max(seen) - min(seen) <= 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_dimensional_hidden_without_bias(backend):
     h, w, b, targets, adv, mask = head_case(device=device_for(backend), per_token=True)
