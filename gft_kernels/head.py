@@ -25,8 +25,10 @@ from gft_kernels.backends.torch_rows import accumulate_dtype
 from gft_kernels.rows import VocabShard, sharded_token_pass
 
 # Bytes of one chunk's logits (plus their fp32 copy where dW needs one) when chunk_size is
-# not given: large enough for efficient matmuls, small enough that the head's memory
-# stays dominated by dW.
+# not given: large enough for efficient matmuls and few re-reads of the fp32 dW (each chunk
+# adds its product into it), small enough that the head's memory stays of the order of
+# dW's. CPU: 512 MiB measured 1.078x the unchunked GEMMs at N=2048 on a Qwen2.5-0.5B head,
+# 256 MiB 1.096x (python -m benchmarks.chunk_budget).
 _CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 512 << 20}
 
 
