@@ -1,12 +1,13 @@
 """``python -m benchmarks.chunk_budget``: the fused head at several chunk budgets against
 its GEMM floor, round-robin in one process.
 
-Each round runs the floor (``floor:gemm``: the head's three matrix products, unchunked)
-and ``fused_linear_gft_loss`` fwd+bwd once per budget, the start rotated every round so
-that machine drift hits all of them alike; the first ``--warmup-rounds`` are not timed.
-Prints the median and minimum per variant and their ratios to the floor's. A budget is the
-bytes of one chunk's logits: each variant runs the default chunking (``chunk_size=None``)
-with the CPU/CUDA budget set to it.
+The suite's own machinery does the work: the inputs of the suite's fused case for the
+Qwen2.5-0.5B head (``benchmarks.cases``), the ``floor:gemm`` and ``gft:<backend>``
+loss functions (``benchmarks.implementations``) and the round-robin timing of
+``benchmarks.measure.time_case`` with a fixed number of untimed and timed rounds. A budget
+is the bytes of one chunk's logits: each variant runs the default chunking
+(``chunk_size=None``) with the head's budget set to it. Prints the median and minimum per
+variant and their ratios to the floor's.
 
 Example (the CPU figure in benchmarks/RESULTS.md, about 4 min on 2 cores)::
 
@@ -16,16 +17,31 @@ Example (the CPU figure in benchmarks/RESULTS.md, about 4 min on 2 cores)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
-import time
-from typing import Callable, Dict, List
+from typing import List, Tuple
 
 import torch
 
 import gft_kernels.head as head_module
-from benchmarks.cases import QWEN25_05B
-from benchmarks.floors import bare_gemms
-from gft_kernels import fused_linear_gft_loss
+from benchmarks.cases import QWEN25_05B, Case
+from benchmarks.implementations import IMPL_BY_NAME, Impl, LossFn, build
+from benchmarks.measure import CaseSetup, time_case
+from benchmarks.run_policy import RunPolicy
+
+
+def with_budget(fn: LossFn, budget_bytes: int) -> LossFn:
+    """``fn`` run with the fused head's default chunk budget set to ``budget_bytes``."""
+
+    def run(x):
+        saved = dict(head_module._CHUNK_BYTES)
+        head_module._CHUNK_BYTES.update(cpu=budget_bytes, cuda=budget_bytes)
+        try:
+            return fn(x)
+        finally:
+            head_module._CHUNK_BYTES.update(saved)
+
+    return run
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -37,55 +53,38 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--backend", default="cpu")
     args = parser.parse_args(argv)
 
-    head, n = QWEN25_05B, args.n
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(head.vocab, head.hidden, generator=gen).div_(head.hidden**0.5)
-    hidden = torch.randn(n, head.hidden, generator=gen).mul_(2.0)
-    weight.requires_grad_(True)
-    hidden.requires_grad_(True)
-    targets = torch.randint(0, head.vocab, (n,), generator=gen)
-    advantages = torch.randn(n, generator=gen)
-    floor = bare_gemms()
-
-    def run_floor() -> None:
-        floor({"hidden": hidden, "weight": weight}).backward()
-
-    def fused(budget_bytes: int) -> Callable[[], None]:
-        def run() -> None:
-            saved = dict(head_module._CHUNK_BYTES)
-            head_module._CHUNK_BYTES.update(cpu=budget_bytes, cuda=budget_bytes)
-            try:
-                loss = fused_linear_gft_loss(
-                    hidden, weight, targets, advantages, backend=args.backend
-                )
-                loss.backward()
-            finally:
-                head_module._CHUNK_BYTES.update(saved)
-
-        return run
-
-    variants: Dict[str, Callable[[], None]] = {"floor:gemm": run_floor}
+    head = QWEN25_05B
+    case = Case(op="fused_linear_gft_loss", n=args.n, vocab=head.vocab, head=head)
+    if args.n <= 0 or args.n % case.seq_len:
+        parser.error(f"--n: expected a positive multiple of {case.seq_len} tokens, got {args.n}")
+    floor = IMPL_BY_NAME["floor:gemm"]
+    ours = IMPL_BY_NAME[f"gft:{args.backend}"]
+    impls: List[Tuple[Impl, LossFn]] = [(floor, build(floor, case))]
     for mib in (int(b) for b in args.budgets.split(",")):
-        variants[f"{mib} MiB"] = fused(mib << 20)
-    names = list(variants)
-    samples: Dict[str, List[float]] = {k: [] for k in names}
-    for r in range(args.warmup_rounds + args.rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            hidden.grad = weight.grad = None
-            start = time.perf_counter()
-            variants[name]()
-            elapsed = time.perf_counter() - start
-            if r >= args.warmup_rounds:
-                samples[name].append(elapsed)
-    floor_median = statistics.median(samples["floor:gemm"])
-    floor_min = min(samples["floor:gemm"])
-    print(f"{head.model} head (H={head.hidden}, V={head.vocab}), fp32, N={n}, {args.rounds} rounds")
-    for name, times in samples.items():
-        median = statistics.median(times)
+        name = f"{ours.name} {mib} MiB"
+        impls.append(
+            (dataclasses.replace(ours, name=name), with_budget(build(ours, case), mib << 20))
+        )
+    policy = RunPolicy(
+        min_warmup=args.warmup_rounds,
+        adaptive=False,
+        repeats=args.rounds,
+        max_repeats=args.rounds,
+    )
+    timings = time_case(CaseSetup(case, torch.device("cpu"), False), impls, policy)
+
+    errors = {name: t.error for name, t in timings.items() if t.error}
+    if errors:
+        print(errors)
+        return 1
+    floor_ms = timings[floor.name].fwd_bwd
+    print(f"{case.name}: {args.rounds} timed rounds after {args.warmup_rounds} untimed")
+    for name, timing in timings.items():
+        median, best = statistics.median(timing.fwd_bwd), min(timing.fwd_bwd)
         print(
-            f"{name:24s} median {median:7.3f} s ({median / floor_median:.3f}x floor)  "
-            f"min {min(times):7.3f} s ({min(times) / floor_min:.3f}x)"
+            f"{name:20s} median {median / 1e3:7.3f} s "
+            f"({median / statistics.median(floor_ms):.3f}x floor)  "
+            f"min {best / 1e3:7.3f} s ({best / min(floor_ms):.3f}x)"
         )
     return 0
 

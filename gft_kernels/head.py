@@ -27,8 +27,9 @@ from gft_kernels.rows import VocabShard, sharded_token_pass
 # Bytes of one chunk's logits (plus their fp32 copy where dW needs one) when chunk_size is
 # not given: large enough for efficient matmuls and few re-reads of the fp32 dW (each chunk
 # adds its product into it), small enough that the head's memory stays of the order of
-# dW's. CPU: 512 MiB measured 1.078x the unchunked GEMMs at N=2048 on a Qwen2.5-0.5B head,
-# 256 MiB 1.096x (python -m benchmarks.chunk_budget).
+# dW's. On a Qwen2.5-0.5B head at N=2048 on CPU, 256 and 512 MiB measured 1.07x-1.10x the
+# unchunked GEMMs, within noise of each other, 1 GiB 1.06x at twice the chunk memory
+# (python -m benchmarks.chunk_budget).
 _CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 512 << 20}
 
 
@@ -180,15 +181,13 @@ def chunked_head(
         bounds = [min(i * step, kept) for i in range(n_chunks + 1)]
     # One chunk buffer serves every chunk: a fresh one per chunk would fault in its pages
     # again each time (the CPU allocator returns large blocks to the system).
-    buffer = None
+    largest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+    buffer = hidden.new_empty(largest, weight.shape[0])
     parts = []
     for start, stop in zip(bounds, bounds[1:]):
         sl = slice(start, stop)
         h = hidden[sl]
-        if buffer is None:
-            largest = max(b - a for a, b in zip(bounds, bounds[1:]))
-            buffer = hidden.new_empty(largest, weight.shape[0])
-        logits = _logits_chunk(h, weight, bias, buffer[: h.shape[0]])
+        logits = _logits_chunk(h, weight, bias, buffer[: stop - start])
         chunk_mask = None if mask is None else mask[sl]
         if shard is None:
             out = rows.token_pass(

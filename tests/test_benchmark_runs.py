@@ -288,3 +288,21 @@ def test_report_has_no_thresholds_of_its_own(monkeypatch):
 def test_readme_shows_the_target_table():
     readme = (Path(report.__file__).parent / "README.md").read_text()
     assert format_targets(markdown=True) in readme
+
+
+def test_chunk_budget_script_times_each_budget_against_the_floor(capsys):
+    from benchmarks import chunk_budget
+
+    assert (
+        chunk_budget.main(
+            ["--n", "256", "--budgets", "64", "--rounds", "1", "--warmup-rounds", "0"]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("fused_linear/Qwen2.5-0.5B/float32/N256")
+    assert [line.split()[0] for line in lines[1:]] == ["floor:gemm", "gft:cpu"]
+    assert "1.000x floor" in lines[1] and "64 MiB" in lines[2]
+    with pytest.raises(SystemExit):
+        chunk_budget.main(["--n", "100"])
+    assert "--n: expected a positive multiple of 256 tokens, got 100" in capsys.readouterr().err

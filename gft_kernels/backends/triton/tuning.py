@@ -14,7 +14,6 @@ segments (:func:`row_segments`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -119,7 +118,7 @@ def transform_args(params: RowParams) -> Tuple[int, float, float, float]:
     raw logit (see ``row_grad.transform_logits``).
     """
     if params.logit_softcap is not None:
-        tanh_slope = 2.0 * math.log2(math.e) * params.softcap_slope
+        tanh_slope = 2.0 * LOG2E * params.softcap_slope
         return 2, params.logit_scale, params.logit_softcap, tanh_slope
     if params.logit_scale != 1.0:
         return 1, params.logit_scale, 1.0, 0.0
