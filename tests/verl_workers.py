@@ -14,7 +14,6 @@ for unsupported configurations.
 from __future__ import annotations
 
 import os
-import resource
 from functools import partial
 from typing import Any, Dict
 
@@ -38,9 +37,9 @@ def _actor_config(run: Dict[str, Any], **overrides: Any):
     return FSDPActorConfig(**kwargs)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _train_step(engine, data, loss_function, out: Dict[str, Any]) -> None:
+    with engine.train_mode(zero_grad_on_exit=False):
+        out["out"] = engine.train_batch(data, loss_function=loss_function)
 
 
 def actor_update(rank: int, world: int, port: int, run: Dict[str, Any], out_dir: str) -> None:
@@ -49,6 +48,8 @@ def actor_update(rank: int, world: int, port: int, run: Dict[str, Any], out_dir:
     verl_cpu.init_process_group(rank, world, port)
     import torch.distributed as dist
     from verl.workers.utils.losses import ppo_loss
+
+    from benchmarks.measure import peak_rss_during
 
     if run["fused"]:
         external_lib = "gft_kernels.integration.verl.use_fused_engine"
@@ -127,12 +128,12 @@ def actor_update(rank: int, world: int, port: int, run: Dict[str, Any], out_dir:
             nested=step.get("nested", False),
             use_remove_padding=step["packed"],
         )
-        rss_before = _rss_bytes()
-        with engine.train_mode(zero_grad_on_exit=False):
-            out = engine.train_batch(data, loss_function=partial(ppo_loss, config=config))
-        # ru_maxrss (KiB on Linux) is the process peak; the model is tiny, so with a large
-        # vocabulary the step's own peak is what sets it.
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+        step_out: Dict[str, Any] = {}
+        step = partial(_train_step, engine, data, partial(ppo_loss, config=config), step_out)
+        # The step's own peak (the high-water mark reset just before it), not the
+        # process's: setting up the engine can peak higher than a step.
+        peak = peak_rss_during(step)["peak_mb"] * 2**20
+        out = step_out["out"]
         # One value per micro-batch: verl merges its Metric objects, lists plain numbers.
         metrics = {
             key: [float(v) for v in (values.values if hasattr(values, "values") else values)]
