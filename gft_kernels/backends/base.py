@@ -67,8 +67,10 @@ class TokenPass:
 
     ``loss`` is ``-A c log p`` (exactly 0 where ``scale`` is 0); ``scale`` is ``A c`` on
     tokens that carry loss and 0 elsewhere; ``row_max``/``sum_exp`` are the row summary
-    ``m`` and ``S`` the backward reads. ``logprobs``/``probs`` are 0 on invalid tokens;
-    ``entropy`` is None unless stats were requested.
+    ``m`` and ``S = sum exp((z' - m) / T)`` the backward reads (``m`` a reference as in
+    :class:`PartialStats`: the row's max, or near ``T`` times its tempered logsumexp).
+    ``logprobs``/``probs`` are 0 on invalid tokens; ``entropy`` is None unless stats were
+    requested.
     """
 
     loss: torch.Tensor
@@ -84,8 +86,13 @@ class TokenPass:
 class PartialStats:
     """Statistics of one block of vocabulary columns per row, all ``(N,)``.
 
-    ``row_max`` is the block's max ``m_r`` (``-inf`` for a block of ``-inf``),
-    ``sum_exp``/``sum_exp_1`` are ``sum exp((z' - m_r) / T)`` and ``sum exp(z' - m_r)``,
+    ``row_max`` is the block's reference ``m_r``: its max (``-inf`` for a block of
+    ``-inf``), or on the Triton path's fixed-reference loops (16-bit soft-capped logits at
+    T != 1) a point within ``T log 2`` of ``T`` times the block's tempered logsumexp, so
+    that ``1 <= sum_exp < 2``. Only ``(m_r, S_r)`` together carry meaning, and
+    :func:`~gft_kernels.backends.token_terms.combine_partials` is exact for any
+    reference. ``sum_exp``/``sum_exp_1`` are ``sum exp((z' - m_r) / T)`` and
+    ``sum exp(z' - m_r)``,
     ``weighted`` is ``sum e x`` with ``x = (z' - m_r) / T`` (None unless requested) and
     ``target_logit`` is ``z'_y`` where the target lives in this block, else 0.
     """

@@ -16,26 +16,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from gft_kernels.backends.triton.fma_math import reciprocal
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def reciprocal(d):
-    """``1 / d`` for normal ``d > 0``, to about 1 ulp, without the special-function unit.
-
-    A bit-pattern seed (5.1%), a cubic step (1.3e-4), a Newton step: an integer subtract
-    and five FMAs. The special-function unit (MUFU, 16 results per SM per clock) is what
-    bounds a soft-capped loop, which already needs it for two or three exponentials per
-    element; the FMA pipe has room to spare.
-    """
-    # Seed from the bit pattern (negated exponent, mirrored mantissa): within 5.1% of 1/d
-    # for every positive normal d.
-    seed = 0x7EF311C3 - d.to(tl.int32, bitcast=True)
-    y = seed.to(tl.float32, bitcast=True)
-    e = 1.0 - d * y
-    y = y + y * (e + e * e)
-    e = 1.0 - d * y
-    return y + y * e
 
 
 @triton.jit

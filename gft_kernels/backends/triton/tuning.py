@@ -125,6 +125,28 @@ def transform_args(params: RowParams) -> Tuple[int, float, float, float]:
     return 0, 1.0, 1.0, 0.0
 
 
+# Exponent range (log2 units) within which soft-capped sums can be taken against the
+# fixed reference 0 (``row_pass.FIXED_REF``): every term lies in [2^-96, 2^96], so none is
+# flushed to zero, a row of up to 2^31 terms sums below 2^127, and ``fma_math``'s
+# exponential stays within its range.
+FIXED_REF_RANGE = 96.0
+
+
+def fixed_reference(params: RowParams, dtype: torch.dtype) -> bool:
+    """Whether the statistics loop runs against the fixed reference 0 (see
+    ``row_pass.FIXED_REF``): 16-bit soft-capped logits at T != 1 whose exponents
+    ``z' log2(e) / T`` and ``z' log2(e)`` stay within ``FIXED_REF_RANGE``. Elsewhere the
+    running-max loop is fast enough (fp32 moves twice the bytes per exponential; T = 1
+    needs one exponential fewer) or the only safe one (a cap too wide for the
+    temperature)."""
+    if params.logit_softcap is None or params.unit_temperature:
+        return False
+    if torch.finfo(dtype).bits != 16:
+        return False
+    widest = params.logit_softcap * LOG2E * max(1.0, params.inv_temperature)
+    return widest <= FIXED_REF_RANGE
+
+
 def same_skew(a, stride_a: int, b, stride_b: int, n_rows: int, vec: int) -> bool:
     """Whether every row of buffers ``a`` and ``b`` starts at the same address modulo 16
     bytes (``vec`` elements), so that one aligned walk serves both."""
@@ -199,6 +221,7 @@ def token_pass_launch(
         UNIT_T=params.unit_temperature,
         WITH_STATS=with_stats,
         TRANSFORM=kind,
+        FIXED_REF=fixed_reference(params, logits.dtype),
         HAS_MASK=mask is not None,
         WRITE_GRAD=write_grad,
         SAME_SKEW=skew_agrees,
@@ -251,6 +274,7 @@ def partial_stats_launch(
         UNIT_T=params.unit_temperature,
         WITH_ENTROPY=with_entropy,
         TRANSFORM=kind,
+        FIXED_REF=fixed_reference(params, logits.dtype),
         num_warps=cfg.num_warps,
     )
     return (n_rows, triton.cdiv(n_cols, seg_len)), args, meta
@@ -345,24 +369,28 @@ _AOT_PARAMS = {
     "T!=1": RowParams(tau=0.1, temperature=0.7),
     "T=1/softcap": RowParams(tau=0.1, temperature=1.0, logit_softcap=30.0),
     "T!=1/softcap": RowParams(tau=0.1, temperature=0.7, logit_softcap=30.0),
+    # cap log2(e) / T = 173 > FIXED_REF_RANGE: the running-max loop for 16-bit logits.
+    "T!=1/softcap-wide": RowParams(tau=0.1, temperature=0.25, logit_softcap=30.0),
     "T=1/scale": RowParams(tau=0.1, temperature=1.0, logit_scale=0.5),
 }
 
 
 # A soft-capped statistics loop at T != 1 needs three exponentials per element (tanh's,
 # the sums' at T and at 1) from the exp/reciprocal unit (MUFU, 16 results per SM per
-# clock), plus two per running-max rescale; with the reciprocal on the FMA pipe
-# (``row_grad.reciprocal``) that bounds a 16-bit loop at about 77% of H100 HBM bandwidth,
-# and three exponentials alone at 83%, whatever else the loop does. Past that one of the
-# exponentials has to move to the FMA pipe (a polynomial), which the instruction budget
-# does not leave room for. T = 1 (two exponentials) meets the 85% gate.
+# clock). Against the fixed reference (``fixed_reference``) a quarter of one sum's move to
+# the FMA pipe and these 16-bit loops clear the 85% gate (87-91% on sm_90). A cap too
+# wide for the temperature (``cap log2(e) / T > FIXED_REF_RANGE``, e.g. cap 30 at
+# T < 0.45) needs the running max, whose rescales add two exponentials per slot and trip:
+# that loop is bound at about 77% of H100 HBM bandwidth, and gated here.
 SOFTCAP_MIN_CEILING = 0.75
 
 
-def _stats_loop(size: int, cfg: LaunchConfig, params: RowParams):
+def _stats_loop(size: int, cfg: LaunchConfig, params: RowParams, dtype: torch.dtype):
     from gft_kernels.backends.triton.variants import HotLoop
 
-    exp_bound = params.logit_softcap is not None and not params.unit_temperature
+    softcap_t = params.logit_softcap is not None and not params.unit_temperature
+    # fp32 moves twice the bytes per exponential: never bound by MUFU.
+    exp_bound = softcap_t and size == 2 and not fixed_reference(params, dtype)
     gate = SOFTCAP_MIN_CEILING if exp_bound else None
     return HotLoop("stats", size, cfg.block_v, "summarize_row", min_ceiling=gate)
 
@@ -421,7 +449,7 @@ def aot_variants() -> List[Any]:
                                 # The gradient loops are compiled out without WRITE_GRAD.
                                 grad_block = meta["GRAD_BLOCK"]
                                 loops = [
-                                    _stats_loop(size, cfg, params),
+                                    _stats_loop(size, cfg, params, dtype),
                                     HotLoop("zero-fill", size, grad_block, "zero_row"),
                                     HotLoop("gradient", 2 * size, grad_block, "write_grad_row"),
                                 ]
@@ -457,7 +485,7 @@ def aot_variants() -> List[Any]:
                                 partial_stats_kernel,
                                 args,
                                 meta,
-                                [_stats_loop(size, cfg, params)],
+                                [_stats_loop(size, cfg, params, dtype)],
                             )
                         )
                     for out_stride in (n_cols, n_cols + 1):
