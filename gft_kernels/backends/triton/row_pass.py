@@ -122,16 +122,19 @@ def _fold_slots_fixed(
 def rebase_fixed(total_t, total_1, weighted2, scaled_inv_t):
     """``(m, S_t, S_1, W)`` from sums against the reference 0 (``W`` in log2 units).
 
-    ``m = k T ln 2`` with ``k = floor(log2 S_t)``: ``S_t 2^-k`` is exact and in
-    ``[1, 2)``, so the backward's ``coef / S`` stays a normal number whatever the row's
-    range. ``S_1`` is re-based by ``2^(-m log2 e)`` (one exponential per row). A row of
-    padding only (``S_t = 0``) gets ``m = -inf``, ``S = 0`` as the running-max path gives
-    it; a NaN sum keeps ``m`` finite so that the NaN reaches the loss.
+    ``m = k T ln 2`` with ``k = floor(log2 S_t)``, read from the exponent field (exact;
+    a rounded ``log2`` could land on the wrong side of a power of two): ``S_t 2^-k`` is
+    exact and in ``[1, 2)``, so the backward's ``coef / S`` stays a normal number
+    whatever the row's range. ``S_1`` is re-based by ``2^(-m log2 e)`` (one exponential
+    per row). A row of padding only (``S_t = 0``) gets ``m = -inf``, ``S = 0`` as the
+    running-max path gives it; a NaN sum keeps ``m`` finite so that the NaN reaches the
+    loss.
     """
-    k = tl.floor(tl.math.log2(total_t))
-    k = tl.where(tl.abs(k) < float("inf"), k, 0.0)  # 0 (k = -inf) and NaN sums
-    # 2^-k from its bits: |k| <= 127 (the sums lie in [2^-FIXED_REF_RANGE, 2^127]).
-    scale = ((127 - k.to(tl.int32)) << 23).to(tl.float32, bitcast=True)
+    # The sums lie in [2^-FIXED_REF_RANGE, 2^127): normal, so k is in [-96, 126].
+    k_int = (total_t.to(tl.int32, bitcast=True) >> 23) - 127
+    k_int = tl.where((total_t > 0.0) & (total_t < float("inf")), k_int, 0)  # 0 and NaN
+    scale = ((127 - k_int) << 23).to(tl.float32, bitcast=True)  # 2^-k
+    k = k_int.to(tl.float32)
     row_max = tl.where(total_t == 0.0, -float("inf"), k / scaled_inv_t)
     shift = tl.where(total_t == 0.0, 0.0, row_max)
     total_1 = total_1 * tl.math.exp2(-shift * LOG2E)
