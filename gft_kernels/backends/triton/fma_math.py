@@ -4,7 +4,8 @@ An SM's special-function unit (MUFU: ``exp2``, ``rcp``, ``lg2``) delivers 16 res
 clock, an eighth of the FMA pipe's 128. A soft-capped statistics loop needs three
 exponentials per 16-bit logit (tanh's, and the sums at T and at 1) and one reciprocal,
 more than MUFU can keep up with at HBM speed; these functions move part of that work to
-the FMA pipe, which has room to spare.
+the FMA pipe, which has room to spare (``row_pass`` computes a quarter of tanh's
+exponentials with :func:`exp2_poly`).
 """
 
 from __future__ import annotations
@@ -44,18 +45,17 @@ def reciprocal(d):
 
 
 @triton.jit
-def exp2_of_product(z, slope):
-    """``2^(z * slope)`` for ``|z * slope| <= 126``, to about 3 ulp; NaN stays NaN.
+def exp2_poly(a):
+    """``2^a`` for ``|a| <= 126``, to about 3 ulp; NaN stays NaN.
 
-    ``z * slope = n + f`` with ``n`` an integer and ``|f| <= 1/2`` (the product is never
-    rounded: both steps are FMAs), ``2^f`` a polynomial and ``2^n`` built from its bits:
-    eight FMA-pipe instructions, one integer shift-and-add, one multiply. Outside the
-    range the scale's exponent field wraps: the callers bound the argument.
+    ``a = n + f`` with ``n`` an integer and ``|f| <= 1/2``, ``2^f`` a polynomial and
+    ``2^n`` built from its bits: eight FMA-pipe instructions, one integer shift-and-add,
+    one multiply. Outside the range the scale's exponent field wraps: callers clamp.
     """
-    shifted = tl.fma(z, slope, ROUND_MAGIC)
+    shifted = a + ROUND_MAGIC
     n = shifted - ROUND_MAGIC
-    f = tl.fma(z, slope, -n)
-    p = tl.fma(EXP2_C5, f, EXP2_C4)
+    f = a - n
+    p = tl.fma(f, EXP2_C5, EXP2_C4)
     p = tl.fma(p, f, EXP2_C3)
     p = tl.fma(p, f, EXP2_C2)
     p = tl.fma(p, f, EXP2_C1)

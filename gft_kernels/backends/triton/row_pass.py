@@ -11,17 +11,9 @@ with ``WRITE_GRAD`` a second walk over the (cache-warm) row writes the gradient
 All exponentials are ``exp2`` with ``log2(e) / T`` folded into one multiplier, and the
 row is summarised by ``(m, S)``, never by a rounded ``lse``: see ``base.py``.
 
-``FIXED_REF`` (16-bit soft-capped logits at T != 1, chosen on the host when the range
-allows it): a soft-capped logit lies in ``[-cap, cap]``, so when ``cap log2(e) / T`` and
-``cap log2(e)`` are at most ``FIXED_REF_RANGE`` every term ``2^(z' log2(e) / T)`` and
-``2^(z' log2(e))`` is a normal fp32 number and the sums cannot overflow: they are taken
-against the fixed reference 0, with no running max and no rescaling, and re-based once
-per row (:func:`rebase_fixed`). That leaves three exponentials per element (tanh's and
-the two sums'), and the special-function unit delivers too few of them for HBM speed: a
-quarter of the sum at 1's are computed on the FMA pipe (``fma_math.exp2_of_product``).
-The price is the rounding of ``z' log2(e) / T`` at its full size instead of next to the
-max: up to ``FIXED_REF_RANGE * 2^-24`` (6e-6) relative per term, against ``2^-8`` for
-the 16-bit logits themselves.
+``FIXED_REF`` (16-bit soft-capped logits at T != 1): the statistics come from
+``row_fixed.summarize_fixed`` instead, which sums against a fixed reference (no running
+max) for the special-function unit's sake.
 """
 
 from __future__ import annotations
@@ -29,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gft_kernels.backends.triton.fma_math import exp2_of_product
+from gft_kernels.backends.triton.row_fixed import summarize_fixed
 from gft_kernels.backends.triton.row_grad import (
     LOG2E,
     aligned_head,
@@ -42,9 +34,6 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 BAD_TARGET: tl.constexpr = tl.constexpr(1)
 BAD_MASK: tl.constexpr = tl.constexpr(2)
 BAD_ADVANTAGE: tl.constexpr = tl.constexpr(4)
-# One column in EMULATED_EVERY of a fixed-reference block takes its sum-at-1 exponential
-# on the FMA pipe: the special-function unit then serves 2.75 exponentials per element.
-EMULATED_EVERY: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
@@ -84,66 +73,6 @@ def _fold_slots(
 
 
 @triton.jit
-def _fold_slots_fixed(
-    z,
-    sum_t,
-    sum_1,
-    acc_w,
-    scaled_inv_t,
-    VEC: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """:func:`_fold_slots` against the fixed reference 0 (``FIXED_REF``): no max, no
-    rescaling. Masked blocks (``-inf`` padding) take every exponential from the
-    special-function unit; whole blocks take one sum-at-1 term per ``EMULATED_EVERY``
-    columns from the FMA pipe (the column of each register is known at compile time, so
-    each element is computed one way only)."""
-    x2_t = z * scaled_inv_t
-    e_t = tl.math.exp2(x2_t)
-    if WITH_ENTROPY:
-        if MASKED:
-            x2_t = tl.maximum(x2_t, -1.0e30)  # e * x2 = 0, not 0 * -inf, on the padding
-        # One accumulator per element (``[SLOTS, VEC]``): an FMA each, where a sum per trip
-        # would take a multiply and an add.
-        acc_w += e_t * x2_t
-    sum_t += tl.sum(e_t, axis=1)
-    if MASKED:
-        e_1 = tl.math.exp2(z * LOG2E)
-    else:
-        column = tl.arange(0, VEC)[None, :]
-        emulated = column % EMULATED_EVERY == 0
-        e_1 = tl.where(emulated, exp2_of_product(z, LOG2E), tl.math.exp2(z * LOG2E))
-    sum_1 += tl.sum(e_1, axis=1)
-    return sum_t, sum_1, acc_w
-
-
-@triton.jit
-def rebase_fixed(total_t, total_1, weighted2, scaled_inv_t):
-    """``(m, S_t, S_1, W)`` from sums against the reference 0 (``W`` in log2 units).
-
-    ``m = k T ln 2`` with ``k = floor(log2 S_t)``, read from the exponent field (exact;
-    a rounded ``log2`` could land on the wrong side of a power of two): ``S_t 2^-k`` is
-    exact and in ``[1, 2)``, so the backward's ``coef / S`` stays a normal number
-    whatever the row's range. ``S_1`` is re-based by ``2^(-m log2 e)`` (one exponential
-    per row). A row of padding only (``S_t = 0``) gets ``m = -inf``, ``S = 0`` as the
-    running-max path gives it; a NaN sum keeps ``m`` finite so that the NaN reaches the
-    loss.
-    """
-    # The sums lie in [2^-FIXED_REF_RANGE, 2^127): normal, so k is in [-96, 126].
-    k_int = (total_t.to(tl.int32, bitcast=True) >> 23) - 127
-    k_int = tl.where((total_t > 0.0) & (total_t < float("inf")), k_int, 0)  # 0 and NaN
-    scale = ((127 - k_int) << 23).to(tl.float32, bitcast=True)  # 2^-k
-    k = k_int.to(tl.float32)
-    row_max = tl.where(total_t == 0.0, -float("inf"), k / scaled_inv_t)
-    shift = tl.where(total_t == 0.0, 0.0, row_max)
-    total_1 = total_1 * tl.math.exp2(-shift * LOG2E)
-    # sum e (x2 - k) = sum e x2 - k S, then 2^-k; natural units.
-    weighted = (weighted2 - k * total_t) * scale * LN2
-    return row_max, total_t * scale, total_1, weighted
-
-
-@triton.jit
 def _load_slots(
     logits_ptr,
     offset,
@@ -165,26 +94,71 @@ def _load_slots(
 
 
 @triton.jit
-def _fold(
-    z,
-    m,
-    sum_t,
-    sum_1,
-    acc_w,
+def _summarize_running_max(
+    logits_ptr,
+    row_offset,
+    n_cols,
     scaled_inv_t,
+    BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
     UNIT_T: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
-    FIXED_REF: tl.constexpr,
-    MASKED: tl.constexpr,
+    TRANSFORM: tl.constexpr,
+    logit_scale,
+    cap,
+    tanh_slope,
 ):
-    if FIXED_REF:
-        sum_t, sum_1, acc_w = _fold_slots_fixed(
-            z, sum_t, sum_1, acc_w, scaled_inv_t, VEC, WITH_ENTROPY, MASKED
+    """:func:`summarize_row` with one running max per slot."""
+    SLOTS: tl.constexpr = BLOCK_V // VEC
+    slots = tl.arange(0, SLOTS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    m = tl.full([SLOTS], -float("inf"), tl.float32)
+    sum_t = tl.zeros([SLOTS], tl.float32)
+    sum_1 = tl.zeros([SLOTS], tl.float32)
+    acc_w = tl.zeros([SLOTS], tl.float32)
+    head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
+    z = _load_slots(
+        logits_ptr, row_offset, slots, slots < head, TRANSFORM, logit_scale, cap, tanh_slope, True
+    )
+    m, sum_t, sum_1, acc_w = _fold_slots(
+        z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
+    )
+    n_full = (n_cols - head) // BLOCK_V
+    for k in range(0, n_full):
+        block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
+        z = _load_slots(block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, tanh_slope, False)
+        m, sum_t, sum_1, acc_w = _fold_slots(
+            z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
         )
-        return m, sum_t, sum_1, acc_w
+    start = head + n_full * BLOCK_V
+    z = _load_slots(
+        logits_ptr,
+        row_offset + start,
+        slots,
+        start + slots < n_cols,
+        TRANSFORM,
+        logit_scale,
+        cap,
+        tanh_slope,
+        True,
+    )
+    m, sum_t, sum_1, acc_w = _fold_slots(
+        z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
+    )
+    # Combine the slots once per row (the same algebra as blocks on different ranks).
+    row_max = tl.max(m, axis=0)
+    shift = tl.where(row_max == -float("inf"), 0.0, row_max)
+    delta = m - shift
+    f_t = tl.math.exp2(delta * scaled_inv_t)
+    total_t = tl.sum(sum_t * f_t, axis=0)
+    if UNIT_T:
+        total_1 = total_t
     else:
-        return _fold_slots(z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY)
+        total_1 = tl.sum(sum_1 * tl.math.exp2(delta * LOG2E), axis=0)
+    weighted = 0.0
+    if WITH_ENTROPY:
+        slot_w = tl.where(sum_t > 0.0, f_t * (acc_w + delta * scaled_inv_t * sum_t), 0.0)
+        weighted = tl.sum(slot_w, axis=0) * LN2
+    return row_max, total_t, total_1, weighted
 
 
 @triton.jit
@@ -205,74 +179,55 @@ def summarize_row(
 ):
     """``(m, S_t, S_1, W)`` of one row: a reference ``m`` (the max of ``z'``, or with
     ``FIXED_REF`` a point within ``T log 2`` below ``T`` times the tempered logsumexp),
-    ``sum exp((z' - m) / T)``,
-    ``sum exp(z' - m)`` and ``sum e x`` with ``x = (z' - m) / T`` (natural units).
+    ``sum exp((z' - m) / T)``, ``sum exp(z' - m)`` and ``sum e x`` with
+    ``x = (z' - m) / T`` (natural units).
 
     The row is walked from its first 16-byte-aligned element in whole unmasked blocks
     (vector loads whatever the vocabulary size or row stride), with one masked block for
     the elements before that point and one for the tail.
     """
-    SLOTS: tl.constexpr = BLOCK_V // VEC
-    slots = tl.arange(0, SLOTS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    m = tl.full([SLOTS], -float("inf"), tl.float32)
-    sum_t = tl.zeros([SLOTS], tl.float32)
-    sum_1 = tl.zeros([SLOTS], tl.float32)
     if FIXED_REF:
-        acc_w = tl.zeros([SLOTS, VEC], tl.float32)
-    else:
-        acc_w = tl.zeros([SLOTS], tl.float32)
-    head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
-    z = _load_slots(
-        logits_ptr, row_offset, slots, slots < head, TRANSFORM, logit_scale, cap, tanh_slope, True
-    )
-    m, sum_t, sum_1, acc_w = _fold(
-        z, m, sum_t, sum_1, acc_w, scaled_inv_t, VEC, UNIT_T, WITH_ENTROPY, FIXED_REF, True
-    )
-    n_full = (n_cols - head) // BLOCK_V
-    for k in range(0, n_full):
-        block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
-        z = _load_slots(block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, tanh_slope, False)
-        m, sum_t, sum_1, acc_w = _fold(
-            z, m, sum_t, sum_1, acc_w, scaled_inv_t, VEC, UNIT_T, WITH_ENTROPY, FIXED_REF, False
-        )
-    start = head + n_full * BLOCK_V
-    z = _load_slots(
-        logits_ptr,
-        row_offset + start,
-        slots,
-        start + slots < n_cols,
-        TRANSFORM,
-        logit_scale,
-        cap,
-        tanh_slope,
-        True,
-    )
-    m, sum_t, sum_1, acc_w = _fold(
-        z, m, sum_t, sum_1, acc_w, scaled_inv_t, VEC, UNIT_T, WITH_ENTROPY, FIXED_REF, True
-    )
-    if FIXED_REF:
-        # Every slot has the same reference: the slots just add up.
-        row_max, total_t, total_1, weighted = rebase_fixed(
-            tl.sum(sum_t, axis=0),
-            tl.sum(sum_1, axis=0),
-            tl.sum(tl.sum(acc_w, axis=1), axis=0),
+        row_max, total_t, total_1, weighted, lost = summarize_fixed(
+            logits_ptr,
+            row_offset,
+            n_cols,
             scaled_inv_t,
+            BLOCK_V,
+            VEC,
+            WITH_ENTROPY,
+            cap,
+            tanh_slope,
         )
+        if lost:  # rare: see row_fixed
+            row_max, total_t, total_1, weighted = _summarize_running_max(
+                logits_ptr,
+                row_offset,
+                n_cols,
+                scaled_inv_t,
+                BLOCK_V,
+                VEC,
+                UNIT_T,
+                WITH_ENTROPY,
+                TRANSFORM,
+                logit_scale,
+                cap,
+                tanh_slope,
+            )
     else:
-        # Combine the slots once per row (the same algebra as blocks on different ranks).
-        row_max = tl.max(m, axis=0)
-        shift = tl.where(row_max == -float("inf"), 0.0, row_max)
-        delta = m - shift
-        f_t = tl.math.exp2(delta * scaled_inv_t)
-        total_t = tl.sum(sum_t * f_t, axis=0)
-        if UNIT_T:
-            total_1 = total_t
-        else:
-            total_1 = tl.sum(sum_1 * tl.math.exp2(delta * LOG2E), axis=0)
-        weighted = 0.0
-        if WITH_ENTROPY:
-            slot_w = tl.where(sum_t > 0.0, f_t * (acc_w + delta * scaled_inv_t * sum_t), 0.0)
-            weighted = tl.sum(slot_w, axis=0) * LN2
+        row_max, total_t, total_1, weighted = _summarize_running_max(
+            logits_ptr,
+            row_offset,
+            n_cols,
+            scaled_inv_t,
+            BLOCK_V,
+            VEC,
+            UNIT_T,
+            WITH_ENTROPY,
+            TRANSFORM,
+            logit_scale,
+            cap,
+            tanh_slope,
+        )
     return row_max, total_t, total_1, weighted
 
 

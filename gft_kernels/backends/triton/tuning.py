@@ -74,9 +74,8 @@ def launch_config(
     block = block_v or MAX_BLOCK.get(element_bytes, 4096)
     if softcap:
         # tanh's extra live values spill at 16 elements per thread; at 8 the soft-capped
-        # loops still clear the 85% gate (T = 1 about 89%, T != 1 against the fixed
-        # reference 87-91%); with the running max at T != 1 the exponential unit bounds
-        # them below that whatever the block (see SOFTCAP_MIN_CEILING).
+        # loops still clear the 85% gate (T = 1 with the running max, T != 1 against
+        # fixed references: see row_fixed).
         block = max(block // 2, 16 // element_bytes)
     return LaunchConfig(
         block_v=block,
@@ -125,26 +124,14 @@ def transform_args(params: RowParams) -> Tuple[int, float, float, float]:
     return 0, 1.0, 1.0, 0.0
 
 
-# Exponent range (log2 units) within which soft-capped sums can be taken against the
-# fixed reference 0 (``row_pass.FIXED_REF``): every term lies in [2^-96, 2^96], so none is
-# flushed to zero, a row of up to 2^31 terms sums below 2^127, and ``fma_math``'s
-# exponential stays within its range.
-FIXED_REF_RANGE = 96.0
-
-
 def fixed_reference(params: RowParams, dtype: torch.dtype) -> bool:
-    """Whether the statistics loop runs against the fixed reference 0 (see
-    ``row_pass.FIXED_REF``): 16-bit soft-capped logits at T != 1 whose exponents
-    ``z' log2(e) / T`` and ``z' log2(e)`` stay within ``FIXED_REF_RANGE``. Elsewhere the
-    running-max loop is fast enough (fp32 moves twice the bytes per exponential; T = 1
-    needs one exponential fewer) or the only safe one (a cap too wide for the
-    temperature)."""
+    """Whether the statistics run against fixed references (``row_fixed``): 16-bit
+    soft-capped logits at T != 1, whose running-max loop the exponential unit would bound
+    below HBM speed. fp32 moves twice the bytes per exponential and T = 1 needs one
+    exponential fewer: their running-max loops keep up."""
     if params.logit_softcap is None or params.unit_temperature:
         return False
-    if torch.finfo(dtype).bits != 16:
-        return False
-    widest = params.logit_softcap * LOG2E * max(1.0, params.inv_temperature)
-    return widest <= FIXED_REF_RANGE
+    return torch.finfo(dtype).bits == 16
 
 
 def same_skew(a, stride_a: int, b, stride_b: int, n_rows: int, vec: int) -> bool:
@@ -369,30 +356,22 @@ _AOT_PARAMS = {
     "T!=1": RowParams(tau=0.1, temperature=0.7),
     "T=1/softcap": RowParams(tau=0.1, temperature=1.0, logit_softcap=30.0),
     "T!=1/softcap": RowParams(tau=0.1, temperature=0.7, logit_softcap=30.0),
-    # cap log2(e) / T = 173 > FIXED_REF_RANGE: the running-max loop for 16-bit logits.
-    "T!=1/softcap-wide": RowParams(tau=0.1, temperature=0.25, logit_softcap=30.0),
     "T=1/scale": RowParams(tau=0.1, temperature=1.0, logit_scale=0.5),
 }
 
 
-# A soft-capped statistics loop at T != 1 needs three exponentials per element (tanh's,
-# the sums' at T and at 1) from the exp/reciprocal unit (MUFU, 16 results per SM per
-# clock). Against the fixed reference (``fixed_reference``) a quarter of one sum's move to
-# the FMA pipe and these 16-bit loops clear the 85% gate (87-91% on sm_90). A cap too
-# wide for the temperature (``cap log2(e) / T > FIXED_REF_RANGE``, e.g. cap 30 at
-# T < 0.45) needs the running max, whose rescales add two exponentials per slot and trip:
-# that loop is bound at about 77% of H100 HBM bandwidth, and gated here.
-SOFTCAP_MIN_CEILING = 0.75
-
-
-def _stats_loop(size: int, cfg: LaunchConfig, params: RowParams, dtype: torch.dtype):
+def _stats_loops(size: int, cfg: LaunchConfig, params: RowParams, dtype: torch.dtype) -> list:
+    """The statistics loops of a kernel that calls ``summarize_row``: the running-max walk
+    and the fixed-reference walk (one of them compiled out). With fixed references the
+    running-max walk only re-reads the rare rows that lost terms to underflow
+    (``row_fixed``): reported, not held to the bandwidth gate."""
     from gft_kernels.backends.triton.variants import HotLoop
 
-    softcap_t = params.logit_softcap is not None and not params.unit_temperature
-    # fp32 moves twice the bytes per exponential: never bound by MUFU.
-    exp_bound = softcap_t and size == 2 and not fixed_reference(params, dtype)
-    gate = SOFTCAP_MIN_CEILING if exp_bound else None
-    return HotLoop("stats", size, cfg.block_v, "summarize_row", min_ceiling=gate)
+    fixed = fixed_reference(params, dtype)
+    running_max = HotLoop("stats", size, cfg.block_v, "_summarize_running_max")
+    if fixed:
+        running_max = HotLoop("stats-fallback", None, cfg.block_v, "_summarize_running_max")
+    return [running_max, HotLoop("stats", size, cfg.block_v, "_walk")]
 
 
 def aot_variants() -> List[Any]:
@@ -449,7 +428,7 @@ def aot_variants() -> List[Any]:
                                 # The gradient loops are compiled out without WRITE_GRAD.
                                 grad_block = meta["GRAD_BLOCK"]
                                 loops = [
-                                    _stats_loop(size, cfg, params, dtype),
+                                    *_stats_loops(size, cfg, params, dtype),
                                     HotLoop("zero-fill", size, grad_block, "zero_row"),
                                     HotLoop("gradient", 2 * size, grad_block, "write_grad_row"),
                                 ]
@@ -485,7 +464,7 @@ def aot_variants() -> List[Any]:
                                 partial_stats_kernel,
                                 args,
                                 meta,
-                                [_stats_loop(size, cfg, params, dtype)],
+                                _stats_loops(size, cfg, params, dtype),
                             )
                         )
                     for out_stride in (n_cols, n_cols + 1):
