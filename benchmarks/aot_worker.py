@@ -358,7 +358,11 @@ def loop_entries(
         if not loops:
             entry["note"] = "no SASS loop (a single trip, or compiled out)"
             continue
-        main, unroll = max(loops, key=lambda p: ((p[1] or 1), p[0].count()))
+        # A SASS loop that holds another loop is not the compiled form of a source loop
+        # without one (ptxas may lay code of an inlined function out inside a loop that
+        # carries its line): prefer the flat candidates when there are any.
+        flat = [p for p in loops if not p[0].nested]
+        main, unroll = max(flat or loops, key=lambda p: ((p[1] or 1), p[0].count()))
         if unroll is None:
             entry["note"] = "unroll factor unknown (taken as 1)"
         unroll = unroll or 1

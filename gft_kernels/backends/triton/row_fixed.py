@@ -44,35 +44,44 @@ EMULATED_EVERY: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
-def softcap_slots(z, VEC: tl.constexpr, cap, tanh_slope):
-    """``cap * tanh(z * scale / cap)`` of a ``[SLOTS, VEC]`` block, as
-    ``row_grad.transform_logits`` computes it, with a quarter of the exponentials on the
-    FMA pipe (the column of each register is known at compile time, so each element is
-    computed one way only). Clamped to ``[-64, 64]``, the polynomial's exponent stays in
-    its range; below -64, ``1 + 2^a`` is 1 in fp32 either way."""
+def tanh_reciprocal(z, VEC: tl.constexpr, tanh_slope):
+    """``r = 1 / (1 + 2^(z tanh_slope))`` of a ``[SLOTS, VEC]`` block, so that the
+    soft-capped logit is ``cap - 2 cap r`` as ``row_grad.transform_logits`` computes it,
+    with a quarter of the exponentials on the FMA pipe (the column of each register is
+    known at compile time, so each element is computed one way only). Clamped to
+    ``[-64, 64]``, the polynomial's exponent stays in its range; below -64, ``1 + 2^a``
+    is 1 in fp32 either way."""
     a = tl.minimum(z * tanh_slope, 64.0, propagate_nan=tl.PropagateNan.ALL)
     column = tl.arange(0, VEC)[None, :]
     emulated = column % EMULATED_EVERY == 0
     bounded = tl.maximum(a, -64.0, propagate_nan=tl.PropagateNan.ALL)
     e = tl.where(emulated, exp2_poly(bounded), tl.math.exp2(a))
-    return cap - (cap + cap) * reciprocal(1.0 + e)
+    return reciprocal(1.0 + e)
 
 
 @triton.jit
 def _fold(
-    z,
+    r,
+    mask,
     sum_t,
     sum_1,
     acc_w,
-    scaled_inv_t,
-    ref_t,
-    ref_1,
+    base_t,
+    slope_t,
+    base_1,
+    slope_1,
     WITH_ENTROPY: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """Add a ``[SLOTS, VEC]`` block of soft-capped logits (``-inf`` padding) to the sums
-    against ``ref_t`` / ``ref_1`` (log2 units; exact integers, so the FMAs round once)."""
-    x2_t = tl.fma(z, scaled_inv_t, -ref_t)
+    """Add a ``[SLOTS, VEC]`` block to the sums. The exponents against the references,
+    ``x = (cap - 2 cap r) log2(e) / T - R``, are one FMA each from ``r``
+    (``base = c - R``, ``slope = -2 c``): ``z'`` itself is never formed. Masked blocks
+    pad with ``-inf`` exponents."""
+    x2_t = tl.fma(r, slope_t, base_t)
+    x2_1 = tl.fma(r, slope_1, base_1)
+    if MASKED:
+        x2_t = tl.where(mask, x2_t, -float("inf"))
+        x2_1 = tl.where(mask, x2_1, -float("inf"))
     e_t = tl.math.exp2(x2_t)
     if WITH_ENTROPY:
         if MASKED:
@@ -81,7 +90,7 @@ def _fold(
         # multiply and an add.
         acc_w += e_t * x2_t
     sum_t += tl.sum(e_t, axis=1)
-    sum_1 += tl.sum(tl.math.exp2(tl.fma(z, LOG2E, -ref_1)), axis=1)
+    sum_1 += tl.sum(tl.math.exp2(x2_1), axis=1)
     return sum_t, sum_1, acc_w
 
 
@@ -90,13 +99,13 @@ def _walk(
     logits_ptr,
     row_offset,
     n_cols,
-    scaled_inv_t,
     ref_t,
     ref_1,
+    c_t,
+    c_1,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
-    cap,
     tanh_slope,
 ):
     """``(S_t, S_1, W)``: the row's sums against the references (``W = sum e x2`` in log2
@@ -106,26 +115,56 @@ def _walk(
     sum_t = tl.zeros([SLOTS], tl.float32)
     sum_1 = tl.zeros([SLOTS], tl.float32)
     acc_w = tl.zeros([SLOTS, VEC], tl.float32)
+    base_t, slope_t = c_t - ref_t, -2.0 * c_t
+    base_1, slope_1 = c_1 - ref_1, -2.0 * c_1
     head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
     in_head = slots < head
     z = tl.load(logits_ptr + row_offset + slots, mask=in_head, other=0.0).to(tl.float32)
-    z = tl.where(in_head, softcap_slots(z, VEC, cap, tanh_slope), -float("inf"))
     sum_t, sum_1, acc_w = _fold(
-        z, sum_t, sum_1, acc_w, scaled_inv_t, ref_t, ref_1, WITH_ENTROPY, True
+        tanh_reciprocal(z, VEC, tanh_slope),
+        in_head,
+        sum_t,
+        sum_1,
+        acc_w,
+        base_t,
+        slope_t,
+        base_1,
+        slope_1,
+        WITH_ENTROPY,
+        True,
     )
     n_full = (n_cols - head) // BLOCK_V
     for k in range(0, n_full):
         block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
-        z = softcap_slots(tl.load(block_ptr + slots).to(tl.float32), VEC, cap, tanh_slope)
+        z = tl.load(block_ptr + slots).to(tl.float32)
         sum_t, sum_1, acc_w = _fold(
-            z, sum_t, sum_1, acc_w, scaled_inv_t, ref_t, ref_1, WITH_ENTROPY, False
+            tanh_reciprocal(z, VEC, tanh_slope),
+            None,
+            sum_t,
+            sum_1,
+            acc_w,
+            base_t,
+            slope_t,
+            base_1,
+            slope_1,
+            WITH_ENTROPY,
+            False,
         )
     start = head + n_full * BLOCK_V
     in_tail = start + slots < n_cols
     z = tl.load(logits_ptr + row_offset + start + slots, mask=in_tail, other=0.0)
-    z = tl.where(in_tail, softcap_slots(z.to(tl.float32), VEC, cap, tanh_slope), -float("inf"))
     sum_t, sum_1, acc_w = _fold(
-        z, sum_t, sum_1, acc_w, scaled_inv_t, ref_t, ref_1, WITH_ENTROPY, True
+        tanh_reciprocal(z.to(tl.float32), VEC, tanh_slope),
+        in_tail,
+        sum_t,
+        sum_1,
+        acc_w,
+        base_t,
+        slope_t,
+        base_1,
+        slope_1,
+        WITH_ENTROPY,
+        True,
     )
     return tl.sum(sum_t, axis=0), tl.sum(sum_1, axis=0), tl.sum(tl.sum(acc_w, axis=1), axis=0)
 
@@ -158,7 +197,9 @@ def rebase(total_t, total_1, weighted2, ref_t, ref_1, scaled_inv_t):
     k_int = _floor_log2(total_t)
     scale = ((127 - k_int) << 23).to(tl.float32, bitcast=True)  # 2^-k, |k| <= 126
     k = k_int.to(tl.float32)
-    row_max = tl.where(total_t == 0.0, -float("inf"), (k + ref_t) / scaled_inv_t)
+    # Any m works with its own S (see base.PartialStats): the approximate divide (no
+    # IEEE slow path) is enough.
+    row_max = tl.where(total_t == 0.0, -float("inf"), tl.fdiv(k + ref_t, scaled_inv_t))
     shift = tl.where(total_t == 0.0, 0.0, row_max)
     total_1 = total_1 * tl.math.exp2(ref_1 - shift * LOG2E)
     # sum e (x2 - k) = sum e x2 - k S, then 2^-k; natural units.
@@ -189,13 +230,13 @@ def summarize_fixed(
         logits_ptr,
         row_offset,
         n_cols,
-        scaled_inv_t,
         ref_t,
         ref_1,
+        c_t,
+        c_1,
         BLOCK_V,
         VEC,
         WITH_ENTROPY,
-        cap,
         tanh_slope,
     )
     lost = _may_have_lost(total_t, ref_t, c_t) | _may_have_lost(total_1, ref_1, c_1)
