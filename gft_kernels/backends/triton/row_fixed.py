@@ -17,11 +17,13 @@ lies more than ``HEADROOM + 80`` below ``c``: with cap 30 at T = 0.25, every sof
 logit below -0.5.
 
 MUFU then serves three exponentials per element; a quarter of tanh's are computed on the
-FMA pipe instead (``fma_math.exp2_poly``), which leaves 2.75. The price of the fixed
-reference is the rounding of ``x`` at its full size (up to ``HEADROOM``) instead of next to
-the max: about ``HEADROOM * 2^-24`` (6e-6) relative per term, against ``2^-8`` for the
-16-bit logits themselves. The row is re-based once at its end to the ``(m, S)`` summary
-the rest of the pass and the backward read (:func:`rebase`).
+FMA pipe instead (``fma_math.exp2_poly``), which leaves 2.75. Each exponent is one FMA
+from tanh's reciprocal ``r``: ``x - R = (c - R) - 2 c r``. The price of the fixed
+reference is that ``x`` is formed and rounded at its full size (up to ``HEADROOM``)
+instead of next to the max: about 1e-5 relative per term, the order of the soft-cap's own
+tanh (its exponential is good to 2^-22), against ``2^-8`` for the 16-bit logits
+themselves. The row is re-based once at its end to the ``(m, S)`` summary the rest of the
+pass and the backward read (:func:`rebase`).
 """
 
 from __future__ import annotations
