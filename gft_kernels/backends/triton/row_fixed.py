@@ -32,9 +32,8 @@ import triton
 import triton.language as tl
 
 from gft_kernels.backends.triton.fma_math import exp2_poly, reciprocal
-from gft_kernels.backends.triton.row_grad import LOG2E, aligned_head
+from gft_kernels.backends.triton.row_grad import LN2, LOG2E, aligned_head
 
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 HEADROOM: tl.constexpr = tl.constexpr(96.0)
 # A walk whose sum is below 2^-80 may have lost terms to underflow (each below 2^-126):
 # up to V 2^-126, which 2^-80 keeps under 2^-24 of the sum for V up to 2^22.

@@ -19,6 +19,7 @@ import triton.language as tl
 from gft_kernels.backends.triton.fma_math import reciprocal
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from gft_kernels.backends.triton.row_fixed import summarize_fixed
 from gft_kernels.backends.triton.row_grad import (
+    LN2,
     LOG2E,
     aligned_head,
     transform_logits,
@@ -30,7 +31,6 @@ from gft_kernels.backends.triton.row_grad import (
     zero_row,
 )
 
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 BAD_TARGET: tl.constexpr = tl.constexpr(1)
 BAD_MASK: tl.constexpr = tl.constexpr(2)
 BAD_ADVANTAGE: tl.constexpr = tl.constexpr(4)

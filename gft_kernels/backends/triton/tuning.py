@@ -367,10 +367,10 @@ def _stats_loops(size: int, cfg: LaunchConfig, params: RowParams, dtype: torch.d
     (``row_fixed``): reported, not held to the bandwidth gate."""
     from gft_kernels.backends.triton.variants import HotLoop
 
-    fixed = fixed_reference(params, dtype)
-    running_max = HotLoop("stats", size, cfg.block_v, "_summarize_running_max")
-    if fixed:
+    if fixed_reference(params, dtype):
         running_max = HotLoop("stats-fallback", None, cfg.block_v, "_summarize_running_max")
+    else:
+        running_max = HotLoop("stats", size, cfg.block_v, "_summarize_running_max")
     return [running_max, HotLoop("stats", size, cfg.block_v, "_walk")]
 
 
