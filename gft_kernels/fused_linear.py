@@ -549,6 +549,7 @@ def fused_linear_gft_loss(
         return_stats=return_stats,
         logit_scale=logit_scale,
         logit_softcap=logit_softcap,
+        anchor_name="hidden",
     )
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     reduced = batch.loss_agg_mode != "none"

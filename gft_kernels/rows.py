@@ -38,6 +38,11 @@ def vocab_shard(process_group, local_size: int, device: torch.device) -> VocabSh
     """Gather every rank's block size (one small all-gather) and locate this rank's block."""
     import torch.distributed as dist
 
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "process_group: expected a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}"
+        )
     world = dist.get_world_size(process_group)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(

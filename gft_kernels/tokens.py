@@ -87,11 +87,12 @@ def prepare_tokens(
     return_stats: object,
     logit_scale: object = 1.0,
     logit_softcap: object = None,
+    anchor_name: str = "logits",
 ) -> TokenBatch:
     """Check every argument of a loss call and flatten the token inputs.
 
-    ``anchor`` is the logits or hidden tensor: its leading dims are the tokens and its
-    device/dtype pick the backend.
+    ``anchor`` is the logits or hidden tensor (named ``anchor_name`` in errors): its
+    leading dims are the tokens and its device/dtype pick the backend.
     """
     opts = check_options(
         tau=tau,
@@ -106,14 +107,17 @@ def prepare_tokens(
     token_shape = anchor.shape[:-1]
     mode = _checks.check_mode(loss_agg_mode, len(token_shape))
     _checks.check_token_inputs(targets, advantages, mask, token_shape, anchor.device)
-    name = check_backend(backend, anchor.device, anchor.dtype)
+    name = check_backend(backend, anchor.device, anchor.dtype, anchor_name)
     acc = accumulate_dtype(anchor.dtype)
 
-    flat_targets = targets.reshape(-1)
+    # The token inputs are O(N) next to the O(N x V) logits: one contiguous copy of a
+    # strided or broadcast view (y[::2], adv.expand(N), token_adv[:, 0]) costs nothing
+    # measurable and lets every kernel index them as plain (N,) arrays.
+    flat_targets = targets.reshape(-1).contiguous()
     valid = flat_targets != opts["ignore_index"]
     flat_mask = None
     if mask is not None:
-        flat_mask = mask.reshape(-1)
+        flat_mask = mask.reshape(-1).contiguous()
         if flat_mask.dtype == torch.bool:
             flat_mask = flat_mask.view(torch.uint8)
         elif flat_mask.dtype not in (torch.uint8, torch.float32):
@@ -130,7 +134,7 @@ def prepare_tokens(
     return TokenBatch(
         token_shape=token_shape,
         targets=flat_targets,
-        advantages=advantages.reshape(-1).to(acc),
+        advantages=advantages.reshape(-1).to(acc).contiguous(),
         tokens_per_advantage=token_shape[1] if per_sequence else 1,
         mask=flat_mask,
         valid=valid,

@@ -80,8 +80,13 @@ register_backend("triton", _triton_factory)
 BACKENDS: Tuple[str, ...] = ("auto", "triton", "cpu", "torch")
 
 
-def check_backend(backend: object, device: torch.device, dtype: torch.dtype) -> str:
+def check_backend(
+    backend: object, device: torch.device, dtype: torch.dtype, tensor_name: str = "logits"
+) -> str:
     """Resolve ``backend`` for tensors of ``device``/``dtype`` without building anything.
+
+    ``tensor_name`` is the argument whose dtype decides (``logits``, or ``hidden`` for the
+    fused head), so that a refusal names what the caller passed.
 
     Returns the concrete name, or ``"auto-cpu"`` when ``auto`` on the CPU must try the
     native kernel first. Raises ``ValueError``/``TypeError`` for impossible choices.
@@ -99,7 +104,7 @@ def check_backend(backend: object, device: torch.device, dtype: torch.dtype) -> 
             raise ValueError(f"backend: 'triton' needs CUDA tensors, got device {device}")
         if dtype == torch.float64:
             raise TypeError(
-                "logits: backend 'triton' takes float32/bfloat16/float16, got float64 "
+                f"{tensor_name}: backend 'triton' takes float32/bfloat16/float16, got float64 "
                 "(use backend='torch' or 'cpu' for fp64, e.g. gradcheck)"
             )
         return "triton"

@@ -109,7 +109,9 @@ class RowBackend(Protocol):
     """What a backend provides. Inputs are validated by the caller except where noted.
 
     Shapes: ``logits`` is ``(N, V)`` with a contiguous last dim (any row stride, possibly
-    0); ``targets`` is ``(N,)`` int64 or int32 holding vocabulary ids or
+    0); ``targets``, ``advantages`` and ``mask`` are contiguous (the public functions copy
+    strided or broadcast views once, before dispatch); ``targets`` is ``(N,)`` int64 or
+    int32 holding vocabulary ids or
     ``params.ignore_index``; ``advantages`` is ``(N // tokens_per_advantage,)`` (one per
     sequence when ``tokens_per_advantage`` is the sequence length, else one per token) in
     the accumulate dtype; ``mask`` is None or ``(N,)`` uint8/float32 holding 0/1.

@@ -1,0 +1,53 @@
+"""Errors name the argument the caller gave (not an internal name, not an AttributeError)."""
+
+import pytest
+import torch
+
+from gft_kernels import fused_linear_gft_loss, gft_loss
+
+
+def _tokens(n=4, vocab=7):
+    return torch.randint(0, vocab, (n,)), torch.randn(n)
+
+
+@pytest.mark.parametrize("group", [object(), "world", 0])
+def test_gft_loss_process_group_type_is_named(group):
+    targets, adv = _tokens()
+    with pytest.raises(TypeError, match=r"process_group: expected a torch\.distributed"):
+        gft_loss(torch.randn(4, 7), targets, adv, backend="torch", process_group=group)
+
+
+@pytest.mark.parametrize("group", [object(), "world"])
+def test_fused_process_group_type_is_named(group):
+    targets, adv = _tokens()
+    with pytest.raises(TypeError, match=r"process_group: expected .* got (object|str)"):
+        fused_linear_gft_loss(
+            torch.randn(4, 5),
+            torch.randn(7, 5),
+            targets,
+            adv,
+            backend="torch",
+            process_group=group,
+        )
+
+
+def test_fused_triton_fp64_refusal_names_hidden():
+    targets, adv = _tokens()
+    hidden = torch.randn(4, 5, dtype=torch.float64)
+    weight = torch.randn(7, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"^hidden: backend 'triton' takes .* got float64"):
+        fused_linear_gft_loss(hidden, weight, targets, adv, backend="triton")
+
+
+def test_fused_weight_dtype_mismatch_names_weight():
+    targets, adv = _tokens()
+    with pytest.raises(TypeError, match=r"^weight: expected dtype torch\.float32"):
+        fused_linear_gft_loss(
+            torch.randn(4, 5), torch.randn(7, 5, dtype=torch.float64), targets, adv
+        )
+
+
+def test_gft_loss_triton_fp64_refusal_names_logits():
+    targets, adv = _tokens()
+    with pytest.raises(TypeError, match=r"^logits: backend 'triton' takes .* got float64"):
+        gft_loss(torch.randn(4, 7, dtype=torch.float64), targets, adv, backend="triton")
