@@ -11,7 +11,12 @@ Steps (each printed before it runs):
    usable device, else the check stops. Then the project with its extras, and the native
    CPU kernel (the suite tests the CPU backends too).
 3. **Tests**: ``python -m pytest tests`` with ``TRITON_INTERPRET`` removed from the
-   environment, so the Triton kernels run compiled on the GPU.
+   environment, so the Triton kernels run compiled on the GPU. The suite's conftest sets
+   ``GFT_KERNELS_SYNC_CHECKS=1`` (bad values raise ``ValueError``); the default checks,
+   device-side asserts, run in a subprocess without it
+   (``tests/test_device_guard.py::test_default_checks_raise_a_device_side_assert``), and
+   the GPU-only capture test (``tests/test_capture_safe.py``) records both losses in a
+   CUDA graph. Nothing here deselects them.
 4. **Benchmarks**: ``python -m benchmarks --device cuda`` (every case, with the Liger-Kernel
    and ``torch.compile`` peers, the careful PyTorch peer and the floor rows, bare GEMMs
    included).

@@ -121,13 +121,37 @@ def _accumulate_dw(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, first
     grad_w.addmm_(g.t().to(grad_w.dtype), h.to(grad_w.dtype), beta=beta)
 
 
+def must_not_sync(device: torch.device) -> bool:
+    """Whether the head must run without a host synchronisation (no token compaction):
+    while ``torch.compile`` traces the call (compiled graphs are meant to run ahead of the
+    host, and ``mode="reduce-overhead"`` replays them as CUDA graphs), or while the current
+    stream of ``device`` is being captured into a CUDA graph, where a sync fails the
+    capture."""
+    if torch.compiler.is_compiling():
+        return True
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _carries_loss(
+    targets: torch.Tensor,
+    per_token_adv: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    ignore_index: int,
+) -> torch.Tensor:
+    keep = (targets != ignore_index) & (per_token_adv != 0)
+    if mask is not None:
+        keep &= mask != 0
+    return keep
+
+
 def _compact_index(inputs: HeadInputs, per_token_adv: torch.Tensor, vocab: int) -> torch.Tensor:
     """Tokens that can carry loss, plus any holding a bad value (so that the kernels still
     see and report it); the call's one host synchronisation."""
     p = inputs.params
-    keep = (inputs.targets != p.ignore_index) & (per_token_adv != 0)
-    if inputs.mask is not None:
-        keep &= inputs.mask != 0
+    keep = _carries_loss(inputs.targets, per_token_adv, inputs.mask, p.ignore_index)
     bad = value_flags(inputs.targets, inputs.mask, per_token_adv, 1, vocab, p.ignore_index)
     return (keep | (bad != 0)).nonzero().squeeze(1)
 
@@ -145,7 +169,8 @@ def chunked_head(
 ) -> HeadOutputs:
     """The chunked head. With ``grad_weights`` (``(N,)``: ``w_t``, or the upstream
     gradient per token) the gradients in ``need_grads`` (hidden, weight, bias) are
-    computed in the same pass; rows that carry no loss are skipped when ``compact``."""
+    computed in the same pass; rows that carry no loss are skipped when ``compact``
+    (unless :func:`must_not_sync`)."""
     hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
     n_tokens = hidden.shape[0]
     acc = accumulate_dtype(hidden.dtype)
@@ -154,7 +179,7 @@ def chunked_head(
         adv = adv.repeat_interleave(inputs.tokens_per_advantage)
     targets, mask, weights = inputs.targets, inputs.mask, grad_weights
     index = None
-    if compact and not with_stats:
+    if compact and not with_stats and not must_not_sync(hidden.device):
         vocab = weight.shape[0] if shard is None else shard.total
         index = _compact_index(inputs, adv, vocab)
         hidden, targets, adv = hidden.index_select(0, index), targets[index], adv[index]
@@ -172,6 +197,13 @@ def chunked_head(
     grad_b = None
     if need_b and bias is not None:
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
+    # A token that carries no loss has a zero gradient row, but 0 * NaN = NaN: a NaN or inf
+    # in its hidden state would still reach every entry of dW = G^T h. Where such tokens
+    # were not dropped, their hidden rows are zeroed per chunk for that product only: a
+    # chunk x H copy (1/V of the product's work), with no value read on the host.
+    idle = None
+    if grad_w is not None and index is None:
+        idle = ~_carries_loss(targets, adv, mask, inputs.params.ignore_index).unsqueeze(1)
 
     step = chunk_size or default_chunk_size(kept, weight.shape[0], hidden.dtype, hidden.device)
     n_chunks = -(-kept // step)
@@ -229,7 +261,8 @@ def chunked_head(
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[sl])
             if grad_w is not None:
-                _accumulate_dw(grad_w, logits, h, first=start == 0)
+                h_dw = h if idle is None else h.masked_fill(idle[sl], 0)
+                _accumulate_dw(grad_w, logits, h_dw, first=start == 0)
             if grad_b is not None:
                 grad_b.add_(logits.sum(0, dtype=grad_b.dtype))
         del logits

@@ -103,9 +103,8 @@ class TritonRows:
                 tuning.candidate_configs(logits.dtype, softcap),
                 lambda cfg: _time_launch(launch(cfg)),
             )
-        grid, args, meta = launch(config)
         if n_rows:
-            token_pass_kernel[grid](*args, **meta)
+            _launch(token_pass_kernel, launch(config))
         raise_for_flags(
             flags, targets, mask, advantages, tokens_per_advantage, n_cols, params.ignore_index
         )
@@ -131,7 +130,7 @@ class TritonRows:
         row_max, sum_exp, sum_exp_1, target_logit = _vectors(n_rows, logits.device, 4, segments)
         weighted = _vectors(n_rows, logits.device, 1, segments)[0] if with_entropy else None
         outputs = (row_max, sum_exp, sum_exp_1, weighted, target_logit)
-        grid, args, meta = tuning.partial_stats_launch(
+        launch = tuning.partial_stats_launch(
             logits,
             logits.stride(0),
             n_rows,
@@ -143,7 +142,7 @@ class TritonRows:
             with_entropy,
         )
         if n_rows:
-            partial_stats_kernel[grid](*args, **meta)
+            _launch(partial_stats_kernel, launch)
         return PartialStats(row_max, sum_exp, sum_exp_1, weighted, target_logit)
 
     def _split_token_pass(
@@ -207,7 +206,7 @@ class TritonRows:
         softcap = params.logit_softcap is not None
         cfg = tuning.launch_config(logits.dtype, softcap, tuning.GRAD_WARPS)
         segments = tuning.row_segments(n_rows, n_cols, cfg.grad_block, logits.device)
-        grid, args, meta = tuning.row_grad_launch(
+        launch = tuning.row_grad_launch(
             logits,
             logits.stride(0),
             n_rows,
@@ -223,16 +222,33 @@ class TritonRows:
             segments,
         )
         if n_rows:
-            row_grad_kernel[grid](*args, **meta)
+            _launch(row_grad_kernel, launch)
         return out
 
 
-def _time_launch(launch) -> float:
+def launch_device(tensor: torch.Tensor):
+    """The context every launch (and every autotuning timing) runs in: the CUDA device of
+    the kernel's tensors. Triton compiles for, and launches on, the *current* device and
+    that device's current stream; without this, logits on ``cuda:1`` while ``cuda:0`` is
+    current (an HF ``device_map="auto"`` head on the last GPU) would be read by a kernel
+    launched on the wrong GPU. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device_of(tensor)
+
+
+def _launch(kernel, launch: tuning.Launch) -> None:
+    grid, args, meta = launch
+    with launch_device(args[0]):
+        kernel[grid](*args, **meta)
+
+
+def _time_launch(launch: tuning.Launch) -> float:
     """Seconds one ``token_pass_kernel`` launch takes (CUDA; autotuning only)."""
     import triton.testing
 
     grid, args, meta = launch
-    return triton.testing.do_bench(lambda: token_pass_kernel[grid](*args, **meta)) * 1e-3
+    # do_bench's events, synchronisations and cache flushes use the current device too.
+    with launch_device(args[0]):
+        return triton.testing.do_bench(lambda: token_pass_kernel[grid](*args, **meta)) * 1e-3
 
 
 def triton_cdiv(a: int, b: int) -> int:
