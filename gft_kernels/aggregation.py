@@ -3,7 +3,8 @@
 Every reduced mode (docs/design.md) is ``loss = sum_t w_t * l_t`` for a weight that depends
 only on the mask and the mode, so the kernels never need to know the mode: the weight
 reaches them through autograd (``dL/dl_t = w_t``). Where the naive reference divides by
-zero (empty mask, fully masked sequence) the weight is 0.
+zero (empty mask, fully masked sequence, ``num_tokens=0`` with no valid token) the weight
+is 0.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def token_weights(
         return w
     if loss_agg_mode == "token-mean":
         if num_tokens is not None:
-            return w / num_tokens
+            # A token that carries no loss weighs 0 whatever the denominator, so
+            # num_tokens=0 on a batch with nothing to train gives 0, not 0 / 0. A valid
+            # token over num_tokens=0 keeps the naive formula's division by zero (an
+            # infinite weight): that count is the caller's mistake and must show.
+            return torch.where(valid, w / num_tokens, 0.0)
         # The count is an integer; with no valid token every weight is 0 already, so
         # clamping the count to 1 turns the reference's 0/0 into 0 without a host sync.
         return w / w.sum().clamp_min(1)

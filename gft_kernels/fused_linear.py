@@ -21,7 +21,7 @@ import torch
 from gft_kernels import _checks
 from gft_kernels.backends import RowParams, load_backend
 from gft_kernels.backends.torch_rows import accumulate_dtype
-from gft_kernels.head import HEAD_STRATEGIES, HeadInputs
+from gft_kernels.head import HEAD_STRATEGIES, HeadInputs, must_not_sync
 from gft_kernels.rows import VocabShard, vocab_shard
 from gft_kernels.stats import GFTStats
 from gft_kernels.token_loss_op import once_differentiable
@@ -66,14 +66,25 @@ def _run_head(
 
 
 def _finish_grads(out, weight, bias):
-    """dW/db were accumulated in fp32: hand them over in the parameters' dtypes."""
+    """dW/db were accumulated in fp32: hand them over in the parameters' dtypes.
+
+    Every gradient leaves contiguous, the layout the ops' fake implementations promise
+    whatever the head strategy and the inputs' strides (a ``(H, V)`` parameter passed as
+    ``.t()``, a column-sliced hidden): a fake that guessed ``empty_like`` of a transposed
+    weight would disagree with the real op, and torch.compile would trust the fake.
+    """
     grad_w = out.grad_weight
     if grad_w is not None and grad_w.dtype != weight.dtype:
         grad_w = grad_w.to(weight.dtype)
     grad_b = out.grad_bias
     if grad_b is not None and grad_b.dtype != bias.dtype:
         grad_b = grad_b.to(bias.dtype)
-    return out.grad_hidden, grad_w, grad_b
+    return tuple(None if g is None else g.contiguous() for g in (out.grad_hidden, grad_w, grad_b))
+
+
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor shaped like ``t``: the layout :func:`_finish_grads` returns."""
+    return t.new_empty(t.shape)
 
 
 @torch.library.custom_op("gft_kernels::fused_linear_loss", mutates_args=())
@@ -173,11 +184,9 @@ def _(
         vec(n_tokens),
         vec(n_tokens),
         vec(n_tokens if with_stats else 0),
-        torch.empty_like(hidden) if grads and need_grad_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if grads and need_grad_weight else weight.new_empty(0),
-        torch.empty_like(bias)
-        if grads and need_grad_bias and bias is not None
-        else weight.new_empty(0),
+        _dense_like(hidden) if grads and need_grad_hidden else hidden.new_empty(0),
+        _dense_like(weight) if grads and need_grad_weight else weight.new_empty(0),
+        _dense_like(bias) if grads and need_grad_bias and bias is not None else weight.new_empty(0),
     )
 
 
@@ -249,9 +258,9 @@ def _(
     head,
 ):
     return (
-        torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if need_grad_weight else weight.new_empty(0),
-        torch.empty_like(bias) if need_grad_bias and bias is not None else weight.new_empty(0),
+        _dense_like(hidden) if need_grad_hidden else hidden.new_empty(0),
+        _dense_like(weight) if need_grad_weight else weight.new_empty(0),
+        _dense_like(bias) if need_grad_bias and bias is not None else weight.new_empty(0),
     )
 
 
@@ -320,13 +329,19 @@ def _backward(ctx, grad_loss, *_unused):
         if ctx.used:
             raise RuntimeError(SECOND_BACKWARD)
         ctx.used = True
-        grad_h, grad_w, grad_b = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        # The upstream scalar scales the precomputed gradients in place, on the device:
+        # no host sync and no second V x H buffer. A traced backward (torch.compile,
+        # opcheck: functional or fake tensors) scales out of place instead: there the
+        # gradients are also outputs of the forward graph, which a backward may not
+        # mutate, and the compiler reuses the buffer by itself.
+        eager = all(type(g) is torch.Tensor for g in saved)
         with torch.no_grad():
-            # The upstream scalar scales the precomputed gradients in place, on the
-            # device: no host sync and no second V x H buffer.
             grads = tuple(
-                g.mul_(grad_loss.to(g.dtype)) if need and g.numel() else None
-                for g, need in zip((grad_h, grad_w, grad_b), (need_h, need_w, need_b))
+                (g.mul_(grad_loss.to(g.dtype)) if eager else g * grad_loss.to(g.dtype))
+                if need and g.numel()
+                else None
+                for g, need in zip(saved, (need_h, need_w, need_b))
             )
     else:
         hidden, weight, bias, targets, advantages, mask = ctx.saved_tensors
@@ -495,7 +510,8 @@ def fused_linear_gft_loss(
             ``targets`` (global ids) and the rest are replicated. ``dh`` is summed across
             ranks, ``dW`` stays local.
         compact_tokens: drop tokens that carry no loss before the first matmul (one host
-            sync per call); ``False`` makes the call sync-free.
+            sync per call); ``False`` makes the call sync-free, as does tracing it with
+            ``torch.compile`` or capturing it into a CUDA graph (chosen automatically).
         head: head strategy, ``"chunked"`` (``"blockwise"`` is a reserved slot).
 
     Returns:
@@ -507,6 +523,10 @@ def fused_linear_gft_loss(
     _checks.check_nonempty("hidden", hidden, "token and one hidden feature")
     _checks.check_float_tensor("weight", weight, dims=(2,))
     _checks.check_bool("compact_tokens", compact_tokens)
+    _checks.check_no_function_transform(
+        "gft_kernels.fused_linear_gft_loss",
+        (hidden, weight, bias, targets, advantages, mask, num_tokens),
+    )
     if head not in HEAD_STRATEGIES:
         raise ValueError(f"head: expected one of {', '.join(HEAD_STRATEGIES)}, got {head!r}")
     cast = _autocast_dtype(hidden.device)
@@ -576,7 +596,9 @@ def fused_linear_gft_loss(
             p.ignore_index,
             return_stats,
             *need,
-            compact_tokens,
+            # Decided here as well as in the head: under torch.compile only this wrapper is
+            # traced, and the op then runs with the choice baked in.
+            compact_tokens and not must_not_sync(hidden.device),
             chunk_size or 0,
             batch.backend,
             head,

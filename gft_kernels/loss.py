@@ -37,18 +37,24 @@ def gft_loss(
         logits: ``(B, T, V)`` or ``(N, V)``, float32/bfloat16/float16 (float64 on the
             ``torch`` and ``cpu`` backends). Arithmetic is fp32 (fp64 for fp64 input).
         targets: int64 or int32, shaped like the leading dims of ``logits``;
-            ``ignore_index`` marks padding. Values are checked in the kernels (a target
-            outside ``[0, V)`` raises ``ValueError``; on CUDA a device-side assert).
+            ``ignore_index`` (a value the targets' dtype holds) marks padding. Values
+            are checked in the kernels (a target outside ``[0, V)`` raises
+            ``ValueError``; on CUDA a device-side assert).
         advantages: ``(B,)`` per sequence (3-D logits only) or shaped like ``targets``.
         mask: optional 0/1 tensor (bool, integer or float) shaped like ``targets``.
         tau: DCR threshold, ``c = q if q <= tau else 1``; ``>= 0``.
-        temperature: ``> 0``; ``log p`` is read from ``z / T``, ``q`` from ``z``.
+        temperature: ``> 0``; ``log p`` is read from ``z / T``, ``q`` from ``z``. At
+            least the smallest normal number of the arithmetic (``1.18e-38`` in fp32,
+            ``2.2e-308`` for fp64 input), so that ``1 / T`` is finite.
         loss_agg_mode: ``token-mean``, ``seq-mean-token-sum``, ``seq-mean-token-mean``,
             ``seq-mean-token-sum-norm`` (3-D only for the ``seq-*`` modes), ``sum`` or
             ``none`` (per-token losses shaped like ``targets``).
         num_tokens: ``token-mean`` denominator (e.g. the global count under data
-            parallelism), a number or a 1-element tensor (not read on the host, so it
-            costs no synchronisation); default: the number of valid tokens.
+            parallelism), a number ``>= 0`` or a 1-element tensor (not read on the host,
+            so it costs no synchronisation); default: the number of valid tokens. A
+            token that carries no loss weighs 0 whatever the count, so 0 on a batch with
+            no valid token gives a loss of 0 and zero gradients; 0 with valid tokens is
+            a division by zero (a non-finite loss), as in the naive formula.
         max_response_length: ``seq-mean-token-sum-norm`` denominator; default ``T``.
         return_stats: also return a :class:`GFTStats` from the same pass.
         backend: ``auto`` (CUDA -> triton, CPU -> native C++ if it builds, else torch),
@@ -58,7 +64,8 @@ def gft_loss(
             autograd sees the write: another node that saved the same logits (e.g. a
             z-loss whose backward runs later) raises instead of reading gradients, and a
             second backward through the loss raises. Needs logits that require grad and
-            whose elements do not overlap in memory.
+            whose elements do not overlap in memory. Under ``torch.no_grad()`` or
+            ``inference_mode`` (no backward will run) the loss is computed as usual.
         process_group: vocab-parallel logits: ``logits`` holds this rank's contiguous
             block of vocabulary columns (blocks in rank order, any sizes); ``targets``
             are global ids and every other input is replicated. Statistics are combined
@@ -76,6 +83,13 @@ def gft_loss(
     _checks.check_nonempty("logits", logits, "token and one vocabulary entry")
     vocab_size = logits.shape[-1]
     _checks.check_bool("inplace_backward", inplace_backward)
+    # Without grad mode no backward will run, so there is nothing to overwrite: an eval
+    # loop with GFTLoss(inplace_backward=True), or the first forward of a reentrant
+    # checkpoint (its recompute runs with grad mode on and writes in place).
+    inplace_backward = inplace_backward and torch.is_grad_enabled()
+    _checks.check_no_function_transform(
+        "gft_kernels.gft_loss", (logits, targets, advantages, mask, num_tokens), inplace_backward
+    )
     batch = prepare_tokens(
         logits,
         targets,
@@ -92,11 +106,11 @@ def gft_loss(
         logit_scale=logit_scale,
         logit_softcap=logit_softcap,
     )
-    if inplace_backward:
-        _checks.check_inplace_logits(logits)
     logits_2d = logits.reshape(-1, vocab_size)
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
+    if inplace_backward:
+        _checks.check_inplace_logits(logits, logits_2d)
     params = batch.params
     if process_group is None:
         token_loss_t, logprobs, probs, entropy, *_ = token_loss(

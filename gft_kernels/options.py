@@ -61,7 +61,13 @@ def check_int(
 def check_real(
     name: str, value: object, *, minimum: float, inclusive: bool, allow_inf: bool = False
 ) -> float:
-    """A real number (a 1-element tensor is read) ``>= minimum`` or ``> minimum``."""
+    """A real number (a 1-element tensor is read) ``>= minimum`` or ``> minimum``.
+
+    Written with comparisons only (no ``math.isnan``, no ``float()``): under
+    ``torch.compile`` a Python number that changes between calls becomes symbolic, and a
+    comparison on it is a range guard, where ``math.isnan`` cannot be traced and
+    ``float()`` would pin the value (one recompile per value).
+    """
     import torch
 
     if isinstance(value, torch.Tensor):
@@ -70,10 +76,10 @@ def check_real(
                 f"{name}: expected a number, got a tensor of shape {tuple(value.shape)}"
             )
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+    value = torch.sym_float(value)
+    if value != value or (not allow_inf and not -math.inf < value < math.inf):
         raise ValueError(f"{name}: expected a finite number, got {value}")
     if value < minimum or (value == minimum and not inclusive):
         bound = f">= {minimum}" if inclusive else f"> {minimum}"

@@ -45,10 +45,17 @@ def check_options(
     logit_scale: object = 1.0,
     logit_softcap: object = None,
     ignore_index: object = -100,
+    compute_dtype: torch.dtype = torch.float64,
 ) -> dict:
-    """Check the scalar keywords shared by both losses; returns them normalised."""
+    """Check the scalar keywords shared by both losses; returns them normalised.
+
+    ``compute_dtype`` is the kernels' arithmetic (fp32, or fp64 for fp64 input), which
+    bounds the temperature from below; without the input (a module's constructor) the
+    widest, fp64, is assumed and the call checks again.
+    """
     tau = _checks.check_scalar("tau", tau, minimum=0.0, inclusive=True)
     temperature = _checks.check_scalar("temperature", temperature, minimum=0.0, inclusive=False)
+    _checks.check_temperature(temperature, compute_dtype)
     logit_scale = _checks.check_scalar("logit_scale", logit_scale, minimum=0.0, inclusive=False)
     if logit_softcap is not None:
         logit_softcap = _checks.check_scalar(
@@ -103,10 +110,12 @@ def prepare_tokens(
         logit_scale=logit_scale,
         logit_softcap=logit_softcap,
         ignore_index=ignore_index,
+        compute_dtype=accumulate_dtype(anchor.dtype),
     )
     token_shape = anchor.shape[:-1]
     mode = _checks.check_mode(loss_agg_mode, len(token_shape))
     _checks.check_token_inputs(targets, advantages, mask, token_shape, anchor.device)
+    _checks.check_ignore_index(opts["ignore_index"], targets.dtype)
     name = check_backend(backend, anchor.device, anchor.dtype, anchor_name)
     acc = accumulate_dtype(anchor.dtype)
 
@@ -168,6 +177,8 @@ def reduce_loss(token_loss: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 def make_stats(batch: TokenBatch, logprobs, probs, entropy):
     from gft_kernels.stats import GFTStats
 
+    # The kernels' DCR comparison: probs in the accumulate dtype against tau rounded to it
+    # (a tensor-scalar comparison), so a token is reported rectified iff it took c = q.
     rectified = (batch.valid & (probs <= batch.params.tau)).sum()
     fraction = rectified.to(probs.dtype) / batch.valid.sum().clamp_min(1).to(probs.dtype)
     shape = batch.token_shape
