@@ -208,11 +208,14 @@ def fused_linear_loss_backward(
     need_grad_hidden: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
+    compact: bool,
     chunk_size: int,
     backend: str,
     head: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum_t g_t l_t`` for per-token upstream gradients ``g`` (``none``)."""
+    """Gradients of ``sum_t g_t l_t`` for per-token upstream gradients ``g`` (``none``);
+    ``compact`` is the forward's choice, so that ``compact_tokens=False`` stays sync-free
+    through the backward too."""
     params = RowParams(tau, temperature, logit_scale, logit_softcap, ignore_index)
     out = _run_head(
         hidden,
@@ -226,7 +229,7 @@ def fused_linear_loss_backward(
         params,
         False,
         (need_grad_hidden, need_grad_weight, need_grad_bias),
-        True,
+        compact,
         chunk_size or None,
         backend,
         head,
@@ -253,6 +256,7 @@ def _(
     need_grad_hidden,
     need_grad_weight,
     need_grad_bias,
+    compact,
     chunk_size,
     backend,
     head,
@@ -314,11 +318,13 @@ def _setup(ctx, inputs, output) -> None:
             logit_softcap,
             ignore_index,
         )
-        ctx.run = (chunk_size, backend, head)
+        ctx.run = (compact, chunk_size, backend, head)
 
 
 # Inputs of the op after hidden, weight and bias (none of them differentiable).
 _OTHER_INPUTS = 18
+# Inputs of ShardedFusedLinear.forward after hidden, weight and bias.
+_SHARDED_OTHER_INPUTS = 12
 
 
 def _backward(ctx, grad_loss, *_unused):
@@ -386,6 +392,7 @@ class ShardedFusedLinear(torch.autograd.Function):
         tokens_per_advantage,
         params,
         with_stats,
+        compact,
         chunk_size,
         backend,
         head,
@@ -405,7 +412,7 @@ class ShardedFusedLinear(torch.autograd.Function):
             params,
             with_stats,
             need if reduced else (False,) * 3,
-            not with_stats,
+            compact,
             chunk_size,
             backend,
             head,
@@ -418,7 +425,7 @@ class ShardedFusedLinear(torch.autograd.Function):
             loss = torch.dot(out.loss, weights)
         else:
             ctx.save_for_backward(hidden, weight, bias, targets, advantages, mask)
-            ctx.rest = (tokens_per_advantage, params, chunk_size, backend, head, shard)
+            ctx.rest = (tokens_per_advantage, params, compact, chunk_size, backend, head, shard)
             loss = out.loss
         entropy = _or_empty(out.entropy, out.loss)
         ctx.mark_non_differentiable(out.logprobs, out.probs, entropy)
@@ -438,7 +445,7 @@ class ShardedFusedLinear(torch.autograd.Function):
                 )
         else:
             hidden, weight, bias, targets, advantages, mask = ctx.saved_tensors
-            tpa, params, chunk_size, backend, head, shard = ctx.rest
+            tpa, params, compact, chunk_size, backend, head, shard = ctx.rest
             with torch.no_grad():
                 out = _run_head(
                     hidden,
@@ -452,14 +459,14 @@ class ShardedFusedLinear(torch.autograd.Function):
                     params,
                     False,
                     need,
-                    True,
+                    compact,
                     chunk_size,
                     backend,
                     head,
                     shard,
                 )
             grads = _finish_grads(out, weight, bias)
-        return once_differentiable(tuple(grads)) + (None,) * 11
+        return once_differentiable(tuple(grads)) + (None,) * _SHARDED_OTHER_INPUTS
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -575,6 +582,10 @@ def fused_linear_gft_loss(
     reduced = batch.loss_agg_mode != "none"
     weights = batch.weights if reduced else None
     p = batch.params
+    # Decided here as well as in the head: under torch.compile only this wrapper is traced,
+    # and the op then runs with the choice baked in. The forward and the per-token
+    # backward both follow it (the head itself keeps every row when stats are asked for).
+    compact = compact_tokens and not must_not_sync(hidden.device)
     if process_group is None:
         grad_on = torch.is_grad_enabled()
         need = tuple(
@@ -596,9 +607,7 @@ def fused_linear_gft_loss(
             p.ignore_index,
             return_stats,
             *need,
-            # Decided here as well as in the head: under torch.compile only this wrapper is
-            # traced, and the op then runs with the choice baked in.
-            compact_tokens and not must_not_sync(hidden.device),
+            compact,
             chunk_size or 0,
             batch.backend,
             head,
@@ -616,6 +625,7 @@ def fused_linear_gft_loss(
             batch.tokens_per_advantage,
             p,
             return_stats,
+            compact,
             chunk_size,
             batch.backend,
             head,

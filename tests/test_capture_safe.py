@@ -156,3 +156,16 @@ def test_cuda_graph_capture_of_both_losses(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad, want_grads[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits.grad, want_grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("mode", ["token-mean", "none"])
+def test_compact_tokens_false_is_sync_free_forward_and_backward(backend, mode):
+    """``compact_tokens=False`` is the documented sync-free call: the per-token (``none``)
+    backward recomputes the head and must follow the forward's choice, not compact again."""
+    case = head_case(device_for(backend))
+    want = run(backend, case, mode)
+    got, syncs = host_syncs(lambda: run(backend, case, mode, compact_tokens=False))
+    assert syncs == []
+    for name, a, b in zip(("loss", "grad hidden", "grad weight", "grad bias"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

@@ -51,3 +51,15 @@ def test_gft_loss_triton_fp64_refusal_names_logits():
     targets, adv = _tokens()
     with pytest.raises(TypeError, match=r"^logits: backend 'triton' takes .* got float64"):
         gft_loss(torch.randn(4, 7, dtype=torch.float64), targets, adv, backend="triton")
+
+
+def test_global_num_tokens_refuses_an_ignore_index_the_targets_cannot_hold():
+    from gft_kernels.distributed import global_num_tokens
+
+    targets = torch.tensor([1, -100, 3], dtype=torch.int32)
+    # -2**32 - 100 wraps to -100 in int32: counting with it would silently ignore a token.
+    with pytest.raises(ValueError, match=r"ignore_index: expected an int in \[-2147483648"):
+        global_num_tokens(targets, ignore_index=-(2**32) - 100)
+    assert global_num_tokens(targets) == 2.0
+    with pytest.raises(TypeError, match="targets: expected an integer tensor"):
+        global_num_tokens(targets.float())
