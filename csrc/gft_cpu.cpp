@@ -190,27 +190,31 @@ inline void skip_row(const TokenOut<C>& out, int64_t row) {
 
 // The per-token terms from a row summary (m, S_t, S_1, W) and the target logit z'_y:
 // log p = (z'_y - m) / T - log S_t, q = exp(z'_y - m) / S_1, c = q if q <= tau else 1.
-// A row whose max is not finite (all -inf, a +inf entry) carries no loss and no gradient.
+// A row holding a NaN has S_t = NaN (the sums pass NaN on, while the max skips it): it
+// stays live, so a token that carries loss gets a NaN loss and gradient. A row without NaN
+// whose max is not finite (all -inf, a +inf entry) carries no loss and no gradient.
 template <typename C>
 inline void finish_row(const TokenOut<C>& out, int64_t row, bool valid, C adv, double row_max,
                        double sum_t, double sum_1, double weighted, C target_logit, double tau,
                        double inv_t) {
   // In the compute type, as the other backends do: q is compared with tau exactly as it is
-  // reported.
+  // reported, and tau is rounded to the compute type first (q <= tau in double would take
+  // q = float(0.1) as above tau = 0.1, where torch's comparison takes it as equal).
   const bool finite = std::isfinite(row_max);
+  const bool live_row = finite || std::isnan(sum_t);
   const C shift = finite ? static_cast<C>(row_max) : C(0);
   const C log_t = static_cast<C>(std::log(sum_t));
   const C logp = (target_logit - shift) * static_cast<C>(inv_t) - log_t;
   const C q = std::exp(target_logit - shift) / static_cast<C>(sum_1);
-  const C dcr = q <= tau ? q : C(1);
-  const bool live = valid && finite;
+  const C dcr = q <= static_cast<C>(tau) ? q : C(1);  // NaN: c = 1, so A = 0 keeps scale 0
+  const bool live = valid && live_row;
   const C scale = live ? adv * dcr : C(0);
   out.scale[row] = scale;
   out.loss[row] = scale != C(0) ? -scale * logp : C(0);
   out.logprobs[row] = live ? logp : (valid ? -std::numeric_limits<C>::infinity() : C(0));
   out.probs[row] = live ? q : C(0);
   if (out.entropy != nullptr) {
-    out.entropy[row] = finite ? static_cast<C>(log_t - weighted / sum_t) : C(0);
+    out.entropy[row] = live_row ? static_cast<C>(log_t - weighted / sum_t) : C(0);
   }
   out.row_max[row] = static_cast<C>(row_max);
   out.sum_exp[row] = static_cast<C>(sum_t);
@@ -416,7 +420,8 @@ GFT_AVX2 inline void prefetch_ahead(const void* p) {
 GFT_AVX2 inline __m256 tanh8(__m256 x) {
   const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
   const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 e = exp8(_mm256_min_ps(_mm256_add_ps(ax, ax), _mm256_set1_ps(88.0f)));
+  // min returns its second operand when either is NaN: NaN must come out NaN, not cap.
+  const __m256 e = exp8(_mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_add_ps(ax, ax)));
   const __m256 big = _mm256_sub_ps(
       _mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
   const __m256 z = _mm256_mul_ps(x, x);

@@ -53,25 +53,35 @@ def token_terms(
     """``(loss, logprobs, probs, entropy, scale)`` per token, all ``(N,)``.
 
     ``log p = (z'_y - m) / T - log S``, ``q = exp(z'_y - m) / S_1``,
-    ``c = q if q <= tau else 1``, ``scale = A c`` on valid tokens of rows with a finite
-    max, ``loss = -scale * log p`` (exactly 0 where ``scale`` is 0, even when
-    ``log p = -inf``). A row whose max is not finite (all ``-inf``, or a ``+inf`` entry)
-    carries no loss and no gradient; its ``log p`` is ``-inf`` and ``q``, entropy are 0.
+    ``c = q if q <= tau else 1`` (``q`` in the accumulate dtype against ``tau`` rounded to
+    it, as a tensor-scalar comparison does), ``scale = A c`` on valid tokens of live rows,
+    ``loss = -scale * log p`` (exactly 0 where ``scale`` is 0, even when ``log p = -inf``).
+
+    A row holding a NaN has ``S = NaN`` (every backend's sums pass NaN on, while their max
+    may skip it): it stays live, so its ``log p``, ``q`` and entropy are NaN, ``c = 1`` and
+    a token that carries loss gets a NaN loss and gradient. A row without NaN whose max is
+    not finite (all ``-inf``, or a ``+inf`` entry) carries no loss and no gradient; its
+    ``log p`` is ``-inf`` and ``q``, entropy are 0.
     """
     finite = torch.isfinite(row_max)
+    # Decided from S alone: the max of a row with a NaN may be NaN, -inf or a number,
+    # depending on how the backend's max treats NaN.
+    poisoned = torch.isnan(sum_exp)
     shift = torch.where(finite, row_max, torch.zeros_like(row_max))
     log_sum = torch.log(sum_exp)
     logprobs = (target_logit - shift) * params.inv_temperature - log_sum
     probs = torch.exp(target_logit - shift) / sum_exp_1
+    # NaN <= tau is false: c = 1, so a zero advantage still gives scale 0 on such a row.
     dcr = torch.where(probs <= params.tau, probs, torch.ones_like(probs))
-    live = valid & finite
+    live_row = finite | poisoned
+    live = valid & live_row
     scale = torch.where(live, advantages * dcr, torch.zeros_like(dcr))
     loss = torch.where(scale != 0, -scale * logprobs, torch.zeros_like(scale))
     logprobs = torch.where(live, logprobs, torch.where(valid, -float("inf"), 0.0))
     probs = torch.where(live, probs, torch.zeros_like(probs))
     entropy = None
     if weighted is not None:
-        entropy = torch.where(finite, log_sum - weighted / sum_exp, torch.zeros_like(log_sum))
+        entropy = torch.where(live_row, log_sum - weighted / sum_exp, torch.zeros_like(log_sum))
     return loss, logprobs, probs, entropy, scale
 
 

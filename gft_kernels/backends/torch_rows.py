@@ -40,7 +40,8 @@ def _row_summary(z: torch.Tensor, params: RowParams, with_entropy: bool):
     """``(m, S_t, S_1, W)`` of transformed rows ``z`` (a private copy, modified)."""
     row_max = z.amax(dim=-1, keepdim=True)
     # A row with no finite max is shifted by 0 so exp() gives 0 or inf, never NaN from
-    # -inf - -inf; such rows are declared degenerate by token_terms.
+    # -inf - -inf or inf - inf: S is then NaN only where the row holds a NaN, and
+    # token_terms tells the NaN rule's rows from the degenerate ones by it.
     shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     x = z.sub_(shift)
     sum_1 = None
