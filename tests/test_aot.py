@@ -249,30 +249,43 @@ def test_sample_kernels_compile_for_sm90_and_the_gate_says_why(tmp_path):
 
 GATES_SCRIPT = """
 import json
-from gft_kernels.backends.triton.tuning import aot_variants
+from gft_kernels.backends.triton.tuning import WIDE_SOFTCAP_GATES, aot_variants
 rows = [
-    [r.kernel, r.variant, loop.name, loop.bytes_per_element, loop.min_ceiling]
+    [r.kernel, r.variant, loop.name, loop.function, loop.bytes_per_element, loop.min_ceiling]
     for r in aot_variants()
     for loop in r.loops
 ]
-print(json.dumps(rows))
+gates = [[unit_t, entropy, gate] for (unit_t, entropy), gate in WIDE_SOFTCAP_GATES.items()]
+print(json.dumps([rows, gates]))
 """
 
 
 def test_every_streaming_loop_holds_the_default_gate():
     """No loop record lowers the 85% gate (the soft-capped statistics at T != 1 once
-    needed 75%); the only loop left out of the gate is the running-max walk of the
-    fixed-reference variants (16-bit, soft-capped, T != 1), which re-reads only rows
-    that lost terms to underflow, and those variants' fixed-reference walk is gated."""
+    needed 75%) but the wide soft-cap's 16-bit running-max statistics (caps above 64,
+    whose accurate tanh costs a series per element: tuning.WIDE_SOFTCAP_GATES), and only
+    where it falls short: with entropy at T = 1, always at T != 1. The only loop left out
+    of the gate is the running-max walk of the fixed-reference variants (16-bit,
+    soft-capped, T != 1), which re-reads only rows that lost terms to underflow, and
+    those variants' fixed-reference walk is gated."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-c", GATES_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    ungated, fixed_walks = set(), set()
-    for kernel, variant, loop, bytes_per_element, gate in json.loads(proc.stdout):
-        assert gate is None, (kernel, variant, loop)
-        dtype, temperature, transform = variant.split("/")[:3]
+    rows, gates = json.loads(proc.stdout)
+    wide_gates = {(unit_t, entropy): gate for unit_t, entropy, gate in gates}
+    assert set(wide_gates) == {(True, True), (False, False), (False, True)}
+    assert all(0.5 <= gate < 0.85 for gate in wide_gates.values())
+    ungated, fixed_walks, gated = set(), set(), set()
+    for kernel, variant, loop, function, bytes_per_element, gate in rows:
+        dtype, temperature, transform, what = variant.split("/")[:4]
+        if gate is not None:
+            entropy = what in ("stats", "entropy")
+            assert transform == "softcap-wide" and dtype != "fp32", (kernel, variant, loop)
+            assert function == "_summarize_running_max", (kernel, variant, loop)
+            assert gate == wide_gates[(temperature == "T=1", entropy)], (kernel, variant)
+            gated.add((kernel, dtype, temperature, entropy))
         fixed = dtype != "fp32" and temperature == "T!=1" and transform == "softcap"
         if bytes_per_element is None:
             ungated.add((kernel, loop, fixed))
@@ -283,3 +296,9 @@ def test_every_streaming_loop_holds_the_default_gate():
         ("partial_stats", "stats-fallback", True),
     }
     assert fixed_walks == {"token_pass", "partial_stats"}
+    assert gated == {
+        (kernel, dtype, temperature, entropy)
+        for kernel in ("token_pass", "partial_stats")
+        for dtype in ("bf16", "fp16")
+        for temperature, entropy in [("T=1", True), ("T!=1", False), ("T!=1", True)]
+    }

@@ -50,9 +50,12 @@ def _fold_slots(
     with a rounded offset.
     """
     new_m = tl.maximum(m, tl.max(z, axis=1))
-    # Shift by 0 while a slot has seen only -inf (exp2 then gives 0, not NaN); the old max
-    # is -inf then and its factor exp2(-inf) = 0 clears the (zero) sums.
-    shift = tl.where(new_m == -float("inf"), 0.0, new_m)
+    # Shift by 0 while a slot's max is not finite: after only -inf, exp2 gives 0 (not NaN)
+    # and the old max's factor exp2(-inf) = 0 clears the (zero) sums; after a +inf, the
+    # sums become +inf, not inf - inf = NaN, so that NaN in S means a NaN logit and
+    # nothing else (the row's end tells the two apart by it). |m| is an operand modifier
+    # of the compare: no instruction is added to the loop.
+    shift = tl.where(tl.abs(new_m) == float("inf"), 0.0, new_m)
     delta = m - shift
     x = z - shift[:, None]
     x2_t = x * scaled_inv_t
@@ -82,15 +85,16 @@ def _load_slots(
     logit_scale,
     cap,
     tanh_slope,
+    rcp_on_mufu,
     MASKED: tl.constexpr,
 ):
     if MASKED:
         z = tl.load(logits_ptr + offset + slots, mask=mask, other=0.0).to(tl.float32)
-        z = transform_logits(z, TRANSFORM, logit_scale, cap, tanh_slope)
+        z = transform_logits(z, TRANSFORM, logit_scale, cap, tanh_slope, rcp_on_mufu)
         return tl.where(mask, z, -float("inf"))  # padding after the transform (tanh(-inf))
     else:
         z = tl.load(logits_ptr + offset + slots).to(tl.float32)
-        return transform_logits(z, TRANSFORM, logit_scale, cap, tanh_slope)
+        return transform_logits(z, TRANSFORM, logit_scale, cap, tanh_slope, rcp_on_mufu)
 
 
 @triton.jit
@@ -115,9 +119,29 @@ def _summarize_running_max(
     sum_t = tl.zeros([SLOTS], tl.float32)
     sum_1 = tl.zeros([SLOTS], tl.float32)
     acc_w = tl.zeros([SLOTS], tl.float32)
+    # Where a wide soft-cap's reciprocal is computed (row_grad.wide_softcap): MUFU's
+    # rcp costs one MUFU result and saves six issue slots (the FMA-pipe reciprocal and
+    # its clamp). At T = 1 (2.1 MUFU results per element) three columns in four take
+    # it, which leaves MUFU at 87% of HBM speed and issue at or above it (16-bit,
+    # sm_90); at T != 1 (3.25) one in eight. Each register's column is known at compile
+    # time: each element is computed one way only.
+    column = tl.arange(0, VEC)[None, :]
+    if UNIT_T:
+        rcp_on_mufu = column % 4 != 0
+    else:
+        rcp_on_mufu = column % 8 == 0
     head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
     z = _load_slots(
-        logits_ptr, row_offset, slots, slots < head, TRANSFORM, logit_scale, cap, tanh_slope, True
+        logits_ptr,
+        row_offset,
+        slots,
+        slots < head,
+        TRANSFORM,
+        logit_scale,
+        cap,
+        tanh_slope,
+        rcp_on_mufu,
+        True,
     )
     m, sum_t, sum_1, acc_w = _fold_slots(
         z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
@@ -125,7 +149,9 @@ def _summarize_running_max(
     n_full = (n_cols - head) // BLOCK_V
     for k in range(0, n_full):
         block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
-        z = _load_slots(block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, tanh_slope, False)
+        z = _load_slots(
+            block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, tanh_slope, rcp_on_mufu, False
+        )
         m, sum_t, sum_1, acc_w = _fold_slots(
             z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
         )
@@ -139,6 +165,7 @@ def _summarize_running_max(
         logit_scale,
         cap,
         tanh_slope,
+        rcp_on_mufu,
         True,
     )
     m, sum_t, sum_1, acc_w = _fold_slots(
@@ -146,7 +173,7 @@ def _summarize_running_max(
     )
     # Combine the slots once per row (the same algebra as blocks on different ranks).
     row_max = tl.max(m, axis=0)
-    shift = tl.where(row_max == -float("inf"), 0.0, row_max)
+    shift = tl.where(tl.abs(row_max) == float("inf"), 0.0, row_max)  # as in _fold_slots
     delta = m - shift
     f_t = tl.math.exp2(delta * scaled_inv_t)
     total_t = tl.sum(sum_t * f_t, axis=0)
@@ -187,6 +214,9 @@ def summarize_row(
     the elements before that point and one for the tail.
     """
     if FIXED_REF:
+        # row_fixed forms its exponents from the fast tanh's reciprocal, which cancels
+        # near 0 for a wide cap: tuning.fixed_reference never pairs the two.
+        tl.static_assert(TRANSFORM == 2, "fixed references need the fast soft-cap")
         row_max, total_t, total_1, weighted, lost = summarize_fixed(
             logits_ptr,
             row_offset,
@@ -309,12 +339,17 @@ def token_pass_kernel(
         z_y = tl.load(logits_row + safe_target).to(tl.float32)
         z_y = transform_logits(z_y, TRANSFORM, logit_scale, cap, tanh_slope)
         finite = tl.abs(m) < float("inf")
+        # A NaN logit makes S NaN (the max may skip it): the row stays live and a token
+        # that carries loss gets a NaN loss and gradient (token_terms states the rule).
+        live_row = finite | (sum_t != sum_t)
         shift = tl.where(finite, m, 0.0)
         log_sum = tl.log(sum_t)
         logp = (z_y - shift) * inv_t - log_sum
         q = tl.math.exp2((z_y - shift) * LOG2E) / sum_1
+        # tau arrives as an fp32 argument: q is compared with tau rounded to fp32, as the
+        # other backends compare it. NaN <= tau is false: c = 1, scale stays A c.
         dcr = tl.where(q <= tau, q, 1.0)
-        live = valid & finite
+        live = valid & live_row
         scale = tl.where(live, adv * dcr, 0.0)
         tl.store(scale_ptr + row, scale)
         tl.store(loss_ptr + row, tl.where(scale != 0.0, -scale * logp, 0.0))
@@ -323,7 +358,7 @@ def token_pass_kernel(
         tl.store(row_max_ptr + row, m)
         tl.store(sum_exp_ptr + row, sum_t)
         if WITH_STATS:
-            tl.store(entropy_ptr + row, tl.where(finite, log_sum - acc_w / sum_t, 0.0))
+            tl.store(entropy_ptr + row, tl.where(live_row, log_sum - acc_w / sum_t, 0.0))
         if WRITE_GRAD:
             # The gradient walk has its own, smaller block: with the statistics' block it
             # would need more registers than 512 threads can have.

@@ -110,15 +110,31 @@ def segment_length(n_cols: int, segments: int, block_v: int) -> int:
     return triton.cdiv(triton.cdiv(n_cols, segments), block_v) * block_v
 
 
+# Caps above this take the wide soft-cap (TRANSFORM 3, ``row_grad.wide_softcap``). The
+# fast form ``cap - 2 cap / (1 + 2^a)`` gives every soft-capped logit an absolute error of
+# about cap 2^-22 (the exp2 unit's relative error times the cap): 1.2e-5 at Gemma 2/3's
+# 50, 1.5e-5 at 64, a few times fp32's own rounding of a logsumexp near such a cap
+# (2^-24 (cap + log V)). Past 64 it keeps growing with the cap (2.4e-3 at 1e4) while the
+# logits need not: a 1e-5 bound on the loss no longer holds.
+WIDE_SOFTCAP = 64.0
+
+
+def softcap_kind(params: RowParams) -> int:
+    """The soft-cap's TRANSFORM: 3 (wide) above :data:`WIDE_SOFTCAP`, else 2."""
+    assert params.logit_softcap is not None
+    return 3 if params.logit_softcap > WIDE_SOFTCAP else 2
+
+
 def transform_args(params: RowParams) -> Tuple[int, float, float, float]:
-    """``(TRANSFORM, logit_scale, cap, tanh_slope)``: 2 soft-cap, 1 scale, 0 none.
+    """``(TRANSFORM, logit_scale, cap, tanh_slope)``: 3 wide soft-cap, 2 soft-cap, 1 scale,
+    0 none.
 
     ``tanh_slope = 2 log2(e) scale / cap`` is the exp2 argument of the soft-cap's tanh per
     raw logit (see ``row_grad.transform_logits``).
     """
     if params.logit_softcap is not None:
         tanh_slope = 2.0 * LOG2E * params.softcap_slope
-        return 2, params.logit_scale, params.logit_softcap, tanh_slope
+        return softcap_kind(params), params.logit_scale, params.logit_softcap, tanh_slope
     if params.logit_scale != 1.0:
         return 1, params.logit_scale, 1.0, 0.0
     return 0, 1.0, 1.0, 0.0
@@ -128,8 +144,13 @@ def fixed_reference(params: RowParams, dtype: torch.dtype) -> bool:
     """Whether the statistics run against fixed references (``row_fixed``): 16-bit
     soft-capped logits at T != 1, whose running-max loop the exponential unit would bound
     below HBM speed. fp32 moves twice the bytes per exponential and T = 1 needs one
-    exponential fewer: their running-max loops keep up."""
+    exponential fewer: their running-max loops keep up. A wide soft-cap (above
+    :data:`WIDE_SOFTCAP`) takes the running max: its exponents span ``+-cap log2(e) / T``,
+    far more than a fixed reference's 2^+-96 window, and ``row_fixed`` forms them from
+    tanh's reciprocal, ``(c - R) - 2 c r``, which cancels near 0 as the fast tanh does."""
     if params.logit_softcap is None or params.unit_temperature:
+        return False
+    if softcap_kind(params) == 3:
         return False
     return torch.finfo(dtype).bits == 16
 
@@ -356,21 +377,47 @@ _AOT_PARAMS = {
     "T!=1": RowParams(tau=0.1, temperature=0.7),
     "T=1/softcap": RowParams(tau=0.1, temperature=1.0, logit_softcap=30.0),
     "T!=1/softcap": RowParams(tau=0.1, temperature=0.7, logit_softcap=30.0),
+    "T=1/softcap-wide": RowParams(tau=0.1, temperature=1.0, logit_softcap=1e4),
+    "T!=1/softcap-wide": RowParams(tau=0.1, temperature=0.7, logit_softcap=1e4),
     "T=1/scale": RowParams(tau=0.1, temperature=1.0, logit_scale=0.5),
 }
 
 
-def _stats_loops(size: int, cfg: LaunchConfig, params: RowParams, dtype: torch.dtype) -> list:
+# Bandwidth gates of the wide soft-cap's 16-bit running-max statistics, below the default
+# 85% (static figures, bf16 on sm_90; each gate about 3 points under the lowest): its
+# accurate tanh (row_grad.wide_softcap) adds a series, four FMA-pipe instructions and a
+# compare per element, to loops the fast tanh fills to 89-100%, and it cannot take fixed
+# references (see fixed_reference). T = 1 clears 85% (87%, MUFU-bound: 2.88 results per
+# element with three reciprocals in four on MUFU) except with entropy and the fused
+# gradient's 64 registers per thread (83%, issue-bound: 24 instructions per element). At
+# T != 1 an element needs three exponentials (tanh's, the sums' at T and at 1) and a
+# slot two rescales per trip, 3.25 MUFU results per element against 2.94 at 85%, and the
+# issue slots have no room to move any to the FMA pipe: 74% (MUFU, 3.38 with one
+# reciprocal in eight), 71% with the fused gradient, 63-67% with entropy (issue, 30-32
+# instructions per element). Keys: (T = 1, with entropy). Gemma 2/3 (caps 30, 50) stay
+# below WIDE_SOFTCAP and keep the fast tanh and the default gate.
+WIDE_SOFTCAP_GATES = {(True, True): 0.80, (False, False): 0.68, (False, True): 0.60}
+
+
+def _stats_loops(
+    size: int, cfg: LaunchConfig, params: RowParams, dtype: torch.dtype, with_entropy: bool
+) -> list:
     """The statistics loops of a kernel that calls ``summarize_row``: the running-max walk
     and the fixed-reference walk (one of them compiled out). With fixed references the
     running-max walk only re-reads the rare rows that lost terms to underflow
-    (``row_fixed``): reported, not held to the bandwidth gate."""
+    (``row_fixed``): reported, not held to the bandwidth gate. A wide soft-cap's 16-bit
+    walk has its own gate (:data:`WIDE_SOFTCAP_GATES`)."""
     from gft_kernels.backends.triton.variants import HotLoop
 
+    gate = None
+    if params.logit_softcap is not None and softcap_kind(params) == 3 and size == 2:
+        gate = WIDE_SOFTCAP_GATES.get((params.unit_temperature, with_entropy))
     if fixed_reference(params, dtype):
         running_max = HotLoop("stats-fallback", None, cfg.block_v, "_summarize_running_max")
     else:
-        running_max = HotLoop("stats", size, cfg.block_v, "_summarize_running_max")
+        running_max = HotLoop(
+            "stats", size, cfg.block_v, "_summarize_running_max", min_ceiling=gate
+        )
     return [running_max, HotLoop("stats", size, cfg.block_v, "_walk")]
 
 
@@ -428,7 +475,7 @@ def aot_variants() -> List[Any]:
                                 # The gradient loops are compiled out without WRITE_GRAD.
                                 grad_block = meta["GRAD_BLOCK"]
                                 loops = [
-                                    *_stats_loops(size, cfg, params, dtype),
+                                    *_stats_loops(size, cfg, params, dtype, with_stats),
                                     HotLoop("zero-fill", size, grad_block, "zero_row"),
                                     HotLoop("gradient", 2 * size, grad_block, "write_grad_row"),
                                 ]
@@ -464,7 +511,7 @@ def aot_variants() -> List[Any]:
                                 partial_stats_kernel,
                                 args,
                                 meta,
-                                _stats_loops(size, cfg, params, dtype),
+                                _stats_loops(size, cfg, params, dtype, with_entropy),
                             )
                         )
                     for out_stride in (n_cols, n_cols + 1):
