@@ -237,9 +237,10 @@ def opcheck_layout(backend, layout):
         torch.library.opcheck(fused_linear_loss, args, test_utils=utils)
 
     grad_tokens = torch.randn(B * T, device=dev)
-    options = (1, 0.1, 0.7, 1.0, None, -100, True, True, bias is not None, 0, backend, "chunked")
-    back = (hidden, weight, bias, targets, adv, mask, grad_tokens, *options)
-    torch.library.opcheck(fused_linear_loss_backward, back)
+    for compact in (True, False):
+        options = (1, 0.1, 0.7, 1.0, None, -100, True, True, bias is not None, compact, 0)
+        back = (hidden, weight, bias, targets, adv, mask, grad_tokens, *options)
+        torch.library.opcheck(fused_linear_loss_backward, (*back, backend, "chunked"))
 
     if layout not in ("contiguous", "sliced_hidden"):
         return  # the logits-level ops see the same logits for the other layouts
