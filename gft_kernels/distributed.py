@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -16,7 +16,8 @@ def global_num_tokens(
     ignore_index: int = -100,
     process_group: Optional[object] = None,
     average_over_ranks: bool = True,
-) -> float:
+    as_tensor: bool = False,
+) -> Union[float, torch.Tensor]:
     """``num_tokens`` for ``token-mean`` under data parallelism, with one all-reduce.
 
     Counts the valid tokens (``mask`` and not ``ignore_index``) of every rank. With
@@ -27,11 +28,16 @@ def global_num_tokens(
     whole batch. Pass ``average_over_ranks=False`` when gradients are summed instead.
 
     Returns a Python float (>= 1 / world size; an all-empty batch counts as 1 token, so
-    the loss is 0 rather than 0 / 0).
+    the loss is 0 rather than 0 / 0), read on the host (one sync). With
+    ``as_tensor=True`` it is a 0-dim float64 tensor on the targets' device instead, never
+    read on the host: no sync, and under ``torch.compile`` a graph input that changes
+    every step without a recompile (a Python float recompiles once, when dynamo first
+    sees it change).
     """
     import torch.distributed as dist
 
     _checks.check_tensor("targets", targets)
+    _checks.check_bool("as_tensor", as_tensor)
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets: expected an integer tensor, got {targets.dtype}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -51,5 +57,7 @@ def global_num_tokens(
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count, group=process_group)
         world = dist.get_world_size(process_group)
-    total = max(float(count.item()), 1.0)
-    return total / world if average_over_ranks else total
+    total = count.reshape(()).clamp_min(1.0)
+    if average_over_ranks:
+        total = total / world
+    return total if as_tensor else float(total.item())

@@ -63,3 +63,19 @@ def test_global_num_tokens_refuses_an_ignore_index_the_targets_cannot_hold():
     assert global_num_tokens(targets) == 2.0
     with pytest.raises(TypeError, match="targets: expected an integer tensor"):
         global_num_tokens(targets.float())
+
+
+def test_global_num_tokens_as_tensor_is_the_same_count_without_a_host_read():
+    from gft_kernels.distributed import global_num_tokens
+
+    targets = torch.tensor([[1, -100, 3], [2, 2, -100]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    as_float = global_num_tokens(targets, mask)
+    as_tensor = global_num_tokens(targets, mask, as_tensor=True)
+    assert isinstance(as_float, float) and as_float == 3.0
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == ()
+    assert as_tensor.item() == as_float
+    empty = global_num_tokens(targets, torch.zeros_like(mask), as_tensor=True)
+    assert empty.item() == 1.0  # an empty batch counts as one token: loss 0, not 0 / 0
+    with pytest.raises(TypeError, match="as_tensor: expected a bool"):
+        global_num_tokens(targets, as_tensor=1)
