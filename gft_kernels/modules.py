@@ -7,9 +7,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from gft_kernels.backends import check_backend_name
 from gft_kernels.fused_linear import fused_linear_gft_loss
 from gft_kernels.loss import gft_loss
-from gft_kernels.options import BACKENDS, LOSS_AGG_MODES, check_choice
+from gft_kernels.options import LOSS_AGG_MODES, check_choice
 from gft_kernels.tokens import check_options
 
 
@@ -30,7 +31,7 @@ class _KeywordLoss(nn.Module):
             ignore_index=kwargs["ignore_index"],
         )
         check_choice("loss_agg_mode", kwargs["loss_agg_mode"], LOSS_AGG_MODES)
-        check_choice("backend", kwargs["backend"], BACKENDS)
+        check_backend_name("backend", kwargs["backend"])
         self.kwargs = kwargs
 
     def extra_repr(self) -> str:

@@ -9,12 +9,12 @@ from typing import Any, Dict, List, Optional, Union
 
 from transformers import TrainingArguments
 
-from gft_kernels.options import BACKENDS, REDUCED_MODES, check_choice, check_int
+from gft_kernels.backends import check_backend_name
+from gft_kernels.options import REDUCED_MODES, check_choice, check_int
 
 # The reduced aggregation modes of the loss. ``none`` (per-token losses) is left out: a
 # trainer needs a scalar to back-propagate.
 TRAINER_LOSS_AGG_MODES = REDUCED_MODES
-GFT_BACKENDS = BACKENDS
 # ``step``: normalised over the optimizer step (all micro-batches and ranks);
 # ``micro_batch``: each micro-batch its own mean (the published GFT code).
 LOSS_NORMALIZATIONS = ("step", "micro_batch")
@@ -191,7 +191,7 @@ class GFTConfig(TrainingArguments):
             self.reward_weights = [
                 number(f"reward_weights[{i}]", w) for i, w in enumerate(self.reward_weights)
             ]
-        check_choice("gft_backend", self.gft_backend, GFT_BACKENDS)
+        check_backend_name("gft_backend", self.gft_backend)
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise TypeError(
                 "model_init_kwargs: expected None or a dict, got "

@@ -31,8 +31,10 @@ from typing import Any, Dict, List, Optional
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from gft_kernels.backends import check_backend_name
+
 from . import loss
-from .config import GFT_BACKENDS, TRAINER_LOSS_AGG_MODES
+from .config import TRAINER_LOSS_AGG_MODES
 from .fused_head import FusedHeadMixin
 from .heads import head_logit_transform
 
@@ -88,10 +90,7 @@ class GFTGRPOConfig(GRPOConfig):
                 f"loss_agg_mode: expected one of {', '.join(TRAINER_LOSS_AGG_MODES)}, got "
                 f"{self.loss_agg_mode!r}"
             )
-        if self.gft_backend not in GFT_BACKENDS:
-            raise ValueError(
-                f"gft_backend: expected one of {', '.join(GFT_BACKENDS)}, got {self.gft_backend!r}"
-            )
+        check_backend_name("gft_backend", self.gft_backend)
         if isinstance(self.demonstration_columns, str) or not all(
             isinstance(c, str) for c in self.demonstration_columns
         ):

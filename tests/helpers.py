@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from gft_kernels.options import BACKENDS as ALL_BACKENDS
+from gft_kernels.backends import backend_names
 from gft_kernels.options import LOSS_AGG_MODES
 from gft_kernels.reference import gft_loss_reference
 
-# Every concrete backend (the registry's names but "auto"), and every aggregation mode.
-BACKENDS = tuple(b for b in ALL_BACKENDS if b != "auto")
+# Every concrete backend (the registry's names but "auto": a backend registered before the
+# tests are collected joins every parametrised test), and every aggregation mode.
+BACKENDS = tuple(b for b in backend_names() if b != "auto")
 CPU = torch.device("cpu")
 MODES = LOSS_AGG_MODES
 

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from gft_kernels.backends import RowParams, load_backend, native
+from gft_kernels.backends import RowParams, backend_info, load_backend, native
 from gft_kernels.backends.torch_rows import accumulate_dtype
 
 BACKENDS = ["torch", "cpu-simd", "cpu-scalar", "triton", "triton-split"]
@@ -23,12 +23,13 @@ SHAPES = [(1, 1), (3, 2), (5, 37), (4, 4099), (2, 20011)]
 
 def combos(dtypes=DTYPES, shapes=SHAPES, params=None):
     """(backend, dtype, shape[, params]) cases that exist: the Triton interpreter is slow,
-    so it gets the small shapes (and one set of params for the larger ones), and it takes
-    no fp64 (refused with a TypeError, tested elsewhere)."""
+    so it gets the small shapes (and one set of params for the larger ones), and each
+    backend gets the dtypes the registry says it takes (Triton: no fp64, refused with a
+    TypeError, tested elsewhere)."""
     out = []
     for backend in BACKENDS:
         for dtype in dtypes:
-            if backend.startswith("triton") and dtype == torch.float64:
+            if dtype not in backend_info(backend.split("-")[0]).dtypes:
                 continue
             for shape in shapes:
                 interpreted = backend.startswith("triton")

@@ -14,7 +14,8 @@ argument has been accepted. ``docs/backends.md`` explains how to add a backend.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,6 +23,10 @@ from gft_kernels.backends.base import PartialStats, RowBackend, RowParams, Token
 
 __all__ = [
     "BACKENDS",
+    "BackendInfo",
+    "backend_info",
+    "backend_names",
+    "check_backend_name",
     "PartialStats",
     "RowBackend",
     "RowParams",
@@ -32,16 +37,68 @@ __all__ = [
     "triton_interpreted",
 ]
 
-# name -> factory(required: bool) returning a backend, or None when an optional backend
-# is unavailable (``auto`` then falls back to ``torch``).
-_FACTORIES: Dict[str, Callable[[bool], Optional[RowBackend]]] = {}
+ALL_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """A registered backend: how to build it and which tensors it takes.
+
+    ``factory(required)`` returns the backend, or None when an optional backend is
+    unavailable (``auto`` then falls back to ``torch``); it is called once, on first use.
+    ``devices`` are the device types it takes (None: any); ``dtypes`` the logits/hidden
+    dtypes; ``device_hint`` is added to the refusal of another device.
+    """
+
+    name: str
+    factory: Callable[[bool], Optional[RowBackend]]
+    devices: Optional[Tuple[str, ...]] = None
+    dtypes: Tuple[torch.dtype, ...] = ALL_DTYPES
+    device_hint: str = ""
+
+
+_REGISTRY: Dict[str, BackendInfo] = {}
 _CACHE: Dict[str, RowBackend] = {}
 
 
-def register_backend(name: str, factory: Callable[[bool], Optional[RowBackend]]) -> None:
-    """Register ``factory`` under ``name``; it is called once, on first use."""
-    _FACTORIES[name] = factory
+def register_backend(
+    name: str,
+    factory: Callable[[bool], Optional[RowBackend]],
+    *,
+    devices: Optional[Sequence[str]] = None,
+    dtypes: Sequence[torch.dtype] = ALL_DTYPES,
+    device_hint: str = "",
+) -> None:
+    """Register ``factory`` under ``name`` for tensors on ``devices`` (device types, None:
+    any) of ``dtypes``. The name is then accepted wherever a backend is chosen: the
+    losses, ``GFTLoss``/``FusedLinearGFTLoss`` and the integrations' configs."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"name: expected a non-empty backend name other than 'auto', got {name!r}")
+    _REGISTRY[name] = BackendInfo(
+        name, factory, None if devices is None else tuple(devices), tuple(dtypes), device_hint
+    )
     _CACHE.pop(name, None)
+
+
+def backend_names() -> Tuple[str, ...]:
+    """Every name a caller may pass now: ``auto`` and each registered backend."""
+    return ("auto",) + tuple(_REGISTRY)
+
+
+def backend_info(name: str) -> BackendInfo:
+    """What the registry holds for ``name`` (a registered backend, not ``auto``)."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"backend: expected one of {', '.join(_REGISTRY)}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def check_backend_name(arg: str, value: object) -> str:
+    """``value`` names a registered backend (or ``auto``); ``arg`` is the argument's name
+    in the error (``backend``, ``gft_backend``)."""
+    names = backend_names()
+    if not isinstance(value, str) or value not in names:
+        raise ValueError(f"{arg}: expected one of {', '.join(names)}, got {value!r}")
+    return value
 
 
 def triton_interpreted() -> bool:
@@ -73,11 +130,26 @@ def _triton_factory(required: bool) -> RowBackend:
 
 
 register_backend("torch", _torch_factory)
-register_backend("cpu", _native_factory)
-register_backend("triton", _triton_factory)
+register_backend("cpu", _native_factory, devices=("cpu",))
+register_backend(
+    "triton",
+    _triton_factory,
+    devices=("cuda",),
+    dtypes=(torch.float32, torch.bfloat16, torch.float16),
+    device_hint="on CPU tensors it needs TRITON_INTERPRET=1 set before triton is imported "
+    "(the Triton interpreter); use backend='cpu' or 'torch' on CPU",
+)
 
-# The names a caller may pass: every registered backend, plus "auto".
+# The built-in names (with "auto"), for documentation and parametrised tests; a caller may
+# pass any name of backend_names(), user-registered ones included.
 BACKENDS: Tuple[str, ...] = ("auto", "triton", "cpu", "torch")
+
+
+def _takes_device(info: BackendInfo, device: torch.device) -> bool:
+    if info.devices is None or device.type in info.devices:
+        return True
+    # The Triton interpreter runs the same kernels on CPU tensors (how the tests check them).
+    return info.name == "triton" and device.type == "cpu" and triton_interpreted()
 
 
 def check_backend(
@@ -91,30 +163,24 @@ def check_backend(
     Returns the concrete name, or ``"auto-cpu"`` when ``auto`` on the CPU must try the
     native kernel first. Raises ``ValueError``/``TypeError`` for impossible choices.
     """
-    names = tuple(_FACTORIES) + ("auto",)
-    if not isinstance(backend, str) or backend not in names:
-        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "triton":
-        if device.type == "cpu" and not triton_interpreted():
-            raise ValueError(
-                "backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton "
-                "is imported (the Triton interpreter); use backend='cpu' or 'torch' on CPU"
-            )
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend: 'triton' needs CUDA tensors, got device {device}")
-        if dtype == torch.float64:
-            raise TypeError(
-                f"{tensor_name}: backend 'triton' takes float32/bfloat16/float16, got float64 "
-                "(use backend='torch' or 'cpu' for fp64, e.g. gradcheck)"
-            )
-        return "triton"
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend: 'cpu' needs CPU tensors, got device {device}")
-    if backend != "auto":
-        return backend
-    if device.type == "cuda" and dtype != torch.float64:
-        return "triton"
-    return "auto-cpu" if device.type == "cpu" else "torch"
+    check_backend_name("backend", backend)
+    if backend == "auto":
+        if device.type == "cuda" and dtype != torch.float64:
+            return "triton"
+        return "auto-cpu" if device.type == "cpu" else "torch"
+    info = _REGISTRY[backend]
+    if not _takes_device(info, device):
+        where = "/".join(d.upper() for d in info.devices or ())
+        hint = f"; {info.device_hint}" if info.device_hint else ""
+        raise ValueError(f"backend: {backend!r} needs {where} tensors, got device {device}{hint}")
+    if dtype not in info.dtypes:
+        want = "/".join(str(d).replace("torch.", "") for d in info.dtypes)
+        fp64 = " (use backend='torch' or 'cpu' for fp64, e.g. gradcheck)"
+        raise TypeError(
+            f"{tensor_name}: backend {backend!r} takes {want}, got "
+            f"{str(dtype).replace('torch.', '')}" + (fp64 if dtype == torch.float64 else "")
+        )
+    return backend
 
 
 def load_backend(name: str) -> RowBackend:
@@ -125,7 +191,7 @@ def load_backend(name: str) -> RowBackend:
 
 
 def _load(name: str, required: bool) -> Optional[RowBackend]:
-    backend = _FACTORIES[name](required)
+    backend = _REGISTRY[name].factory(required)
     if backend is not None:
         _CACHE[name] = backend
     return backend
