@@ -69,7 +69,7 @@ def check_count_or_tensor(name: str, value: object):
     token count) whose value is not read here, so that passing it costs no host sync.
 
     0 is allowed: a batch with nothing to train may count 0 tokens (``0 / 0`` is then 0,
-    see :func:`gft_kernels.aggregation.token_weights`)."""
+    see :func:`gft_kernels.aggregation.aggregation_weights`)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         if value.dtype == torch.bool:
             raise TypeError(f"{name}: expected a number or a numeric tensor, got {value.dtype}")

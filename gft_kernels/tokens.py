@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from gft_kernels import _checks
-from gft_kernels.aggregation import token_weights
+from gft_kernels.aggregation import aggregation_weights
 from gft_kernels.backends import RowParams, check_backend
 from gft_kernels.backends.torch_rows import accumulate_dtype
 
@@ -132,12 +132,12 @@ def prepare_tokens(
         elif flat_mask.dtype not in (torch.uint8, torch.float32):
             flat_mask = flat_mask.to(torch.float32)  # keeps any non-0/1 value visible
         valid = valid & (flat_mask != 0)
-    weights = token_weights(
+    weights = aggregation_weights(
         valid.reshape(token_shape),
         mode,
         acc,
-        num_tokens=opts["num_tokens"],
-        max_response_length=max_response_length,
+        tokens=opts["num_tokens"],
+        response_length=max_response_length,
     ).reshape(-1)
     per_sequence = advantages.dim() == 1 and len(token_shape) == 2
     return TokenBatch(

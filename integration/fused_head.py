@@ -36,7 +36,7 @@ class FusedHeadMixin:
     ) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         """``(loss, hidden (B, L, H), stats or None)`` of a padded batch: ``inputs`` holds
         ``input_ids``, ``attention_mask``, ``response_mask`` ``(B, L)`` and ``advantages``
-        ``(B,)``; ``weights`` ``(B, L - 1)`` are :func:`.loss.token_weights`."""
+        ``(B,)``; ``weights`` ``(B, L - 1)`` are :func:`.loss.normalized_weights`."""
         if self._computes_loss_in_head(model):
             return self.loss_in_head_forward(model, inputs, weights)
         hidden = self.final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])

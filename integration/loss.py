@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from gft_kernels import fused_linear_gft_loss
+from gft_kernels.aggregation import aggregation_weights
 
 from .heads import LogitTransform
 
@@ -126,36 +127,32 @@ def micro_batch_normalizer(
     return LossNormalizer(tokens, float(mask.shape[0]), longest, ranks, per_step=False)
 
 
-def token_weights(
+def normalized_weights(
     mask: torch.Tensor,
     loss_agg_mode: str,
     normalizer: LossNormalizer,
     max_response_length: Optional[int] = None,
 ) -> torch.Tensor:
-    """``(R, L - 1)`` fp32 weights ``w_t`` with ``loss = sum_t w_t * l_t`` (0 off the mask).
+    """``(R, L - 1)`` fp32 weights ``w_t`` with ``loss = sum_t w_t * l_t`` (0 off the mask):
+    :func:`gft_kernels.aggregation.aggregation_weights` with the counts of ``normalizer``.
 
     ``token-mean``: ``ranks / tokens``; ``seq-mean-token-sum``: ``ranks / sequences``;
     ``seq-mean-token-mean``: ``ranks / (sequences * n_b)`` (``n_b``: the response's tokens);
     ``seq-mean-token-sum-norm``: ``ranks / (Tlen * sequences)`` (per micro-batch:
     ``1 / Tlen``), ``Tlen = max_response_length`` or ``longest``; ``sum``: ``ranks``.
     """
-    maskf = mask.to(torch.float32)
-    ranks = float(normalizer.ranks)
     sequences = max(normalizer.sequences, 1.0)
-    if loss_agg_mode == "token-mean":
-        return maskf * (ranks / max(normalizer.tokens, 1.0))
-    if loss_agg_mode == "seq-mean-token-sum":
-        return maskf * (ranks / sequences)
-    if loss_agg_mode == "seq-mean-token-mean":
-        per_row = maskf.sum(1, keepdim=True).clamp_min(1.0)
-        return maskf * (ranks / sequences) / per_row
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        tlen = float(max_response_length) if max_response_length else max(normalizer.longest, 1.0)
-        divisor = tlen * (sequences if normalizer.per_step else 1.0)
-        return maskf * (ranks / divisor)
-    if loss_agg_mode == "sum":
-        return maskf * ranks
-    raise ValueError(f"loss_agg_mode: unknown mode {loss_agg_mode!r}")
+    tlen = float(max_response_length) if max_response_length else max(normalizer.longest, 1.0)
+    return aggregation_weights(
+        mask != 0,
+        loss_agg_mode,
+        torch.float32,
+        tokens=max(normalizer.tokens, 1.0),
+        sequences=sequences,
+        response_length=tlen,
+        ranks=float(normalizer.ranks),
+        norm_by_sequences=normalizer.per_step,
+    )
 
 
 def fused_head_loss(
@@ -177,7 +174,7 @@ def fused_head_loss(
     """``sum_t weights_t * l_t`` over the response tokens of ``hidden`` ``(R, L, H)``.
 
     ``batch``: ``input_ids`` ``(R, L)``, ``attention_mask``, ``response_mask`` and the
-    per-response ``advantages`` ``(R,)``; ``weights``: :func:`token_weights` ``(R, L - 1)``.
+    per-response ``advantages`` ``(R,)``; ``weights``: :func:`normalized_weights` ``(R, L - 1)``.
     ``compute_dtype``: the dtype the head runs in (mixed precision: the autocast dtype, as
     ``lm_head`` would; the fused op accumulates ``dW`` in fp32 and returns an fp32 loss).
     ``keep_graph_of``: tensors that get a zero gradient when no token is trained at all (the

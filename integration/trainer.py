@@ -408,7 +408,9 @@ class GFTTrainer(FusedHeadMixin, Trainer):
         mask = loss.response_positions(inputs)
         training = model.training
         normalizer = self._normalizer(inputs, mask, training)
-        weights = loss.token_weights(mask, args.loss_agg_mode, normalizer, args.max_response_length)
+        weights = loss.normalized_weights(
+            mask, args.loss_agg_mode, normalizer, args.max_response_length
+        )
 
         value, hidden, stats = self.head_loss(model, inputs, weights)
 

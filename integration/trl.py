@@ -314,7 +314,7 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
             )
         else:
             normalizer = loss.step_normalizer([positions], positions.device, across_ranks=False)
-        weights = loss.token_weights(
+        weights = loss.normalized_weights(
             positions, args.loss_agg_mode, normalizer, self.max_completion_length
         )
         value, _, stats = self.head_loss(model, batch, weights)

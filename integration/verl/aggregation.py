@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from gft_kernels import aggregation
+
 VERL_LOSS_AGG_MODES = (
     "token-mean",
     "token-sum",
@@ -91,7 +93,6 @@ def aggregation_weights(
     sequences = _count("global_batch_size", global_batch_size, positive=False)
     tlen = _count("loss_scale_factor", loss_scale_factor, positive=True)
     valid = mask.to(torch.bool)
-    m = valid.to(dtype)
 
     def fallback(name: str) -> None:
         if dp > 1:
@@ -99,28 +100,25 @@ def aggregation_weights(
                 f"{name}: required when dp_size > 1 (verl's global_batch_info), got None"
             )
 
-    if loss_agg_mode == "token-sum":
-        return m * dp
-    if loss_agg_mode == "token-mean":
-        if tokens is None:
-            fallback("batch_num_tokens")
-            denom = m.sum()
-        else:
-            denom = torch.tensor(tokens, dtype=dtype, device=mask.device)
-        return torch.where(denom > 0, m * dp / denom.clamp_min(1e-30), torch.zeros_like(m))
-    row_tokens = m.sum(-1, keepdim=True)
-    if sequences is None:
+    if loss_agg_mode == "token-mean" and tokens is None:
+        fallback("batch_num_tokens")
+    row_tokens = valid.sum(-1)
+    n_seq: Any = sequences
+    if loss_agg_mode.startswith("seq-") and sequences is None:
         fallback("global_batch_size")
-        n_seq = (row_tokens > 0).to(dtype).sum()
-    else:
-        n_seq = torch.tensor(sequences, dtype=dtype, device=mask.device)
-    per_seq = torch.where(n_seq > 0, dp / n_seq.clamp_min(1e-30), torch.zeros_like(n_seq))
-    if loss_agg_mode == "seq-mean-token-mean":
-        return m * per_seq / row_tokens.clamp_min(1)
-    weights = m * per_seq
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        weights = weights / (tlen if tlen is not None else mask.shape[-1])
-    return weights
+        # verl's own-count fallback: the micro-batch's non-empty sequences, counted on the
+        # device (0 only where every row is empty, whose weights are 0 anyway).
+        n_seq = (row_tokens > 0).sum()
+    return aggregation.aggregation_weights(
+        valid,
+        loss_agg_mode,
+        dtype,
+        tokens=tokens,
+        sequences=n_seq,
+        response_length=tlen,
+        ranks=dp,
+        norm_by_sequences=True,
+    )
 
 
 def global_batch_info(config: Any) -> Mapping[str, Any]:
