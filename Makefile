@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # build. pyproject keeps the open range (torch>=2.4) for real users.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test bench aot build lint clean gpu-check
+.PHONY: test bench aot build lint fmt clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ gpu-check:
 lint: $(STAMP)
 	$(PY) -m ruff check gft_kernels integration benchmarks tests
 	$(PY) -m ruff format --check gft_kernels integration benchmarks tests
+
+# Fixes what ruff can fix and formats the tree (make lint only checks).
+fmt: $(STAMP)
+	$(PY) -m ruff check --fix gft_kernels integration benchmarks tests
+	$(PY) -m ruff format gft_kernels integration benchmarks tests
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) build *.egg-info benchmarks/out
