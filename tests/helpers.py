@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 
 from gft_kernels.backends import backend_names
@@ -153,3 +156,68 @@ def check_against_reference(backend, logits, targets, adv, mask, **kw):
     assert x.grad.dtype == logits.dtype
     assert_close(x.grad, grad_ref, rtol=grad_rtol, atol=atol, what="grad")
     return loss, x.grad
+
+
+@contextlib.contextmanager
+def backend_variant(name: str):
+    """The public backend name of a row-backend variant, with the variant switched on:
+    ``cpu-simd``/``cpu-scalar`` (the native kernel's AVX2 or scalar loops, for CPUs without
+    AVX2) and ``triton-split`` (each row's columns split across programs, as on a large GPU
+    with few rows); any other name is itself."""
+    if name.startswith("cpu-"):
+        from gft_kernels.backends import native
+
+        module = native.require()
+        previous = module.set_simd_enabled(name == "cpu-simd")
+        try:
+            yield "cpu"
+        finally:
+            module.set_simd_enabled(previous)
+    elif name == "triton-split":
+        from gft_kernels.backends.triton import tuning
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tuning, "MIN_PROGRAMS", 64)
+            patch.setattr(tuning, "MIN_SEGMENT_BLOCKS", 1)
+            patch.setattr(tuning, "MAX_BLOCK", {4: 64, 2: 64})
+            yield "triton"
+    else:
+        yield name
+
+
+def run_entry(entry: str, backend: str, leaves: dict, targets, adv, mask=None, **kw):
+    """``(loss, {leaf: grad}, stats or None)`` of one entry point, the backward included.
+
+    ``entry``: ``gft_loss`` or ``gft_loss-stats`` on ``leaves["z"]``; ``fused``,
+    ``fused-stats`` or ``fused-full`` (no token compaction) on ``leaves["h"]``,
+    ``leaves["w"]`` and, when present, ``leaves["b"]``. ``kw`` goes to the loss.
+    """
+    from gft_kernels import fused_linear_gft_loss, gft_loss
+
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    if entry.startswith("gft_loss"):
+        out = gft_loss(
+            leaves["z"],
+            targets,
+            adv,
+            mask,
+            backend=backend,
+            return_stats=entry.endswith("stats"),
+            **kw,
+        )
+    else:
+        out = fused_linear_gft_loss(
+            leaves["h"],
+            leaves["w"],
+            targets,
+            adv,
+            mask,
+            bias=leaves.get("b"),
+            backend=backend,
+            return_stats=entry == "fused-stats",
+            compact_tokens=entry != "fused-full",
+            **kw,
+        )
+    loss, stats = out if isinstance(out, tuple) else (out, None)
+    loss.backward()
+    return loss.detach().cpu(), {k: v.grad.cpu() for k, v in leaves.items()}, stats

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gft_kernels import fused_linear_gft_loss, gft_loss
-from tests.helpers import BACKENDS, device_for, reference_fp64
+from gft_kernels.backends import backend_info
+from tests.helpers import BACKENDS, device_for, reference_fp64, run_entry
 
 B, T, V, H = 2, 3, 10, 8
 TAU = 0.1
@@ -29,7 +29,7 @@ def cases(dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64)):
     out = []
     for backend in BACKENDS:
         for dtype in dtypes:
-            if backend == "triton" and dtype == torch.float64:
+            if dtype not in backend_info(backend).dtypes:
                 continue  # refused with a TypeError (tested elsewhere)
             for entry in ENTRIES:
                 for temperature in (1.0, 0.7):
@@ -59,24 +59,11 @@ def uniform_case(entry, dtype, device):
 
 def run(entry, backend, leaves, targets, adv, tau, temperature):
     """``(loss, grads, rectified_fraction or None)`` of one entry point."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-    kw = dict(backend=backend, tau=tau, temperature=temperature)
-    if entry.startswith("gft_loss"):
-        out = gft_loss(leaves["z"], targets, adv, return_stats=entry.endswith("stats"), **kw)
-    else:
-        out = fused_linear_gft_loss(
-            leaves["h"],
-            leaves["w"],
-            targets,
-            adv,
-            return_stats=entry == "fused-stats",
-            compact_tokens=entry != "fused-full",
-            **kw,
-        )
-    loss, stats = out if isinstance(out, tuple) else (out, None)
-    loss.backward()
+    loss, grads, stats = run_entry(
+        entry, backend, leaves, targets, adv, tau=tau, temperature=temperature
+    )
     fraction = None if stats is None else float(stats.rectified_fraction)
-    return loss.detach().cpu(), {k: v.grad.cpu() for k, v in leaves.items()}, fraction
+    return loss, grads, fraction
 
 
 def reference(entry, leaves, targets, adv, tau, temperature):

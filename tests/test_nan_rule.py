@@ -9,16 +9,14 @@ finite (all -inf, or holding +inf) still carries no loss and no gradient.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-from gft_kernels import fused_linear_gft_loss, gft_loss
-from gft_kernels.backends import RowParams, check_backend, load_backend, native
+from gft_kernels import gft_loss
+from gft_kernels.backends import RowParams, check_backend, load_backend
 from gft_kernels.backends.base import PartialStats
 from gft_kernels.backends.token_terms import combine_partials, token_terms
-from tests.helpers import BACKENDS, device_for, reference_fp64
+from tests.helpers import BACKENDS, backend_variant, device_for, reference_fp64, run_entry
 
 NAN = float("nan")
 INF = float("inf")
@@ -74,28 +72,6 @@ def row_params(cases=NUMERICS):
 ROW_ARGS = ("backend", "dtype", "cap", "temperature")
 
 
-@contextlib.contextmanager
-def public_backend(name: str):
-    """The public backend name of a row-backend variant, with the variant switched on."""
-    if name == "cpu-scalar":
-        module = native.require()
-        previous = module.set_simd_enabled(False)
-        try:
-            yield "cpu"
-        finally:
-            module.set_simd_enabled(previous)
-    elif name == "triton-split":
-        from gft_kernels.backends.triton import tuning
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(tuning, "MIN_PROGRAMS", 64)
-            patch.setattr(tuning, "MIN_SEGMENT_BLOCKS", 1)
-            patch.setattr(tuning, "MAX_BLOCK", {4: 64, 2: 64})
-            yield "triton"
-    else:
-        yield name
-
-
 def tokens(device):
     """Targets, per-token advantages and mask with one token of each kind in DROPPED."""
     gen = torch.Generator().manual_seed(1)
@@ -125,25 +101,10 @@ def head_case(dtype, device):
 
 def run(entry, backend, leaves, targets, adv, mask, cap, temperature):
     """``(loss, {leaf: grad})`` of one entry point (token-mean), the backward included."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-    kw = dict(backend=backend, logit_softcap=cap, temperature=temperature)
-    if entry.startswith("gft_loss"):
-        out = gft_loss(leaves["z"], targets, adv, mask, return_stats=entry.endswith("stats"), **kw)
-    else:
-        out = fused_linear_gft_loss(
-            leaves["h"],
-            leaves["w"],
-            targets,
-            adv,
-            mask,
-            bias=leaves["b"],
-            return_stats=entry == "fused-stats",
-            compact_tokens=entry != "fused-full",
-            **kw,
-        )
-    loss = out[0] if isinstance(out, tuple) else out
-    loss.backward()
-    return loss.detach().cpu(), {k: v.grad.cpu() for k, v in leaves.items()}
+    loss, grads, _ = run_entry(
+        entry, backend, leaves, targets, adv, mask, logit_softcap=cap, temperature=temperature
+    )
+    return loss, grads
 
 
 def reference(leaves, targets, adv, mask, cap, temperature):
@@ -194,7 +155,7 @@ def test_nan_logit_of_loss_token_gives_nan_loss(backend, entry, where, dtype, ca
     targets, adv, mask = tokens(dev)
     z = logits_case(dtype, dev)
     poison_row(z, targets, where)
-    with public_backend(backend) as name:
+    with backend_variant(backend) as name:
         loss, grads = run(entry, name, {"z": z}, targets, adv, mask, cap, temperature)
     assert torch.isnan(reference({"z": z}, targets, adv, mask, cap, temperature))
     assert torch.isnan(loss), f"{backend}: loss {loss} for a NaN logit of a loss-carrying token"
@@ -212,7 +173,7 @@ def test_nan_stays_in_its_token(backend, dtype, cap, temperature):
     poison_row(dirty, targets, "one")
     kw = dict(logit_softcap=cap, temperature=temperature, loss_agg_mode="none")
     results = []
-    with public_backend(backend) as name:
+    with backend_variant(backend) as name:
         for z in (clean, dirty):
             x = z.clone().requires_grad_(True)
             loss = gft_loss(x, targets, adv, mask, backend=name, **kw)
@@ -261,7 +222,7 @@ def test_nan_logits_without_loss_change_nothing(backend, entry, dropped, dtype, 
     clean = logits_case(dtype, dev)
     dirty = clean.clone()
     dirty[DROPPED[dropped]] = NAN
-    with public_backend(backend) as name:
+    with backend_variant(backend) as name:
         want = run(entry, name, {"z": clean}, targets, adv, mask, cap, temperature)
         got = run(entry, name, {"z": dirty}, targets, adv, mask, cap, temperature)
     assert torch.isfinite(got[0]), f"{backend}: NaN in a {dropped} row reached the loss"
@@ -312,7 +273,7 @@ def test_rows_without_finite_max_still_carry_no_loss(backend, temperature):
     dirty[0, 0] = -INF
     dirty[0, 2, 5] = INF
     kw = dict(temperature=temperature, loss_agg_mode="none")
-    with public_backend(backend) as name:
+    with backend_variant(backend) as name:
         x = dirty.clone().requires_grad_(True)
         loss = gft_loss(x, targets, adv, mask, backend=name, **kw)
         loss.sum().backward()

@@ -15,6 +15,7 @@ import torch
 
 from gft_kernels.backends import RowParams, backend_info, load_backend, native
 from gft_kernels.backends.torch_rows import accumulate_dtype
+from tests.helpers import backend_variant
 
 BACKENDS = ["torch", "cpu-simd", "cpu-scalar", "triton", "triton-split"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -101,27 +102,9 @@ TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture(params=BACKENDS)
 def rows(request) -> Iterator:
-    name = request.param
-    if name.startswith("cpu"):
-        module = native.require()
-        previous = module.set_simd_enabled(name == "cpu-simd")
-        try:
-            yield load_backend("cpu")
-        finally:
-            module.set_simd_enabled(previous)
-    elif name == "triton-split":
-        # Few rows on a large GPU: each row's columns are split across programs.
-        from gft_kernels.backends.triton import tuning
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(tuning, "MIN_PROGRAMS", 64)
-            patch.setattr(tuning, "MIN_SEGMENT_BLOCKS", 1)
-            patch.setattr(tuning, "MAX_BLOCK", {4: 64, 2: 64})
-            yield OnDevice(load_backend("triton"), TRITON_DEVICE)
-    elif name == "triton":
-        yield OnDevice(load_backend("triton"), TRITON_DEVICE)
-    else:
-        yield load_backend(name)
+    with backend_variant(request.param) as name:
+        backend = load_backend(name)
+        yield OnDevice(backend, TRITON_DEVICE) if name == "triton" else backend
 
 
 def make_logits(shape, dtype, seed=0, scale=4.0) -> torch.Tensor:
