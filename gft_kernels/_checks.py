@@ -97,10 +97,14 @@ def check_temperature(temperature: float, compute_dtype: torch.dtype) -> None:
         )
 
 
-def check_ignore_index(ignore_index: int, targets_dtype: torch.dtype) -> None:
-    """``ignore_index`` must be a value the targets can hold: outside their range a
-    comparison would wrap it (an int32 copy of -2**32 - 100 is -100) on some backends
-    and never match on others."""
+def check_ignore_index(ignore_index: object, targets_dtype: Optional[torch.dtype] = None) -> int:
+    """An int (bools refused) and, given the targets' dtype, a value the targets can hold:
+    outside their range a comparison would wrap it (an int32 copy of -2**32 - 100 is -100)
+    on some backends and never match on others."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if targets_dtype is None:
+        return ignore_index
     info = torch.iinfo(targets_dtype)
     if not info.min <= ignore_index <= info.max:
         kind = str(targets_dtype).replace("torch.", "")
@@ -108,6 +112,7 @@ def check_ignore_index(ignore_index: int, targets_dtype: torch.dtype) -> None:
             f"ignore_index: expected an int in [{info.min}, {info.max}] (the range of "
             f"{kind} targets), got {ignore_index}"
         )
+    return ignore_index
 
 
 TARGET_DTYPES = (torch.int64, torch.int32)

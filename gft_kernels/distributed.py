@@ -40,8 +40,6 @@ def global_num_tokens(
     _checks.check_bool("as_tensor", as_tensor)
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets: expected an integer tensor, got {targets.dtype}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     # Outside the targets' range the comparison below would wrap (int32) and count wrongly.
     _checks.check_ignore_index(ignore_index, targets.dtype)
     valid = targets != ignore_index

@@ -66,8 +66,7 @@ def check_options(
     if max_response_length is not None:
         _checks.check_positive_int("max_response_length", max_response_length)
     _checks.check_bool("return_stats", return_stats)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    ignore_index = _checks.check_ignore_index(ignore_index)
     return dict(
         tau=tau,
         temperature=temperature,
@@ -101,6 +100,7 @@ def prepare_tokens(
     ``anchor`` is the logits or hidden tensor (named ``anchor_name`` in errors): its
     leading dims are the tokens and its device/dtype pick the backend.
     """
+    acc = accumulate_dtype(anchor.dtype)
     opts = check_options(
         tau=tau,
         temperature=temperature,
@@ -110,14 +110,13 @@ def prepare_tokens(
         logit_scale=logit_scale,
         logit_softcap=logit_softcap,
         ignore_index=ignore_index,
-        compute_dtype=accumulate_dtype(anchor.dtype),
+        compute_dtype=acc,
     )
     token_shape = anchor.shape[:-1]
     mode = _checks.check_mode(loss_agg_mode, len(token_shape))
     _checks.check_token_inputs(targets, advantages, mask, token_shape, anchor.device)
     _checks.check_ignore_index(opts["ignore_index"], targets.dtype)
     name = check_backend(backend, anchor.device, anchor.dtype, anchor_name)
-    acc = accumulate_dtype(anchor.dtype)
 
     # The token inputs are O(N) next to the O(N x V) logits: one contiguous copy of a
     # strided or broadcast view (y[::2], adv.expand(N), token_adv[:, 0]) costs nothing

@@ -102,13 +102,12 @@ def aggregation_weights(
 
     if loss_agg_mode == "token-mean" and tokens is None:
         fallback("batch_num_tokens")
-    row_tokens = valid.sum(-1)
     n_seq: Any = sequences
     if loss_agg_mode.startswith("seq-") and sequences is None:
         fallback("global_batch_size")
         # verl's own-count fallback: the micro-batch's non-empty sequences, counted on the
         # device (0 only where every row is empty, whose weights are 0 anyway).
-        n_seq = (row_tokens > 0).sum()
+        n_seq = valid.any(-1).sum()
     return aggregation.aggregation_weights(
         valid,
         loss_agg_mode,
