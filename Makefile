@@ -34,7 +34,7 @@ bench: build
 # spills and the main loops' instruction counts (benchmarks/README.md). Results are cached
 # by kernel source and tool version, so a second run only compiles what changed.
 aot: $(STAMP)
-	$(PY) -m benchmarks.aot --cache-dir $(VENV)/aot-cache
+	$(PY) -m benchmarks.static.aot --cache-dir $(VENV)/aot-cache
 
 # On a CUDA machine: an environment of its own (GPU_VENV) with a CUDA build of torch, never
 # the TORCH_PIN above (the base interpreter's torch if it has CUDA, else `pip install torch`,

@@ -9,8 +9,6 @@ subprocess of the CPU memory measurement), :mod:`~benchmarks.targets` (the perfo
 and their verdicts), :mod:`~benchmarks.report` (tables, JSON, plots),
 :mod:`~benchmarks.runner` (the CLI) and :mod:`~benchmarks.gpu_check` (``make gpu-check``).
 
-The ahead-of-time check of the Triton kernels (``python -m benchmarks.aot``, ``make aot``):
-:mod:`~benchmarks.aot` (CLI), :mod:`~benchmarks.aot_worker` (compiling and reading kernels),
-:mod:`~benchmarks.aot_report` (gate, tables) and :mod:`~benchmarks.sass` (ptxas report,
-SASS and PTX listings, bandwidth ceilings).
+The ahead-of-time check of the Triton kernels (``make aot``) is a static gate, not a
+benchmark run: :mod:`benchmarks.static`.
 """

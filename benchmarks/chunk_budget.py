@@ -23,7 +23,7 @@ from typing import List, Tuple
 
 import torch
 
-import gft_kernels.head as head_module
+import gft_kernels._head as head_module
 from benchmarks.cases import QWEN25_05B, Case
 from benchmarks.implementations import IMPL_BY_NAME, Impl, LossFn, build
 from benchmarks.measure import CaseSetup, time_case

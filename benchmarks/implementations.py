@@ -125,11 +125,11 @@ def _short(err: BaseException, limit: int = 160) -> str:
 def native_cpu_reason() -> Optional[str]:
     """None when the native CPU kernel builds/loads here, else why not."""
     try:
-        from gft_kernels.backends import native
+        from gft_kernels.backends import cpu_rows
     except ImportError as err:
         return f"native CPU kernel not available ({_short(err)})"
     try:
-        native.load()
+        cpu_rows.load()
     except Exception as err:  # a failed build is reported, not raised
         return f"native CPU kernel not available ({_short(err)})"
     return None

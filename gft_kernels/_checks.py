@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from gft_kernels.options import LOSS_AGG_MODES, SEQ_MODES, check_int
-from gft_kernels.options import check_real as check_scalar
+from gft_kernels._options import LOSS_AGG_MODES, SEQ_MODES, check_int
+from gft_kernels._options import check_real as check_scalar
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 

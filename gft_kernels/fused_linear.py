@@ -1,6 +1,6 @@
 """``fused_linear_gft_loss``: the GFT loss straight from hidden states and the lm_head.
 
-The ``N x V`` logits never exist (see :mod:`gft_kernels.head`). For reduced modes the
+The ``N x V`` logits never exist (see :mod:`gft_kernels._head`). For reduced modes the
 gradients are computed during the forward (three matmuls in all, the minimum) and the
 backward only scales them by the upstream scalar, on the device (no host sync); for
 ``none`` the upstream gradient is per token, so the backward recomputes.
@@ -19,13 +19,13 @@ from typing import Optional, Tuple, Union
 import torch
 
 from gft_kernels import _checks
+from gft_kernels._head import HEAD_STRATEGIES, HeadInputs, must_not_sync
+from gft_kernels._prepare import make_stats, prepare_tokens
+from gft_kernels._token_loss_op import once_differentiable
+from gft_kernels._vocab_parallel import VocabShard, vocab_shard
 from gft_kernels.backends import RowParams, load_backend
 from gft_kernels.backends.torch_rows import accumulate_dtype
-from gft_kernels.head import HEAD_STRATEGIES, HeadInputs, must_not_sync
-from gft_kernels.rows import VocabShard, vocab_shard
 from gft_kernels.stats import GFTStats
-from gft_kernels.token_loss_op import once_differentiable
-from gft_kernels.tokens import make_stats, prepare_tokens
 
 
 def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

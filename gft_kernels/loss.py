@@ -7,9 +7,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from gft_kernels import _checks
+from gft_kernels._prepare import make_stats, prepare_tokens, reduce_loss
+from gft_kernels._token_loss_op import ShardedTokenLoss, token_loss
 from gft_kernels.stats import GFTStats
-from gft_kernels.token_loss_op import ShardedTokenLoss, token_loss
-from gft_kernels.tokens import make_stats, prepare_tokens, reduce_loss
 
 
 def gft_loss(
@@ -129,7 +129,7 @@ def gft_loss(
             inplace_backward,
         )
     else:
-        from gft_kernels.rows import vocab_shard
+        from gft_kernels._vocab_parallel import vocab_shard
 
         shard = vocab_shard(process_group, vocab_size, logits.device)
         token_loss_t, logprobs, probs, entropy = ShardedTokenLoss.apply(

@@ -7,11 +7,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from gft_kernels._options import LOSS_AGG_MODES, check_choice
+from gft_kernels._prepare import check_options
 from gft_kernels.backends import check_backend_name
 from gft_kernels.fused_linear import fused_linear_gft_loss
 from gft_kernels.loss import gft_loss
-from gft_kernels.options import LOSS_AGG_MODES, check_choice
-from gft_kernels.tokens import check_options
 
 
 class _KeywordLoss(nn.Module):

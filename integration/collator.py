@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from gft_kernels import group_advantages
-from gft_kernels.options import check_int
+from gft_kernels._options import check_int
 
 SOURCES = ("expert", "teacher", "self")
 # Per-row source code in the batch (``batch["sources"]``), stable across versions.

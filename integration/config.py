@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from transformers import TrainingArguments
 
+from gft_kernels._options import REDUCED_MODES, check_choice, check_int
 from gft_kernels.backends import check_backend_name
-from gft_kernels.options import REDUCED_MODES, check_choice, check_int
 
 # The reduced aggregation modes of the loss. ``none`` (per-token losses) is left out: a
 # trainer needs a scalar to back-propagate.

@@ -1,6 +1,6 @@
 """Small Triton kernels whose compiled loops are known by construction, for tests/test_aot.py.
 
-Compiled by ``python -m benchmarks.aot --modules tests.aot_sample_kernels`` in a subprocess
+Compiled by ``python -m benchmarks.static.aot --modules tests.aot_sample_kernels`` in a subprocess
 (never under the interpreter). Each loop handles 4096 bf16 elements per trip over 16 warps,
 so 8 per thread: one 16-byte load per trip.
 """
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gft_kernels.backends.triton.variants import AotTensor, HotLoop, launch_variant
+from benchmarks.static.records import AotTensor, HotLoop, launch_variant
 
 BLOCK = 4096
 WARPS = 16

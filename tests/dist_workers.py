@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from gft_kernels.options import LOSS_AGG_MODES
+from gft_kernels._options import LOSS_AGG_MODES
 
 MODES = LOSS_AGG_MODES
 

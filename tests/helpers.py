@@ -7,8 +7,8 @@ import contextlib
 import pytest
 import torch
 
+from gft_kernels._options import LOSS_AGG_MODES
 from gft_kernels.backends import backend_names
-from gft_kernels.options import LOSS_AGG_MODES
 from gft_kernels.reference import gft_loss_reference
 
 # Every concrete backend (the registry's names but "auto": a backend registered before the
@@ -165,21 +165,21 @@ def backend_variant(name: str):
     AVX2) and ``triton-split`` (each row's columns split across programs, as on a large GPU
     with few rows); any other name is itself."""
     if name.startswith("cpu-"):
-        from gft_kernels.backends import native
+        from gft_kernels.backends import cpu_rows
 
-        module = native.require()
+        module = cpu_rows.require()
         previous = module.set_simd_enabled(name == "cpu-simd")
         try:
             yield "cpu"
         finally:
             module.set_simd_enabled(previous)
     elif name == "triton-split":
-        from gft_kernels.backends.triton import tuning
+        from gft_kernels.backends.triton import launch
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(tuning, "MIN_PROGRAMS", 64)
-            patch.setattr(tuning, "MIN_SEGMENT_BLOCKS", 1)
-            patch.setattr(tuning, "MAX_BLOCK", {4: 64, 2: 64})
+            patch.setattr(launch, "MIN_PROGRAMS", 64)
+            patch.setattr(launch, "MIN_SEGMENT_BLOCKS", 1)
+            patch.setattr(launch, "MAX_BLOCK", {4: 64, 2: 64})
             yield "triton"
     else:
         yield name

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from gft_kernels._options import REDUCED_MODES
 from gft_kernels.aggregation import aggregation_weights
-from gft_kernels.options import REDUCED_MODES
 
 
 def _valid():

@@ -2,7 +2,7 @@
 real compilation of the row-stats kernel for sm_90 with no GPU.
 
 The parsing tests run on hand-written listings whose loop sizes are known by construction.
-The compile tests run ``python -m benchmarks.aot`` in a subprocess: pytest sets
+The compile tests run ``python -m benchmarks.static.aot`` in a subprocess: pytest sets
 ``TRITON_INTERPRET=1`` for the rest of the suite, under which ``triton.jit`` gives
 interpreted functions that cannot be compiled.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import sass
+from benchmarks.static import sass
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,7 +191,7 @@ def test_ceiling_reproduces_the_issue_figures():
 def _run_aot(tmp_path: Path, modules: str) -> tuple:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
-    args = [sys.executable, "-m", "benchmarks.aot", "--arch", "90", "--jobs", "1"]
+    args = [sys.executable, "-m", "benchmarks.static.aot", "--arch", "90", "--jobs", "1"]
     args += ["--modules", modules, "--json", str(out)]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     rows = json.loads(out.read_text()) if out.exists() else []
@@ -249,7 +249,7 @@ def test_sample_kernels_compile_for_sm90_and_the_gate_says_why(tmp_path):
 
 GATES_SCRIPT = """
 import json
-from gft_kernels.backends.triton.tuning import WIDE_SOFTCAP_GATES, aot_variants
+from benchmarks.static.variants import WIDE_SOFTCAP_GATES, aot_variants
 rows = [
     [r.kernel, r.variant, loop.name, loop.function, loop.bytes_per_element, loop.min_ceiling]
     for r in aot_variants()
@@ -263,7 +263,7 @@ print(json.dumps([rows, gates]))
 def test_every_streaming_loop_holds_the_default_gate():
     """No loop record lowers the 85% gate (the soft-capped statistics at T != 1 once
     needed 75%) but the wide soft-cap's 16-bit running-max statistics (caps above 64,
-    whose accurate tanh costs a series per element: tuning.WIDE_SOFTCAP_GATES), and only
+    whose accurate tanh costs a series per element: variants.WIDE_SOFTCAP_GATES), and only
     where it falls short: with entropy at T = 1, always at T != 1. The only loop left out
     of the gate is the running-max walk of the fixed-reference variants (16-bit,
     soft-capped, T != 1), which re-reads only rows that lost terms to underflow, and

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import gft_kernels.head as head
+import gft_kernels._head as head
 from gft_kernels import fused_linear_gft_loss, gft_loss
 from gft_kernels.backends import token_terms as terms
 from tests.helpers import device_for

@@ -9,8 +9,8 @@ import torch
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 from gft_kernels import fused_linear_gft_loss, gft_loss
+from gft_kernels._token_loss_op import token_loss, token_loss_backward, token_loss_backward_
 from gft_kernels.fused_linear import fused_linear_loss, fused_linear_loss_backward
-from gft_kernels.token_loss_op import token_loss, token_loss_backward, token_loss_backward_
 from tests.helpers import BACKENDS, device_for, make_case, reference_fp64
 
 B, T, H, V = 2, 4, 6, 11

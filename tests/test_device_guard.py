@@ -82,7 +82,7 @@ class LaunchRecorder:
 
 
 def test_every_triton_launch_runs_under_its_tensors_device(monkeypatch):
-    from gft_kernels.backends.triton import tuning
+    from gft_kernels.backends.triton import autotune, launch
 
     rec = LaunchRecorder(monkeypatch)
     device = device_for("triton")
@@ -93,16 +93,16 @@ def test_every_triton_launch_runs_under_its_tensors_device(monkeypatch):
 
     # The fused token pass and the backward's gradient rows; with autotuning, the timing
     # of every candidate.
-    monkeypatch.setattr(tuning, "_TUNED", {})
-    monkeypatch.setattr(tuning, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(autotune, "_TUNED", {})
+    monkeypatch.setattr(autotune, "autotune_enabled", lambda device: True)
     gft_loss(logits, targets, adv, backend="triton").backward()
     assert rec.timings and all(d == device for d in rec.timings), rec.timings
-    monkeypatch.setattr(tuning, "autotune_enabled", lambda device: False)
+    monkeypatch.setattr(autotune, "autotune_enabled", lambda device: False)
     # Few rows: the column segments' statistics, then the gradient in segments.
     with monkeypatch.context() as patch:
-        patch.setattr(tuning, "MIN_PROGRAMS", 64)
-        patch.setattr(tuning, "MIN_SEGMENT_BLOCKS", 1)
-        patch.setattr(tuning, "MAX_BLOCK", {4: 64, 2: 64})
+        patch.setattr(launch, "MIN_PROGRAMS", 64)
+        patch.setattr(launch, "MIN_SEGMENT_BLOCKS", 1)
+        patch.setattr(launch, "MAX_BLOCK", {4: 64, 2: 64})
         gft_loss(logits, targets, adv, backend="triton", return_stats=True)[0].backward()
     # The vocab-parallel primitive and the fused head (gradient written in the pass).
     load_backend("triton").partial_stats(

@@ -115,7 +115,7 @@ def test_buffers_are_written_before_they_are_read(monkeypatch, backend, dtype):
 def test_default_chunks_are_as_few_as_the_budget_allows_and_equal(
     monkeypatch, n_tokens, budget_rows
 ):
-    import gft_kernels.head as head
+    import gft_kernels._head as head
 
     vocab = 64
     monkeypatch.setitem(head._CHUNK_BYTES, "cpu", budget_rows * vocab * 4 + 3)
@@ -220,7 +220,7 @@ def test_all_zero_advantages_give_zero(backend):
 
 def test_dropped_tokens_never_reach_the_head(monkeypatch):
     """Zero-advantage and masked tokens are removed before the matmul."""
-    import gft_kernels.head as head
+    import gft_kernels._head as head
 
     h, w, b, targets, adv, mask = head_case(per_token=True)
     seen = []

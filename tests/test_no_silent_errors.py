@@ -242,7 +242,7 @@ def test_fused_linear_under_cpu_autocast():
 
 
 def test_evaluation_pays_only_the_forward(monkeypatch):
-    import gft_kernels.head as head
+    import gft_kernels._head as head
 
     def no_gradients(*args, **kwargs):
         raise AssertionError("a gradient was computed under no_grad")
@@ -297,9 +297,9 @@ def test_group_advantages_do_not_overflow_fp32():
 
 
 def test_scalar_native_path_vocab_one_is_exact():
-    from gft_kernels.backends import native
+    from gft_kernels.backends import cpu_rows
 
-    module = native.require()
+    module = cpu_rows.require()
     previous = module.set_simd_enabled(False)
     try:
         for temperature in (1.0, 0.7):

@@ -22,6 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _fresh_venv(tmp_path: Path) -> Path:
+    """A new virtual environment without gft_kernels; its dependencies are borrowed from the
+    test environment through a path entry placed after its own site-packages."""
+    env_dir = tmp_path / "fresh"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    fresh_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(fresh_site) / "borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     wheels = tmp_path / "wheels"
     build = subprocess.run(
@@ -43,9 +59,7 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("gft_kernels-*.whl")
 
-    env_dir = tmp_path / "fresh"
-    venv.create(env_dir, with_pip=True)
-    python = env_dir / "bin" / "python"
+    python = _fresh_venv(tmp_path)
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
         capture_output=True,
@@ -53,14 +67,6 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
         timeout=600,
     )
     assert install.returncode == 0, install.stderr[-3000:]
-    # Dependencies from the test environment, after the fresh site-packages on the path.
-    fresh_site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (Path(fresh_site) / "borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     script = textwrap.dedent(
         """
@@ -97,3 +103,40 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1].startswith("ok ")
+
+
+def test_plain_checkout_on_the_path_imports_integration_and_finds_the_native_source(tmp_path):
+    """No install at all: the repository root on PYTHONPATH gives gft_kernels.integration
+    and the C++ source, as an install does (the borrowed test environment holds only the
+    editable install's finder module, which nothing runs without its .pth file)."""
+    python = _fresh_venv(tmp_path)
+    script = textwrap.dedent(
+        """
+        import pathlib, sys
+        root = pathlib.Path(sys.argv[1]).resolve()
+        import gft_kernels
+        import gft_kernels.integration
+        from gft_kernels.integration import GFTConfig, GFTTrainer
+        import gft_kernels.integration.heads
+        from gft_kernels.backends import cpu_rows
+
+        assert not any("editable" in type(f).__module__ for f in sys.meta_path), sys.meta_path
+        assert pathlib.Path(gft_kernels.__file__).resolve().parent == root / "gft_kernels"
+        where = pathlib.Path(gft_kernels.integration.__file__).resolve()
+        assert where == root / "integration" / "__init__.py", where
+        assert cpu_rows.source_path().resolve() == root / "csrc" / "cpu_rows.cpp"
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run(
+        [str(python), "-c", script, str(ROOT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "ok"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gft_kernels.options import LOSS_AGG_MODES
+from gft_kernels._options import LOSS_AGG_MODES
 from gft_kernels.reference import gft_loss_reference
 
 

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from gft_kernels.backends import RowParams, backend_info, load_backend, native
+from gft_kernels.backends import RowParams, backend_info, cpu_rows, load_backend
 from gft_kernels.backends.torch_rows import accumulate_dtype
 from tests.helpers import backend_variant
 
@@ -494,7 +494,7 @@ def test_native_results_do_not_depend_on_thread_count():
 
 
 def test_native_argument_checks():
-    module = native.require()
+    module = cpu_rows.require()
     z = torch.randn(3, 10)
     targets = torch.tensor([1, 2, 3])
     v = torch.zeros(3)
@@ -544,18 +544,18 @@ def test_autotune_candidates_give_the_same_results(monkeypatch, dtype):
     """GFT_KERNELS_AUTOTUNE picks the fastest candidate configuration once per key; every
     candidate computes the same thing as the default."""
     from gft_kernels.backends import triton as triton_backend
-    from gft_kernels.backends.triton import tuning
+    from gft_kernels.backends.triton import autotune, launch
 
     rows = OnDevice(load_backend("triton"), TRITON_DEVICE)
     z, targets, adv, mask = case((5, 300), dtype, seed=11)
     params = RowParams(tau=0.2, temperature=0.8)
     want = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True)
-    candidates = tuning.candidate_configs(dtype, softcap=False)
-    assert candidates[0] == tuning.launch_config(dtype)
+    candidates = autotune.candidate_configs(dtype, softcap=False)
+    assert candidates[0] == launch.launch_config(dtype)
     for pick, chosen in enumerate(candidates):
-        monkeypatch.setattr(tuning, "_TUNED", {})
-        monkeypatch.setattr(tuning, "autotune_enabled", lambda device: True)
-        monkeypatch.setattr(tuning, "candidate_configs", lambda *a: candidates)
+        monkeypatch.setattr(autotune, "_TUNED", {})
+        monkeypatch.setattr(autotune, "autotune_enabled", lambda device: True)
+        monkeypatch.setattr(autotune, "candidate_configs", lambda *a: candidates)
         seen = []
 
         def time_launch(launch, seen=seen, pick=pick):
@@ -567,7 +567,7 @@ def test_autotune_candidates_give_the_same_results(monkeypatch, dtype):
             z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True
         )
         assert seen == [c.block_v for c in candidates]
-        assert list(tuning._TUNED.values()) == [chosen]
+        assert list(autotune._TUNED.values()) == [chosen]
         for name in ("loss", "logprobs", "probs", "entropy", "sum_exp"):
             torch.testing.assert_close(
                 getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6

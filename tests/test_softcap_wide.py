@@ -3,7 +3,7 @@
 ``cap * tanh(z * scale / cap)`` of a logit much smaller than the cap is nearly ``z * scale``;
 written as ``cap - 2 cap / (1 + 2^a)`` it cancels and keeps an absolute error of about
 ``cap 2^-24`` (``cap 2^-22`` on a GPU), which grows with the cap. Caps above
-``tuning.WIDE_SOFTCAP`` take the Triton path's wide soft-cap instead (a series near 0);
+``launch.WIDE_SOFTCAP`` take the Triton path's wide soft-cap instead (a series near 0);
 cap 30 (Gemma 2) is the control that keeps the fast form.
 """
 
@@ -166,7 +166,7 @@ def test_wide_softcap_is_accurate_relative_to_the_capped_logit():
         )
         want = softcapped(z.double().squeeze(1), cap, scale)
         got = part.target_logit.double().cpu()
-        # About 1e-6 on a GPU (see row_grad.wide_softcap); the interpreter's exp2 and
+        # About 1e-6 on a GPU (see common.wide_softcap); the interpreter's exp2 and
         # division are exact to fp32 rounding.
         torch.testing.assert_close(got, want, rtol=2e-6, atol=0.0, msg=f"cap {cap}")
         torch.testing.assert_close(part.row_max.double().cpu(), want, rtol=2e-6, atol=0.0)

@@ -112,13 +112,13 @@ def _torch_factory(required: bool) -> RowBackend:
 
 
 def _native_factory(required: bool) -> Optional[RowBackend]:
-    from gft_kernels.backends import native
+    from gft_kernels.backends import cpu_rows
 
     if required:
-        return native.NativeRows(native.require())
-    if not native.is_available():
+        return cpu_rows.CpuRows(cpu_rows.require())
+    if not cpu_rows.is_available():
         return None
-    return native.NativeRows(native.load())
+    return cpu_rows.CpuRows(cpu_rows.load())
 
 
 def _triton_factory(required: bool) -> RowBackend:

@@ -1,8 +1,10 @@
 """The ``triton`` backend: launch wrappers of the Triton row kernels.
 
-Kernels: :mod:`.row_pass` (the fused token pass and the column-block statistics) and
-:mod:`.row_grad` (gradient rows). Every launch is built by :mod:`.tuning`, which also lists
-every variant the wrappers can launch (for ``make aot``).
+Kernels: :mod:`.token_pass` (the fused token pass and the column-block statistics),
+:mod:`.fixed_reference` (its soft-capped statistics walk) and :mod:`.row_grad` (gradient
+rows), with :mod:`.common` (constants, logit transforms) and :mod:`.fma_math`. Every launch
+is built by :mod:`.launch` (which ``make aot`` compiles too); :mod:`.autotune` picks among
+configurations on a GPU when asked.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
@@ -20,9 +22,9 @@ from gft_kernels.backends.token_terms import (
     token_terms,
     value_flags,
 )
-from gft_kernels.backends.triton import tuning
+from gft_kernels.backends.triton import autotune, launch
 from gft_kernels.backends.triton.row_grad import row_grad_kernel
-from gft_kernels.backends.triton.row_pass import partial_stats_kernel, token_pass_kernel
+from gft_kernels.backends.triton.token_pass import partial_stats_kernel, token_pass_kernel
 
 
 def _vectors(n: int, device: torch.device, count: int, *shape: int):
@@ -48,8 +50,8 @@ class TritonRows:
         grad_out: Optional[torch.Tensor] = None,
     ) -> TokenPass:
         n_rows, n_cols = logits.shape
-        cfg = tuning.launch_config(logits.dtype, params.logit_softcap is not None)
-        if tuning.row_segments(n_rows, n_cols, cfg.block_v, logits.device) > 1:
+        cfg = launch.launch_config(logits.dtype, params.logit_softcap is not None)
+        if launch.row_segments(n_rows, n_cols, cfg.block_v, logits.device) > 1:
             return self._split_token_pass(
                 logits,
                 targets,
@@ -66,8 +68,8 @@ class TritonRows:
         flags = torch.empty(n_rows, dtype=torch.int32, device=logits.device)
         outputs = (loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags)
 
-        def launch(config=None):
-            return tuning.token_pass_launch(
+        def build(config=None):
+            return launch.token_pass_launch(
                 logits,
                 logits.stride(0),
                 n_rows,
@@ -87,7 +89,7 @@ class TritonRows:
 
         config = None
         # Autotuning reruns the kernel: never when it writes over the logits it reads.
-        if n_rows and tuning.autotune_enabled(logits.device) and grad_out is not logits:
+        if n_rows and autotune.autotune_enabled(logits.device) and grad_out is not logits:
             softcap = params.logit_softcap is not None
             key = (
                 "token_pass",
@@ -98,13 +100,13 @@ class TritonRows:
                 mask is not None,
                 n_cols.bit_length(),
             )
-            config = tuning.choose_config(
+            config = autotune.choose_config(
                 key,
-                tuning.candidate_configs(logits.dtype, softcap),
-                lambda cfg: _time_launch(launch(cfg)),
+                autotune.candidate_configs(logits.dtype, softcap),
+                lambda cfg: _time_launch(build(cfg)),
             )
         if n_rows:
-            _launch(token_pass_kernel, launch(config))
+            _launch(token_pass_kernel, build(config))
         raise_for_flags(
             flags, targets, mask, advantages, tokens_per_advantage, n_cols, params.ignore_index
         )
@@ -125,12 +127,12 @@ class TritonRows:
     def _segment_stats(self, logits, local_targets, params, with_entropy, segments):
         """``(N, segments)`` statistics of column segments of each row."""
         n_rows, n_cols = logits.shape
-        cfg = tuning.launch_config(logits.dtype, params.logit_softcap is not None)
-        segments = triton_cdiv(n_cols, tuning.segment_length(n_cols, segments, cfg.block_v))
+        cfg = launch.launch_config(logits.dtype, params.logit_softcap is not None)
+        segments = -(-n_cols // launch.segment_length(n_cols, segments, cfg.block_v))
         row_max, sum_exp, sum_exp_1, target_logit = _vectors(n_rows, logits.device, 4, segments)
         weighted = _vectors(n_rows, logits.device, 1, segments)[0] if with_entropy else None
         outputs = (row_max, sum_exp, sum_exp_1, weighted, target_logit)
-        launch = tuning.partial_stats_launch(
+        built = launch.partial_stats_launch(
             logits,
             logits.stride(0),
             n_rows,
@@ -142,7 +144,7 @@ class TritonRows:
             with_entropy,
         )
         if n_rows:
-            _launch(partial_stats_kernel, launch)
+            _launch(partial_stats_kernel, built)
         return PartialStats(row_max, sum_exp, sum_exp_1, weighted, target_logit)
 
     def _split_token_pass(
@@ -160,7 +162,7 @@ class TritonRows:
         """Few rows: each row's columns are split across programs, and the segments'
         statistics are combined exactly (the same algebra as vocab-parallel shards)."""
         n_rows, n_cols = logits.shape
-        cfg = tuning.launch_config(logits.dtype, params.logit_softcap is not None)
+        cfg = launch.launch_config(logits.dtype, params.logit_softcap is not None)
         flags = value_flags(
             targets, mask, advantages, tokens_per_advantage, n_cols, params.ignore_index
         )
@@ -174,7 +176,7 @@ class TritonRows:
         if tokens_per_advantage > 1:
             adv = adv.repeat_interleave(tokens_per_advantage)
         local = torch.where(valid, targets.long(), torch.full_like(targets, -1, dtype=torch.long))
-        segments = tuning.row_segments(n_rows, n_cols, cfg.block_v, logits.device)
+        segments = launch.row_segments(n_rows, n_cols, cfg.block_v, logits.device)
         part = self._segment_stats(logits, local, params, with_stats, segments)
         row_max, sum_exp, sum_exp_1, weighted, target_logit = combine_partials(
             part,
@@ -204,9 +206,9 @@ class TritonRows:
     ) -> torch.Tensor:
         n_rows, n_cols = logits.shape
         softcap = params.logit_softcap is not None
-        cfg = tuning.launch_config(logits.dtype, softcap, tuning.GRAD_WARPS)
-        segments = tuning.row_segments(n_rows, n_cols, cfg.grad_block, logits.device)
-        launch = tuning.row_grad_launch(
+        cfg = launch.launch_config(logits.dtype, softcap, launch.GRAD_WARPS)
+        segments = launch.row_segments(n_rows, n_cols, cfg.grad_block, logits.device)
+        built = launch.row_grad_launch(
             logits,
             logits.stride(0),
             n_rows,
@@ -222,7 +224,7 @@ class TritonRows:
             segments,
         )
         if n_rows:
-            _launch(row_grad_kernel, launch)
+            _launch(row_grad_kernel, built)
         return out
 
 
@@ -235,21 +237,17 @@ def launch_device(tensor: torch.Tensor):
     return torch.cuda.device_of(tensor)
 
 
-def _launch(kernel, launch: tuning.Launch) -> None:
-    grid, args, meta = launch
+def _launch(kernel, built: launch.Launch) -> None:
+    grid, args, meta = built
     with launch_device(args[0]):
         kernel[grid](*args, **meta)
 
 
-def _time_launch(launch: tuning.Launch) -> float:
+def _time_launch(built: launch.Launch) -> float:
     """Seconds one ``token_pass_kernel`` launch takes (CUDA; autotuning only)."""
     import triton.testing
 
-    grid, args, meta = launch
+    grid, args, meta = built
     # do_bench's events, synchronisations and cache flushes use the current device too.
     with launch_device(args[0]):
         return triton.testing.do_bench(lambda: token_pass_kernel[grid](*args, **meta)) * 1e-3
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

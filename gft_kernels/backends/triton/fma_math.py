@@ -4,7 +4,7 @@ An SM's special-function unit (MUFU: ``exp2``, ``rcp``, ``lg2``) delivers 16 res
 clock, an eighth of the FMA pipe's 128. A soft-capped statistics loop needs three
 exponentials per 16-bit logit (tanh's, and the sums at T and at 1) and one reciprocal,
 more than MUFU can keep up with at HBM speed; these functions move part of that work to
-the FMA pipe, which has room to spare (``row_pass`` computes a quarter of tanh's
+the FMA pipe, which has room to spare (``token_pass`` computes a quarter of tanh's
 exponentials with :func:`exp2_poly`).
 """
 

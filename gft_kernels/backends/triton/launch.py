@@ -1,8 +1,8 @@
 """Launch configurations and launch arguments of the Triton row kernels.
 
 One source for the wrappers (:mod:`gft_kernels.backends.triton`) and for the ahead-of-time
-check (``make aot``, through :func:`aot_variants`): every launch is built here, so the
-check compiles exactly what the wrappers launch.
+check (``make aot``, ``benchmarks/static``): every launch is built here, so the check
+compiles exactly what the wrappers launch.
 
 Configurations come from the kernels' SASS compiled for sm_90: a row loop stays
 bandwidth-bound only if it issues few instructions per element, which wants wide blocks
@@ -15,16 +15,13 @@ segments (:func:`row_segments`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import triton
 
 from gft_kernels.backends.base import RowParams
-from gft_kernels.backends.triton.row_grad import row_grad_kernel
-from gft_kernels.backends.triton.row_pass import partial_stats_kernel, token_pass_kernel
-
-LOG2E = 1.4426950408889634
+from gft_kernels.backends.triton.common import LOG2E_VALUE as LOG2E
 
 
 @dataclass(frozen=True)
@@ -75,7 +72,7 @@ def launch_config(
     if softcap:
         # tanh's extra live values spill at 16 elements per thread; at 8 the soft-capped
         # loops still clear the 85% gate (T = 1 with the running max, T != 1 against
-        # fixed references: see row_fixed).
+        # fixed references: see fixed_reference).
         block = max(block // 2, 16 // element_bytes)
     return LaunchConfig(
         block_v=block,
@@ -110,7 +107,7 @@ def segment_length(n_cols: int, segments: int, block_v: int) -> int:
     return triton.cdiv(triton.cdiv(n_cols, segments), block_v) * block_v
 
 
-# Caps above this take the wide soft-cap (TRANSFORM 3, ``row_grad.wide_softcap``). The
+# Caps above this take the wide soft-cap (TRANSFORM 3, ``common.wide_softcap``). The
 # fast form ``cap - 2 cap / (1 + 2^a)`` gives every soft-capped logit an absolute error of
 # about cap 2^-22 (the exp2 unit's relative error times the cap): 1.2e-5 at Gemma 2/3's
 # 50, 1.5e-5 at 64, a few times fp32's own rounding of a logsumexp near such a cap
@@ -130,7 +127,7 @@ def transform_args(params: RowParams) -> Tuple[int, float, float, float]:
     0 none.
 
     ``tanh_slope = 2 log2(e) scale / cap`` is the exp2 argument of the soft-cap's tanh per
-    raw logit (see ``row_grad.transform_logits``).
+    raw logit (see ``common.transform_logits``).
     """
     if params.logit_softcap is not None:
         tanh_slope = 2.0 * LOG2E * params.softcap_slope
@@ -141,12 +138,12 @@ def transform_args(params: RowParams) -> Tuple[int, float, float, float]:
 
 
 def fixed_reference(params: RowParams, dtype: torch.dtype) -> bool:
-    """Whether the statistics run against fixed references (``row_fixed``): 16-bit
+    """Whether the statistics run against fixed references (``fixed_reference``): 16-bit
     soft-capped logits at T != 1, whose running-max loop the exponential unit would bound
     below HBM speed. fp32 moves twice the bytes per exponential and T = 1 needs one
     exponential fewer: their running-max loops keep up. A wide soft-cap (above
     :data:`WIDE_SOFTCAP`) takes the running max: its exponents span ``+-cap log2(e) / T``,
-    far more than a fixed reference's 2^+-96 window, and ``row_fixed`` forms them from
+    far more than a fixed reference's 2^+-96 window, and ``fixed_reference`` forms them from
     tanh's reciprocal, ``(c - R) - 2 c r``, which cancels near 0 as the fast tanh does."""
     if params.logit_softcap is None or params.unit_temperature:
         return False
@@ -333,216 +330,3 @@ def row_grad_launch(
         num_warps=GRAD_WARPS,
     )
     return (n_rows, triton.cdiv(n_cols, seg_len)), args, meta
-
-
-# --- opt-in autotuning on a GPU --------------------------------------------------------
-
-AUTOTUNE_ENV = "GFT_KERNELS_AUTOTUNE"
-# (statistics block, warps) tried per element size when GFT_KERNELS_AUTOTUNE=1; the
-# first is the default. Only the defaults are compiled by ``make aot``.
-AUTOTUNE_CANDIDATES = {
-    2: ((8192, 16), (4096, 16), (4096, 8), (16384, 16)),
-    4: ((4096, 16), (2048, 8), (8192, 16)),
-}
-_TUNED: Dict[Tuple, LaunchConfig] = {}
-
-
-def autotune_enabled(device: torch.device) -> bool:
-    import os
-
-    return device.type == "cuda" and os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
-
-
-def candidate_configs(dtype: torch.dtype, softcap: bool) -> List[LaunchConfig]:
-    element_bytes = torch.finfo(dtype).bits // 8
-    return [
-        launch_config(dtype, softcap, warps, block_v=block, num_warps=warps)
-        for block, warps in AUTOTUNE_CANDIDATES.get(element_bytes, ((None, NUM_WARPS),))
-    ]
-
-
-def choose_config(key: Tuple, candidates: List[LaunchConfig], time_of) -> LaunchConfig:
-    """The fastest candidate for ``key`` (timed once per process with ``time_of(cfg)``,
-    which returns seconds), remembered for later calls."""
-    if key not in _TUNED:
-        _TUNED[key] = min(candidates, key=time_of)
-    return _TUNED[key]
-
-
-# --- ahead-of-time variants (make aot) --------------------------------------------------
-
-_AOT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_AOT_PARAMS = {
-    "T=1": RowParams(tau=0.1, temperature=1.0),
-    "T!=1": RowParams(tau=0.1, temperature=0.7),
-    "T=1/softcap": RowParams(tau=0.1, temperature=1.0, logit_softcap=30.0),
-    "T!=1/softcap": RowParams(tau=0.1, temperature=0.7, logit_softcap=30.0),
-    "T=1/softcap-wide": RowParams(tau=0.1, temperature=1.0, logit_softcap=1e4),
-    "T!=1/softcap-wide": RowParams(tau=0.1, temperature=0.7, logit_softcap=1e4),
-    "T=1/scale": RowParams(tau=0.1, temperature=1.0, logit_scale=0.5),
-}
-
-
-# Bandwidth gates of the wide soft-cap's 16-bit running-max statistics, below the default
-# 85% (static figures, bf16 on sm_90; each gate about 3 points under the lowest): its
-# accurate tanh (row_grad.wide_softcap) adds a series, four FMA-pipe instructions and a
-# compare per element, to loops the fast tanh fills to 89-100%, and it cannot take fixed
-# references (see fixed_reference). T = 1 clears 85% (87%, MUFU-bound: 2.88 results per
-# element with three reciprocals in four on MUFU) except with entropy and the fused
-# gradient's 64 registers per thread (83%, issue-bound: 24 instructions per element). At
-# T != 1 an element needs three exponentials (tanh's, the sums' at T and at 1) and a
-# slot two rescales per trip, 3.25 MUFU results per element against 2.94 at 85%, and the
-# issue slots have no room to move any to the FMA pipe: 74% (MUFU, 3.38 with one
-# reciprocal in eight), 71% with the fused gradient, 63-67% with entropy (issue, 30-32
-# instructions per element). Keys: (T = 1, with entropy). Gemma 2/3 (caps 30, 50) stay
-# below WIDE_SOFTCAP and keep the fast tanh and the default gate.
-WIDE_SOFTCAP_GATES = {(True, True): 0.80, (False, False): 0.68, (False, True): 0.60}
-
-
-def _stats_loops(
-    size: int, cfg: LaunchConfig, params: RowParams, dtype: torch.dtype, with_entropy: bool
-) -> list:
-    """The statistics loops of a kernel that calls ``summarize_row``: the running-max walk
-    and the fixed-reference walk (one of them compiled out). With fixed references the
-    running-max walk only re-reads the rare rows that lost terms to underflow
-    (``row_fixed``): reported, not held to the bandwidth gate. A wide soft-cap's 16-bit
-    walk has its own gate (:data:`WIDE_SOFTCAP_GATES`)."""
-    from gft_kernels.backends.triton.variants import HotLoop
-
-    gate = None
-    if params.logit_softcap is not None and softcap_kind(params) == 3 and size == 2:
-        gate = WIDE_SOFTCAP_GATES.get((params.unit_temperature, with_entropy))
-    if fixed_reference(params, dtype):
-        running_max = HotLoop("stats-fallback", None, cfg.block_v, "_summarize_running_max")
-    else:
-        running_max = HotLoop(
-            "stats", size, cfg.block_v, "_summarize_running_max", min_ceiling=gate
-        )
-    return [running_max, HotLoop("stats", size, cfg.block_v, "_walk")]
-
-
-def aot_variants() -> List[Any]:
-    """Every compilation the wrappers can launch, as ``KernelVariant`` records.
-
-    Logits fp32/bf16/fp16; temperature 1 or not; no transform, a logit scale or a
-    soft-cap; stats or not; a mask or not; the gradient written in the pass or not, with
-    matching or different row skews; row lengths and strides that are and are not
-    16-divisible (Triton specialises integers on that), and an unaligned base address.
-    """
-    from gft_kernels.backends.triton.variants import AotTensor, HotLoop, dedupe, launch_variant
-
-    f32, i64, i32 = AotTensor(torch.float32), AotTensor(torch.int64), AotTensor(torch.int32)
-    records = []
-    for dtype, label in _AOT_DTYPES.items():
-        size = torch.finfo(dtype).bits // 8
-        for n_cols in (151936, 50257):
-            vocab = "V%16=0" if n_cols % 16 == 0 else "V%16!=0"
-            for aligned in (True, False):
-                logits = AotTensor(dtype, aligned)
-                where = vocab + ("" if aligned else "/unaligned-base")
-                for pname, params in _AOT_PARAMS.items():
-                    cfg = launch_config(dtype, params.logit_softcap is not None)
-                    for with_stats in (False, True):
-                        for mask in (None, AotTensor(torch.uint8)):
-                            for grad_stride in (None, n_cols, n_cols + 1):
-                                outputs = (
-                                    f32,
-                                    f32,
-                                    f32,
-                                    f32 if with_stats else None,
-                                    f32,
-                                    f32,
-                                    f32,
-                                    i32,
-                                )
-                                write = grad_stride is not None
-                                grid, args, meta = token_pass_launch(
-                                    logits,
-                                    n_cols,
-                                    2,
-                                    n_cols,
-                                    i64,
-                                    f32,
-                                    1,
-                                    mask,
-                                    f32 if write else None,
-                                    logits if write else None,
-                                    grad_stride or 0,
-                                    outputs,
-                                    params,
-                                    with_stats,
-                                )
-                                # The gradient loops are compiled out without WRITE_GRAD.
-                                grad_block = meta["GRAD_BLOCK"]
-                                loops = [
-                                    *_stats_loops(size, cfg, params, dtype, with_stats),
-                                    HotLoop("zero-fill", size, grad_block, "zero_row"),
-                                    HotLoop("gradient", 2 * size, grad_block, "write_grad_row"),
-                                ]
-                                switches = [
-                                    pname,
-                                    "stats" if with_stats else "loss",
-                                    "mask" if mask is not None else "no-mask",
-                                ]
-                                if write:
-                                    skew = "same" if meta["SAME_SKEW"] else "other"
-                                    switches.append(f"grad-in-pass/{skew}-skew")
-                                records.append(
-                                    launch_variant(
-                                        "token_pass",
-                                        "/".join([label, *switches, where]),
-                                        label,
-                                        token_pass_kernel,
-                                        args,
-                                        meta,
-                                        loops,
-                                    )
-                                )
-                    for with_entropy in (False, True):
-                        outs = (f32, f32, f32, f32 if with_entropy else None, f32)
-                        grid, args, meta = partial_stats_launch(
-                            logits, n_cols, 2, n_cols, 4, i64, outs, params, with_entropy
-                        )
-                        records.append(
-                            launch_variant(
-                                "partial_stats",
-                                f"{label}/{pname}/{'entropy' if with_entropy else 'sums'}/{where}",
-                                label,
-                                partial_stats_kernel,
-                                args,
-                                meta,
-                                _stats_loops(size, cfg, params, dtype, with_entropy),
-                            )
-                        )
-                    for out_stride in (n_cols, n_cols + 1):
-                        grid, args, meta = row_grad_launch(
-                            logits,
-                            n_cols,
-                            2,
-                            n_cols,
-                            AotTensor(dtype),
-                            out_stride,
-                            i64,
-                            f32,
-                            f32,
-                            f32,
-                            f32,
-                            params,
-                            1,
-                        )
-                        skew = "same" if meta["SAME_SKEW"] else "other"
-                        records.append(
-                            launch_variant(
-                                "row_grad",
-                                f"{label}/{pname}/{skew}-skew/{where}",
-                                label,
-                                row_grad_kernel,
-                                args,
-                                meta,
-                                [
-                                    HotLoop("zero-fill", size, cfg.grad_block, "zero_row"),
-                                    HotLoop("gradient", 2 * size, cfg.grad_block, "write_grad_row"),
-                                ],
-                            )
-                        )
-    return dedupe(records)

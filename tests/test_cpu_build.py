@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gft_kernels import backends, gft_loss
-from gft_kernels.backends import native
+from gft_kernels.backends import cpu_rows
 
 _REAL: list = []
 
@@ -30,11 +30,11 @@ _REAL: list = []
 def fresh_loader(monkeypatch):
     """Forget the cached build (module, failure, warning, backend cache) for one test;
     monkeypatch restores everything afterwards."""
-    _REAL[:] = [native.require()]  # the real build exists (cached on disk) before we start
-    for name in ("_module", "_error", "_warned", "_build_seconds"):
-        monkeypatch.setattr(native, name, getattr(native, name))
+    _REAL[:] = [cpu_rows.require()]  # the real build exists (cached on disk) before we start
+    for name in ("_module", "_error", "_warned"):
+        monkeypatch.setattr(cpu_rows, name, getattr(cpu_rows, name))
     monkeypatch.setattr(backends, "_CACHE", dict(backends._CACHE))
-    native._reset_for_tests()
+    cpu_rows._reset_for_tests()
     backends._reset_for_tests()
     return monkeypatch
 
@@ -59,7 +59,7 @@ def dead_pid() -> int:
 
 def write_lock(folder: Path, pid: int, host: str = None, age: float = 0.0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / native._LOCK_NAME
+    lock = folder / cpu_rows._LOCK_NAME
     owner = {"pid": pid, "host": host or socket.gethostname(), "time": time.time() - age}
     lock.write_text(json.dumps(owner))
     if age:
@@ -69,38 +69,38 @@ def write_lock(folder: Path, pid: int, host: str = None, age: float = 0.0) -> Pa
 
 
 def test_stale_lock_of_a_killed_build_is_broken(fresh_loader, tmp_path):
-    fresh_loader.setenv(native.BUILD_DIR_ENV, str(tmp_path))
-    folder = native.build_directory()
+    fresh_loader.setenv(cpu_rows.BUILD_DIR_ENV, str(tmp_path))
+    folder = cpu_rows.build_directory()
     write_lock(folder, dead_pid())
     compile_, calls = fake_compile(_real_module())
-    fresh_loader.setattr(native, "_compile", compile_)
+    fresh_loader.setattr(cpu_rows, "_compile", compile_)
     start = time.monotonic()
-    module = native.require()
+    module = cpu_rows.require()
     assert time.monotonic() - start < 10
     assert module.simd_path() in ("avx2", "scalar")
     assert calls == [folder.name]
-    assert not (folder / native._LOCK_NAME).exists() and not (folder / "lock").exists()
-    assert (folder / native._DONE_NAME).is_file()
+    assert not (folder / cpu_rows._LOCK_NAME).exists() and not (folder / "lock").exists()
+    assert (folder / cpu_rows._DONE_NAME).is_file()
 
 
 def test_old_lock_from_another_host_is_broken(fresh_loader, tmp_path):
-    fresh_loader.setenv(native.BUILD_DIR_ENV, str(tmp_path))
-    fresh_loader.setenv(native.STALE_ENV, "60")
-    folder = native.build_directory()
+    fresh_loader.setenv(cpu_rows.BUILD_DIR_ENV, str(tmp_path))
+    fresh_loader.setenv(cpu_rows.STALE_ENV, "60")
+    folder = cpu_rows.build_directory()
     write_lock(folder, os.getpid(), host="another-host", age=600)
     compile_, calls = fake_compile(_real_module())
-    fresh_loader.setattr(native, "_compile", compile_)
-    assert native.require() is not None and len(calls) == 1
+    fresh_loader.setattr(cpu_rows, "_compile", compile_)
+    assert cpu_rows.require() is not None and len(calls) == 1
 
 
 def test_live_lock_times_out_then_falls_back(fresh_loader, tmp_path):
-    fresh_loader.setenv(native.BUILD_DIR_ENV, str(tmp_path))
-    fresh_loader.setenv(native.WAIT_ENV, "1")
+    fresh_loader.setenv(cpu_rows.BUILD_DIR_ENV, str(tmp_path))
+    fresh_loader.setenv(cpu_rows.WAIT_ENV, "1")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        write_lock(native.build_directory(), holder.pid)
+        write_lock(cpu_rows.build_directory(), holder.pid)
         compile_, calls = fake_compile(_real_module())
-        fresh_loader.setattr(native, "_compile", compile_)
+        fresh_loader.setattr(cpu_rows, "_compile", compile_)
         logits = torch.randn(3, 7)
         args = (torch.tensor([1, 2, 3]), torch.ones(3))
         start = time.monotonic()
@@ -124,23 +124,23 @@ def test_complete_build_is_only_read(fresh_loader):
     def refuse(*args, **kwargs):
         raise AssertionError("a complete build must be loaded without locking or writing")
 
-    fresh_loader.setattr(native, "_try_lock", refuse)
-    fresh_loader.setattr(native, "_compile", refuse)
+    fresh_loader.setattr(cpu_rows, "_try_lock", refuse)
+    fresh_loader.setattr(cpu_rows, "_compile", refuse)
     fresh_loader.setattr(Path, "mkdir", refuse)
-    folder = native.build_directory()
+    folder = cpu_rows.build_directory()
     before = sorted((p.name, p.stat().st_mtime) for p in folder.iterdir())
-    assert native.require().simd_path() in ("avx2", "scalar")
+    assert cpu_rows.require().simd_path() in ("avx2", "scalar")
     assert sorted((p.name, p.stat().st_mtime) for p in folder.iterdir()) == before
 
 
 def test_build_folder_is_keyed_by_what_changes_the_build(monkeypatch):
-    key = native.build_key()
-    assert native.build_directory().name.endswith(key)
-    monkeypatch.setattr(native, "EXTRA_CFLAGS", native.EXTRA_CFLAGS + ("-DGFT_OTHER",))
-    assert native.build_key() != key
+    key = cpu_rows.build_key()
+    assert cpu_rows.build_directory().name.endswith(key)
+    monkeypatch.setattr(cpu_rows, "EXTRA_CFLAGS", cpu_rows.EXTRA_CFLAGS + ("-DGFT_OTHER",))
+    assert cpu_rows.build_key() != key
     monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
-    assert native.build_key() != key
+    assert cpu_rows.build_key() != key
 
 
 def test_arguments_are_checked_before_any_build(tmp_path):
@@ -160,7 +160,7 @@ def test_arguments_are_checked_before_any_build(tmp_path):
         print(time.monotonic() - start)
         """
     )
-    env = dict(os.environ, **{native.BUILD_DIR_ENV: str(tmp_path)})
+    env = dict(os.environ, **{cpu_rows.BUILD_DIR_ENV: str(tmp_path)})
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
@@ -187,12 +187,12 @@ def test_fallback_warns_once_when_build_fails(fresh_loader, tmp_path):
         calls.append(name)
         raise RuntimeError("Error building extension 'gft_kernels_cpu': c++: not found")
 
-    fresh_loader.setenv(native.BUILD_DIR_ENV, str(tmp_path))
-    fresh_loader.setattr(native, "_compile", failing_compile)
+    fresh_loader.setenv(cpu_rows.BUILD_DIR_ENV, str(tmp_path))
+    fresh_loader.setattr(cpu_rows, "_compile", failing_compile)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        assert native.is_available() is False
-        assert native.is_available() is False
+        assert cpu_rows.is_available() is False
+        assert cpu_rows.is_available() is False
     found = _fallback_warnings(records)
     assert len(found) == 1, [str(w.message) for w in records]
     message = str(found[0].message)
@@ -200,28 +200,28 @@ def test_fallback_warns_once_when_build_fails(fresh_loader, tmp_path):
     assert "c++: not found" in message
     assert len(calls) == 1, "a failed build must be cached, not retried on every call"
     with pytest.raises(RuntimeError, match="could not be built"):
-        native.require()
-    assert not (native.build_directory() / native._LOCK_NAME).exists()
+        cpu_rows.require()
+    assert not (cpu_rows.build_directory() / cpu_rows._LOCK_NAME).exists()
 
 
 def test_fallback_env_var_disables_build(fresh_loader):
-    fresh_loader.setenv(native.DISABLE_ENV, "1")
-    with pytest.warns(RuntimeWarning, match=f"disabled by {native.DISABLE_ENV}"):
-        assert native.is_available() is False
-    with pytest.raises(RuntimeError, match=native.DISABLE_ENV):
-        native.require()
+    fresh_loader.setenv(cpu_rows.DISABLE_ENV, "1")
+    with pytest.warns(RuntimeWarning, match=f"disabled by {cpu_rows.DISABLE_ENV}"):
+        assert cpu_rows.is_available() is False
+    with pytest.raises(RuntimeError, match=cpu_rows.DISABLE_ENV):
+        cpu_rows.require()
     with pytest.raises(RuntimeError, match="backend 'cpu'"):
         gft_loss(torch.zeros(1, 3), torch.tensor([0]), torch.ones(1), backend="cpu")
 
 
 def test_reset_rebuilds_after_failure(fresh_loader):
-    fresh_loader.setenv(native.DISABLE_ENV, "1")
+    fresh_loader.setenv(cpu_rows.DISABLE_ENV, "1")
     with pytest.warns(RuntimeWarning):
-        assert not native.is_available()
-    fresh_loader.delenv(native.DISABLE_ENV)
-    native._reset_for_tests()
-    assert native.is_available()  # the on-disk build makes this a load, not a compile
-    assert native.require().simd_path() in ("avx2", "scalar")
+        assert not cpu_rows.is_available()
+    fresh_loader.delenv(cpu_rows.DISABLE_ENV)
+    cpu_rows._reset_for_tests()
+    assert cpu_rows.is_available()  # the on-disk build makes this a load, not a compile
+    assert cpu_rows.require().simd_path() in ("avx2", "scalar")
 
 
 def _real_module():

@@ -1,4 +1,4 @@
-"""Worker side of ``python -m benchmarks.aot``: compile variants and read what they became.
+"""Worker side of ``python -m benchmarks.static.aot``: compile variants and read what they became.
 
 One process handles a batch of ``(variant index, arch)`` tasks: it compiles each variant
 with ``triton.compile`` for ``sm_<arch>`` (capturing the ptxas report), reads the resource
@@ -27,7 +27,7 @@ import textwrap
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchmarks import sass
+from benchmarks.static import sass
 
 _WORKER: Dict[str, Any] = {}
 

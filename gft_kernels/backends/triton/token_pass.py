@@ -12,7 +12,7 @@ All exponentials are ``exp2`` with ``log2(e) / T`` folded into one multiplier, a
 row is summarised by ``(m, S)``, never by a rounded ``lse``: see ``base.py``.
 
 ``FIXED_REF`` (16-bit soft-capped logits at T != 1): the statistics come from
-``row_fixed.summarize_fixed`` instead, which sums against a fixed reference (no running
+``fixed_reference.summarize_fixed`` instead, which sums against a fixed reference (no running
 max) for the special-function unit's sake.
 """
 
@@ -21,15 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gft_kernels.backends.triton.row_fixed import summarize_fixed
-from gft_kernels.backends.triton.row_grad import (
-    LN2,
-    LOG2E,
-    aligned_head,
-    transform_logits,
-    write_grad_row,
-    zero_row,
-)
+from gft_kernels.backends.triton.common import LN2, LOG2E, aligned_head, transform_logits
+from gft_kernels.backends.triton.fixed_reference import summarize_fixed
+from gft_kernels.backends.triton.row_grad import write_grad_row, zero_row
 
 BAD_TARGET: tl.constexpr = tl.constexpr(1)
 BAD_MASK: tl.constexpr = tl.constexpr(2)
@@ -119,7 +113,7 @@ def _summarize_running_max(
     sum_t = tl.zeros([SLOTS], tl.float32)
     sum_1 = tl.zeros([SLOTS], tl.float32)
     acc_w = tl.zeros([SLOTS], tl.float32)
-    # Where a wide soft-cap's reciprocal is computed (row_grad.wide_softcap): MUFU's
+    # Where a wide soft-cap's reciprocal is computed (common.wide_softcap): MUFU's
     # rcp costs one MUFU result and saves six issue slots (the FMA-pipe reciprocal and
     # its clamp). At T = 1 (2.1 MUFU results per element) three columns in four take
     # it, which leaves MUFU at 87% of HBM speed and issue at or above it (16-bit,
@@ -214,8 +208,8 @@ def summarize_row(
     the elements before that point and one for the tail.
     """
     if FIXED_REF:
-        # row_fixed forms its exponents from the fast tanh's reciprocal, which cancels
-        # near 0 for a wide cap: tuning.fixed_reference never pairs the two.
+        # fixed_reference forms its exponents from the fast tanh's reciprocal, which cancels
+        # near 0 for a wide cap: launch.fixed_reference never pairs the two.
         tl.static_assert(TRANSFORM == 2, "fixed references need the fast soft-cap")
         row_max, total_t, total_1, weighted, lost = summarize_fixed(
             logits_ptr,
@@ -228,7 +222,7 @@ def summarize_row(
             cap,
             tanh_slope,
         )
-        if lost:  # rare: see row_fixed
+        if lost:  # rare: see fixed_reference
             row_max, total_t, total_1, weighted = _summarize_running_max(
                 logits_ptr,
                 row_offset,

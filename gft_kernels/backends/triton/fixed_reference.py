@@ -1,6 +1,6 @@
 """Soft-capped row statistics against a fixed reference (16-bit logits, T != 1).
 
-The running-max loop of ``row_pass`` needs, per element of a soft-capped row at T != 1,
+The running-max loop of ``token_pass`` needs, per element of a soft-capped row at T != 1,
 three exponentials (tanh's and the sums' at T and at 1) plus two per slot and trip for
 its rescales: more than the special-function unit (MUFU, 16 results per SM per clock)
 delivers at HBM speed for 16-bit logits (6.4 elements per SM per clock on an H100).
@@ -31,8 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from gft_kernels.backends.triton.common import LN2, LOG2E, aligned_head
 from gft_kernels.backends.triton.fma_math import exp2_poly, reciprocal
-from gft_kernels.backends.triton.row_grad import LN2, LOG2E, aligned_head
 
 HEADROOM: tl.constexpr = tl.constexpr(96.0)
 # A walk whose sum is below 2^-80 may have lost terms to underflow (each below 2^-126):
@@ -47,7 +47,7 @@ EMULATED_EVERY: tl.constexpr = tl.constexpr(4)
 @triton.jit
 def tanh_reciprocal(z, VEC: tl.constexpr, tanh_slope):
     """``r = 1 / (1 + 2^(z tanh_slope))`` of a ``[SLOTS, VEC]`` block, so that the
-    soft-capped logit is ``cap - 2 cap r`` as ``row_grad.transform_logits`` computes it,
+    soft-capped logit is ``cap - 2 cap r`` as ``common.transform_logits`` computes it,
     with a quarter of the exponentials on the FMA pipe (the column of each register is
     known at compile time, so each element is computed one way only). Clamped to
     ``[-64, 64]``, the polynomial's exponent stays in its range; below -64, ``1 + 2^a``
@@ -110,7 +110,7 @@ def _walk(
     tanh_slope,
 ):
     """``(S_t, S_1, W)``: the row's sums against the references (``W = sum e x2`` in log2
-    units), walked as ``row_pass.summarize_row`` walks it."""
+    units), walked as ``token_pass.summarize_row`` walks it."""
     SLOTS: tl.constexpr = BLOCK_V // VEC
     slots = tl.arange(0, SLOTS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     sum_t = tl.zeros([SLOTS], tl.float32)
@@ -186,7 +186,7 @@ def _may_have_lost(total, ref, c):
 
 @triton.jit
 def rebase(total_t, total_1, weighted2, ref_t, ref_1, scaled_inv_t):
-    """``(m, S_t, S_1, W)`` of ``row_pass.summarize_row`` from sums against ``ref_t`` /
+    """``(m, S_t, S_1, W)`` of ``token_pass.summarize_row`` from sums against ``ref_t`` /
     ``ref_1`` (``W`` natural units).
 
     ``m = (k + ref_t) T ln 2`` with ``k = floor(log2 S_t)``: ``S_t 2^-k`` is exact and in
@@ -221,7 +221,7 @@ def summarize_fixed(
     tanh_slope,
 ):
     """``(m, S_t, S_1, W)`` of a soft-capped row against fixed references, as
-    ``row_pass.summarize_row`` returns it; ``lost`` is true for a row that may have lost
+    ``token_pass.summarize_row`` returns it; ``lost`` is true for a row that may have lost
     terms to underflow, which the caller walks again with a running max."""
     c_t = cap * scaled_inv_t
     c_1 = cap * LOG2E

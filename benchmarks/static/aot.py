@@ -1,20 +1,22 @@
-"""``python -m benchmarks.aot`` (``make aot``): compile every Triton kernel variant without a GPU.
+"""``python -m benchmarks.static.aot`` (``make aot``): compile every Triton kernel variant
+without a GPU.
 
-Every module of ``gft_kernels`` that defines ``aot_variants()`` lists the compilations its
-wrappers can launch (``gft_kernels.backends.triton.variants.KernelVariant``). Each is
+:mod:`benchmarks.static.variants` lists every compilation the library's wrappers can
+launch (``benchmarks.static.records.KernelVariant``, built by the library's own launch
+builders); ``--modules`` names other modules with an ``aot_variants()``. Each record is
 compiled with ``triton.compile`` for each target architecture (sm_80 and sm_90 by
-default), then read (:mod:`benchmarks.aot_worker`):
+default), then read (:mod:`benchmarks.static.worker`):
 
 - registers, spills and stack from the ptxas report, local and shared memory from
   ``cuobjdump --dump-resource-usage`` (plus the shared memory Triton allocates itself);
 - each hot loop from the SASS (``nvdisasm``): instructions per trip over the elements one
   thread handles per trip (``elements_per_iteration / (num_warps * 32)``) gives the
   instructions per element, and with the loop's bytes per element the fraction of HBM
-  bandwidth that instruction issue (and the MUFU unit) allows (:mod:`benchmarks.sass`).
+  bandwidth that instruction issue (and the MUFU unit) allows (:mod:`benchmarks.static.sass`).
 
 Exits 1 on a compile failure, a spill, local memory, or a loop of a gated dtype (bf16) whose
 sm_90 ceiling is below ``--min-ceiling`` (0.85); the table and the summary say why
-(:mod:`benchmarks.aot_report`).
+(:mod:`benchmarks.static.report`).
 """
 
 from __future__ import annotations
@@ -31,21 +33,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchmarks import aot_report, aot_worker
+from benchmarks.static import report, worker
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_ARCHS = (80, 90)
-
-
-def discover_modules(package_dir: pathlib.Path = ROOT / "gft_kernels") -> List[str]:
-    """Modules under ``package_dir`` whose source defines ``aot_variants`` (found by text, so
-    nothing else is imported)."""
-    names = []
-    for path in sorted(package_dir.rglob("*.py")):
-        if "def aot_variants(" in path.read_text(encoding="utf-8"):
-            rel = path.relative_to(package_dir.parent).with_suffix("")
-            names.append(".".join(rel.parts))
-    return names
+# The library's launches (benchmarks/static/variants.py); --modules names others (tests).
+DEFAULT_MODULES = ("benchmarks.static.variants",)
 
 
 def load_variants(modules: Sequence[str]) -> List[Any]:
@@ -80,10 +72,10 @@ def run(
     with ProcessPoolExecutor(
         max_workers=max(1, jobs),
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=aot_worker.init_worker,
+        initializer=worker.init_worker,
         initargs=(load_variants, list(modules), dump_dir, cache_dir),
     ) as pool:
-        futures = [pool.submit(aot_worker.analyse_batch, batch) for batch in batches]
+        futures = [pool.submit(worker.analyse_batch, batch) for batch in batches]
         for future in futures:
             rows.extend(future.result())
             print(
@@ -95,7 +87,7 @@ def run(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.aot", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.static.aot", description=__doc__)
     parser.add_argument("--modules", help="comma-separated modules with aot_variants()")
     parser.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)))
     parser.add_argument(
@@ -104,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="compile only variants whose 'kernel/variant' contains this (repeatable: any)",
     )
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--min-ceiling", type=float, default=aot_report.MIN_CEILING)
+    parser.add_argument("--min-ceiling", type=float, default=report.MIN_CEILING)
     parser.add_argument("--json", help="write every result (loop histograms included) here")
     parser.add_argument("--dump-dir", help="keep each compilation's SASS and PTX here")
     parser.add_argument(
@@ -113,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--breakdown", action="store_true", help="print loop opcode counts")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     args = parser.parse_args(argv)
-    modules = args.modules.split(",") if args.modules else discover_modules()
+    modules = args.modules.split(",") if args.modules else list(DEFAULT_MODULES)
     archs = [int(a) for a in args.arch.split(",")]
     if args.list:
         for v in load_variants(modules):
@@ -126,14 +118,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not rows:
         print(f"no variant matches --filter {args.filter!r}")
         return 1
-    print(aot_report.table(rows, args.min_ceiling))
+    print(report.table(rows, args.min_ceiling))
     if args.breakdown:
-        print(aot_report.breakdown(rows))
-    print(aot_report.summary(rows, args.min_ceiling))
-    print(aot_report.machines_note())
+        print(report.breakdown(rows))
+    print(report.summary(rows, args.min_ceiling))
+    print(report.machines_note())
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
-    failed = [row for row in rows if aot_report.failures(row, args.min_ceiling)]
+    failed = [row for row in rows if report.failures(row, args.min_ceiling)]
     if failed:
         print(f"make aot: FAILED ({len(failed)} of {len(rows)} compilations; reasons above)")
         return 1

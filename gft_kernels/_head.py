@@ -8,21 +8,21 @@ gradients, never ``N x V``.
 
 A future ``blockwise`` strategy (a GPU kernel that keeps each logits tile in registers /
 shared memory and never writes it to HBM, as Cut Cross-Entropy does) plugs in here: it
-implements :class:`HeadStrategy` and is added to :data:`HEAD_STRATEGIES`; the public
+takes the arguments of :func:`chunked_head` and is added to :data:`HEAD_STRATEGIES`; the public
 function, the custom op and the autograd formula above it stay as they are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Protocol, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from gft_kernels._vocab_parallel import VocabShard, sharded_token_pass
 from gft_kernels.backends import RowBackend, RowParams
 from gft_kernels.backends.token_terms import value_flags
 from gft_kernels.backends.torch_rows import accumulate_dtype
-from gft_kernels.rows import VocabShard, sharded_token_pass
 
 # Bytes of one chunk's logits (plus their fp32 copy where dW needs one) when chunk_size is
 # not given: large enough for efficient matmuls and few re-reads of the fp32 dW (each chunk
@@ -58,21 +58,6 @@ class HeadOutputs:
     grad_hidden: Optional[torch.Tensor]
     grad_weight: Optional[torch.Tensor]  # accumulated in fp32 (fp64 for fp64)
     grad_bias: Optional[torch.Tensor]
-
-
-class HeadStrategy(Protocol):
-    def __call__(
-        self,
-        rows: RowBackend,
-        inputs: HeadInputs,
-        *,
-        grad_weights: Optional[torch.Tensor],
-        need_grads: Tuple[bool, bool, bool],
-        with_stats: bool,
-        compact: bool,
-        chunk_size: Optional[int],
-        shard: Optional[VocabShard],
-    ) -> HeadOutputs: ...
 
 
 def upcasts_for_dw(dtype: torch.dtype, device: torch.device) -> bool:

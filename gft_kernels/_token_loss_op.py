@@ -17,9 +17,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from gft_kernels._vocab_parallel import VocabShard, sharded_token_pass
 from gft_kernels.backends import RowParams, load_backend
 from gft_kernels.backends.torch_rows import accumulate_dtype
-from gft_kernels.rows import VocabShard, sharded_token_pass
 
 _Outputs = Tuple[torch.Tensor, ...]
 

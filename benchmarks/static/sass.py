@@ -1,6 +1,6 @@
 """Reading compiled CUDA kernels: ptxas report, resource usage, SASS loops, bandwidth ceiling.
 
-Pure text processing (no Triton, no GPU), used by :mod:`benchmarks.aot`:
+Pure text processing (no Triton, no GPU), used by :mod:`benchmarks.static.aot`:
 
 - :func:`parse_ptxas_log` / :func:`parse_resource_usage`: registers, spills, stack, local
   and shared memory from ``ptxas -v`` and ``cuobjdump --dump-resource-usage``;

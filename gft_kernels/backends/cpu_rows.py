@@ -1,6 +1,6 @@
 """Loader of the native CPU row kernels (``backend="cpu"``), built on first use.
 
-``csrc/gft_cpu.cpp`` is compiled with :func:`torch.utils.cpp_extension.load` the first time
+``csrc/cpu_rows.cpp`` is compiled with :func:`torch.utils.cpp_extension.load` the first time
 it is needed, into a folder named after a hash of everything that makes a build
 different: the source, the compiler flags, the torch and Python versions, the compiler
 and the machine architecture. Two checkouts or environments on one machine therefore never
@@ -44,7 +44,7 @@ import torch
 from gft_kernels.backends.base import PartialStats, RowParams, TokenPass
 
 EXTENSION_PREFIX = "gft_kernels_cpu"
-_SOURCE_NAME = "gft_cpu.cpp"
+_SOURCE_NAME = "cpu_rows.cpp"
 DISABLE_ENV = "GFT_KERNELS_DISABLE_NATIVE"
 BUILD_DIR_ENV = "GFT_KERNELS_BUILD_DIR"
 WAIT_ENV = "GFT_KERNELS_BUILD_WAIT_S"
@@ -64,21 +64,14 @@ _lock = threading.Lock()
 _module: Optional[ModuleType] = None
 _error: Optional[str] = None  # short reason of the failed build, once tried
 _warned = False
-_build_seconds: Optional[float] = None
 
 
 def source_path() -> Path:
-    """The C++ source: shipped inside the package (wheel) or at the repository root."""
-    package_dir = Path(__file__).resolve().parent.parent
-    for candidate in (
-        package_dir / "csrc" / _SOURCE_NAME,
-        package_dir.parent / "csrc" / _SOURCE_NAME,
-    ):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{_SOURCE_NAME} not found in {package_dir / 'csrc'} or {package_dir.parent / 'csrc'}"
-    )
+    """The C++ source, in the package ``gft_kernels.csrc`` (the repository's ``csrc/``,
+    installed into the package or mapped there in a checkout)."""
+    from gft_kernels._checkout import package_folder
+
+    return package_folder("gft_kernels.csrc") / _SOURCE_NAME
 
 
 def _compiler_identity() -> str:
@@ -246,25 +239,18 @@ def load(verbose: bool = False) -> ModuleType:
 
     A failure is cached too, so a missing compiler costs one attempt per process.
     """
-    global _module, _error, _build_seconds
+    global _module, _error
     with _lock:
         if _module is not None:
             return _module
         if _error is not None:
             raise RuntimeError(_error)
-        start = time.perf_counter()
         try:
             _module = _build(verbose)
         except Exception as err:  # any build/import failure means "not available"
             _error = _short_reason(err)
             raise RuntimeError(_error) from err
-        _build_seconds = time.perf_counter() - start
         return _module
-
-
-def build_seconds() -> Optional[float]:
-    """Seconds the successful :func:`load` took (compile or cache hit), else None."""
-    return _build_seconds
 
 
 def is_available() -> bool:
@@ -305,16 +291,15 @@ def simd_path() -> str:
 
 def _reset_for_tests() -> None:
     """Forget the cached module, failure and warning so the next call builds again."""
-    global _module, _error, _warned, _build_seconds
+    global _module, _error, _warned
     with _lock:
         _module = None
         _error = None
         _warned = False
-        _build_seconds = None
 
 
-class NativeRows:
-    """The ``cpu`` backend: the row primitives of ``csrc/gft_cpu.cpp`` (CPU tensors)."""
+class CpuRows:
+    """The ``cpu`` backend: the row primitives of ``csrc/cpu_rows.cpp`` (CPU tensors)."""
 
     name = "cpu"
 

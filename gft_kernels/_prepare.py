@@ -159,13 +159,6 @@ def prepare_tokens(
     )
 
 
-def per_token_advantages(batch: TokenBatch) -> torch.Tensor:
-    """``(N,)`` advantages (per-sequence ones repeated over their tokens)."""
-    if batch.tokens_per_advantage == 1:
-        return batch.advantages
-    return batch.advantages.repeat_interleave(batch.tokens_per_advantage)
-
-
 def reduce_loss(token_loss: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """Apply the aggregation mode to ``(N,)`` per-token losses (0 on invalid tokens)."""
     if batch.loss_agg_mode == "none":

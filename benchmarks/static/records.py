@@ -1,7 +1,7 @@
 """Records of the Triton kernel variants the wrappers can launch, for ahead-of-time checks.
 
 A kernel module exposes ``aot_variants() -> List[KernelVariant]``; ``python -m
-benchmarks.aot`` compiles every record for several GPU architectures without a GPU and reads
+benchmarks.static.aot`` compiles every record for several GPU architectures without a GPU and reads
 registers, spills and the instruction count of each hot loop from the compiled code.
 
 A record is made from the very launch a wrapper would issue (:func:`launch_variant` takes the

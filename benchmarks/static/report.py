@@ -1,10 +1,10 @@
-"""Gate and report of ``python -m benchmarks.aot``: what fails, the table, the summary."""
+"""Gate and report of ``python -m benchmarks.static.aot``: what fails, the table, the summary."""
 
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchmarks import sass
+from benchmarks.static import sass
 
 GATED_ARCH = 90
 GATED_DTYPES = ("bf16",)
