@@ -7,11 +7,13 @@ Input: JSON lines, one prompt each::
      "teachers": ["teacher solution 1", "teacher solution 2", "teacher solution 3"]}
 
 Output: a parquet file verl's ``RLHFDataset`` reads (``prompt`` as chat messages,
-``data_source`` choosing verl's math verifier, ``reward_model.ground_truth``) whose
+``reward_model.ground_truth`` for ``gft_kernels.integration.rewards.compute_score``, the
+reward the launch script sets) whose
 ``extra_info.gft_responses`` holds the expert and teacher responses that
 ``gft_kernels.integration.verl.hybrid.HybridGroupAgentLoop`` adds to each prompt's group.
 ``--teachers`` caps the teacher answers per prompt (the published recipe uses 3, with
-1 expert: ``rollout.n`` is then 4 + the number of self samples).
+1 expert: ``rollout.n`` is then 4 + the number of self samples). With ``--split test``
+only ``question`` and ``answer`` are needed: validation scores the policy's own samples.
 
     python integration/examples/verl_gft_prepare_data.py train.jsonl train.parquet
 """
@@ -23,21 +25,27 @@ import json
 from typing import Any, Dict, Iterable, List
 
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-DATA_SOURCE = "DigitalLearningGmbH/MATH-lighteval"  # verl's \\boxed{} math verifier
+# Also verl's own \\boxed{} verifier, should a run leave out the recipe's reward function.
+DATA_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
 
 
 def to_verl_row(
     example: Dict[str, Any], index: int, *, split: str, teachers: int
 ) -> Dict[str, Any]:
     """One verl RL row (prompt, verifier, GFT responses) from one input example."""
-    for key in ("question", "answer", "expert"):
+    required = ("question", "answer") if split == "test" else ("question", "answer", "expert")
+    for key in required:
         if not isinstance(example.get(key), str) or not example[key]:
             raise ValueError(f"line {index + 1}: {key!r} expected a non-empty string")
-    teacher_texts = example.get("teachers", [])
-    if not isinstance(teacher_texts, list) or not all(isinstance(t, str) for t in teacher_texts):
-        raise ValueError(f"line {index + 1}: 'teachers' expected a list of strings")
-    responses = [{"text": example["expert"], "source": "expert"}]
-    responses += [{"text": t, "source": "teacher"} for t in teacher_texts[:teachers]]
+    responses = []
+    if split != "test":
+        teacher_texts = example.get("teachers", [])
+        if not isinstance(teacher_texts, list) or not all(
+            isinstance(t, str) for t in teacher_texts
+        ):
+            raise ValueError(f"line {index + 1}: 'teachers' expected a list of strings")
+        responses = [{"text": example["expert"], "source": "expert"}]
+        responses += [{"text": t, "source": "teacher"} for t in teacher_texts[:teachers]]
     return {
         "data_source": DATA_SOURCE,
         "prompt": [{"role": "user", "content": f"{example['question']} {INSTRUCTION}"}],

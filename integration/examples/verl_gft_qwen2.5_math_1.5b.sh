@@ -16,7 +16,9 @@
 # Extra arguments are passed on to verl as Hydra overrides (they win over the ones here).
 #
 # Settings from the published recipe: the model, the group (1 + 3 + 4), tau, GRPO with
-# std normalisation, no KL and no entropy bonus. Batch sizes, lengths, learning rate and
+# std normalisation, no KL and no entropy bonus, and a math reward that accepts what the
+# published scorer accepts (gft_kernels.integration.rewards: last \boxed{}, "the answer
+# is", last number; numeric, percent and symbolic equality through math-verify). Batch sizes, lengths, learning rate and
 # epochs below are starting points for 8 x 80 GB GPUs, not published values.
 set -euo pipefail
 
@@ -32,6 +34,8 @@ python3 -m verl.trainer.main_ppo \
     algorithm.adv_estimator=grpo \
     algorithm.norm_adv_by_std_in_grpo=true \
     algorithm.use_kl_in_reward=false \
+    reward.custom_reward_function.path=pkg://gft_kernels.integration.rewards \
+    reward.custom_reward_function.name=compute_score \
     data.train_files="$DATA/train.parquet" \
     data.val_files="$DATA/test.parquet" \
     data.train_batch_size=128 \
