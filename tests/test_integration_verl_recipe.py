@@ -75,6 +75,48 @@ def test_launch_script_is_a_valid_verl_gft_configuration(tmp_path):
     )
 
 
+# The published run (the GFT authors' verl fork, run_qwen2.5-math-1.5B.sh): each setting,
+# the fork's value, and where verl 0.9.1 holds it once the script's overrides are applied.
+PUBLISHED = [
+    ("train prompts a step", 128, lambda c: c.data.train_batch_size),
+    ("prompt length", 1024, lambda c: c.data.max_prompt_length),
+    ("response length", 2048, lambda c: c.data.max_response_length),
+    ("learning rate", 1e-6, lambda c: c.actor_rollout_ref.actor.optim.lr),
+    ("lr schedule", "constant", lambda c: c.actor_rollout_ref.actor.optim.lr_scheduler_type),
+    ("warm-up", 0, lambda c: c.actor_rollout_ref.actor.optim.lr_warmup_steps_ratio),
+    ("weight decay", 0.01, lambda c: c.actor_rollout_ref.actor.optim.weight_decay),
+    ("micro-batch per GPU", 16, lambda c: c.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu),
+    ("epochs", 1, lambda c: c.trainer.total_epochs),
+    ("validation before training", False, lambda c: c.trainer.val_before_train),
+    ("tau", 0.1, lambda c: c.actor_rollout_ref.actor.policy_loss.tau),
+    ("KL loss", False, lambda c: c.actor_rollout_ref.actor.use_kl_loss),
+    ("KL in reward", False, lambda c: c.algorithm.use_kl_in_reward),
+    ("entropy bonus", 0, lambda c: c.actor_rollout_ref.actor.entropy_coeff),
+    ("advantage", "grpo", lambda c: c.algorithm.adv_estimator),
+    ("std-normalised advantage", True, lambda c: c.algorithm.norm_adv_by_std_in_grpo),
+    ("rollout temperature", 1.0, lambda c: c.actor_rollout_ref.rollout.temperature),
+]
+FORK_SELF_SAMPLES, FORK_DATASET_ROWS, FORK_MINI_BATCH_PROMPTS = 4, 4, 64
+
+
+def test_launch_script_uses_the_published_settings(tmp_path):
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=launch_arguments(tmp_path)[2:])
+    OmegaConf.resolve(config)
+    wrong = {name: (fork, get(config)) for name, fork, get in PUBLISHED if get(config) != fork}
+    assert not wrong, f"setting: (fork's value, the script's) {wrong}"
+    actor, rollout = config.actor_rollout_ref.actor, config.actor_rollout_ref.rollout
+    # The fork adds its dataset rows to rollout.n samples; here rollout.n counts both.
+    assert rollout.n == FORK_SELF_SAMPLES + FORK_DATASET_ROWS
+    rows_a_step = config.data.train_batch_size * rollout.n
+    rows_an_update = actor.ppo_mini_batch_size * rollout.n
+    assert rows_an_update == FORK_MINI_BATCH_PROMPTS * FORK_SELF_SAMPLES  # 256
+    assert rows_a_step // rows_an_update == 4  # optimizer updates a step, as in the fork
+    assert config.trainer.test_freq <= 0  # the fork's 5000 never fires within one epoch
+    reward = config.reward.custom_reward_function
+    assert (reward.path, reward.name) == ("pkg://gft_kernels.integration.rewards", "compute_score")
+
+
 def test_prepare_data_rows_feed_the_hybrid_loop(tmp_path):
     src = tmp_path / "train.jsonl"
     examples = [

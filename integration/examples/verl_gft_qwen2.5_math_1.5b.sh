@@ -15,11 +15,21 @@
 #   DATA=$HOME/data/gft NGPUS=8 bash integration/examples/verl_gft_qwen2.5_math_1.5b.sh
 # Extra arguments are passed on to verl as Hydra overrides (they win over the ones here).
 #
-# Settings from the published recipe: the model, the group (1 + 3 + 4), tau, GRPO with
-# std normalisation, no KL and no entropy bonus, and a math reward that accepts what the
-# published scorer accepts (gft_kernels.integration.rewards: last \boxed{}, "the answer
-# is", last number; numeric, percent and symbolic equality through math-verify). Batch sizes, lengths, learning rate and
-# epochs below are starting points for 8 x 80 GB GPUs, not published values.
+# Every setting below is the published one (the GFT authors' verl fork, its
+# run_qwen2.5-math-1.5B.sh), except where the two engines differ in how they say it:
+# - 128 prompts a step, each with 4 dataset responses (1 expert + 3 teacher) and 4 policy
+#   samples; the fork asks rollout.n=4 and adds its 4 dataset rows, here rollout.n=8
+#   counts both, so ppo_mini_batch_size=32 prompts gives the fork's 256 rows an update
+#   and 4 optimizer updates a step;
+# - prompts up to 1024 tokens, responses up to 2048; lr 1e-6 constant, no warm-up,
+#   weight decay 0.01; micro-batches of 16; 1 epoch; no validation before or during
+#   training (the fork's test_freq=5000 never fires);
+# - tau 0.1, GRPO advantages with std normalisation, no KL loss or KL reward, no
+#   entropy bonus; log p at the rollout temperature, which is 1 here as in the fork;
+# - the reward accepts what the fork's NuminaMath scorer accepts (last \boxed{}, "the
+#   answer is", last number; numeric, percent and symbolic equality), through
+#   gft_kernels.integration.rewards and math-verify.
+# GPU count and vLLM memory settings are the machine's, not the recipe's.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,7 +50,7 @@ python3 -m verl.trainer.main_ppo \
     data.val_files="$DATA/test.parquet" \
     data.train_batch_size=128 \
     data.max_prompt_length=1024 \
-    data.max_response_length=3072 \
+    data.max_response_length=2048 \
     data.filter_overlong_prompts=true \
     actor_rollout_ref.model.path="$MODEL" \
     actor_rollout_ref.model.use_remove_padding=true \
@@ -55,8 +65,11 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.actor.entropy_coeff=0 \
     actor_rollout_ref.actor.use_kl_loss=false \
     actor_rollout_ref.actor.optim.lr=1e-6 \
-    actor_rollout_ref.actor.ppo_mini_batch_size=64 \
-    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 \
+    actor_rollout_ref.actor.optim.lr_scheduler_type=constant \
+    actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0 \
+    actor_rollout_ref.actor.optim.weight_decay=0.01 \
+    actor_rollout_ref.actor.ppo_mini_batch_size=32 \
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16 \
     actor_rollout_ref.actor.ppo_epochs=1 \
     actor_rollout_ref.rollout.name=vllm \
     actor_rollout_ref.rollout.n=$((N_SELF + N_DATASET)) \
@@ -72,7 +85,8 @@ python3 -m verl.trainer.main_ppo \
     trainer.logger='["console"]' \
     trainer.n_gpus_per_node="$NGPUS" \
     trainer.nnodes=1 \
-    trainer.total_epochs=3 \
-    trainer.save_freq=50 \
-    trainer.test_freq=10 \
+    trainer.total_epochs=1 \
+    trainer.save_freq=10 \
+    trainer.val_before_train=false \
+    trainer.test_freq=-1 \
     "$@"
