@@ -117,6 +117,18 @@ def test_launch_script_uses_the_published_settings(tmp_path):
     assert (reward.path, reward.name) == ("pkg://gft_kernels.integration.rewards", "compute_score")
 
 
+def test_the_verl_extra_holds_what_main_ppo_imports_to_start(tmp_path):
+    """verl's main_ppo runs its v1 trainer by default (``trainer.use_v1``), which imports
+    TransferQueue; verl leaves that package to its heavy verl-core extra."""
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=launch_arguments(tmp_path)[2:])
+    assert config.trainer.use_v1
+    from verl.trainer.ppo.v1 import AgentLoopManagerTQ, get_trainer_cls
+
+    assert get_trainer_cls(config.trainer.v1.trainer_mode) is not None
+    assert AgentLoopManagerTQ.__name__ == "AgentLoopManagerTQ"
+
+
 def test_prepare_data_rows_feed_the_hybrid_loop(tmp_path):
     src = tmp_path / "train.jsonl"
     examples = [

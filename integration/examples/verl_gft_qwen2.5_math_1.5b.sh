@@ -8,7 +8,7 @@
 # temperature; normalised by verl's global token count).
 #
 # Needs GPUs (vLLM rollout) and:
-#   pip install "verl[vllm]==0.9.1" "gft-kernels[verl]"
+#   pip install -e ".[verl]" "verl[vllm]==0.9.1"   (in the gft-kernels checkout)
 #   python integration/examples/verl_gft_prepare_data.py train.jsonl $DATA/train.parquet
 #   python integration/examples/verl_gft_prepare_data.py test.jsonl  $DATA/test.parquet --split test
 # Then:
