@@ -3,7 +3,8 @@
 In a training step whose policy loss is mode ``"gft"``, the engine computes the whole GFT
 loss inside the lm_head's forward with :func:`gft_kernels.fused_linear_gft_loss`: only the
 hidden states that predict response tokens reach the head, the ``tokens x vocab`` logits
-never exist, ``q`` is read at temperature 1 and ``log p`` at the rollout temperature, and
+never exist, ``q`` is read at temperature 1 and ``log p`` at the rollout temperature (or at
+``policy_loss.logprob_temperature``, 1 in the published fork's update), and
 each token carries verl's global aggregation weight (:mod:`.aggregation`), so the summed
 micro-batch gradients are the mini-batch gradient whatever the micro-batch split or
 data-parallel size. The loss runs inside the head's own forward so that FSDP (1 or 2)
@@ -37,7 +38,7 @@ from gft_kernels import fused_linear_gft_loss
 
 from ..heads import forward_replaced, head_params, output_head
 from .aggregation import aggregation_weights
-from .policy_loss import LOSS_MODE, resolve_tau
+from .policy_loss import LOSS_MODE, resolve_logprob_temperature, resolve_tau
 
 ENGINE_BACKENDS = ("fsdp", "fsdp2")
 
@@ -147,7 +148,11 @@ class GFTFSDPEngine(FSDPEngineWithLMHead):
     def _gft_forward_step(self, micro_batch: TensorDict, config: Any):
         micro_batch = micro_batch.to(get_device_id())
         model_inputs, output_args = self.prepare_model_inputs(micro_batch=micro_batch)
-        temperature = _scalar_temperature(micro_batch["temperature"])
+        # log p at the rollout temperature (verl's choice) unless the config names one (the
+        # published fork's update uses 1); q is at temperature 1 either way.
+        temperature = resolve_logprob_temperature(config)
+        if temperature is None:
+            temperature = _scalar_temperature(micro_batch["temperature"])
         tau = resolve_tau(config)
 
         fields = ["response_mask", "old_log_probs", "advantages"]

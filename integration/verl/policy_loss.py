@@ -41,6 +41,15 @@ def _check_tau(name: str, value: Any) -> float:
     return value
 
 
+def _check_temperature(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number in (0, inf), got {type(value).__name__}")
+    value = float(value)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name}: expected a number in (0, inf), got {value}")
+    return value
+
+
 @dataclass
 class GFTPolicyLossConfig(PolicyLossConfig):
     """verl's ``PolicyLossConfig`` plus GFT's DCR threshold.
@@ -55,11 +64,17 @@ class GFTPolicyLossConfig(PolicyLossConfig):
     Args:
         tau: DCR threshold in ``[0, inf)``; None: ``tao`` if given, else 0.1.
         tao: the published fork's spelling of ``tau`` (an alias; both given must agree).
+        logprob_temperature: the temperature of ``log p`` in the update. None (default):
+            the rollout temperature, verl's choice. ``1.0``: the published fork's choice
+            (its update sets the temperature to 1, so ``log p`` is the model's own at any
+            rollout temperature). Only the fused engine can take a temperature of its
+            own; verl's logits path (this plug-in alone) refuses any value.
     """
 
     loss_mode: str = LOSS_MODE
     tau: Optional[float] = None
     tao: Optional[float] = None
+    logprob_temperature: Optional[float] = None
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
@@ -71,6 +86,8 @@ class GFTPolicyLossConfig(PolicyLossConfig):
             raise ValueError(
                 f"policy_loss.tao: an alias of tau, expected {tau} (as tau) or unset, got {tao}"
             )
+        if self.logprob_temperature is not None:
+            _check_temperature("policy_loss.logprob_temperature", self.logprob_temperature)
         resolved = tau if tau is not None else tao if tao is not None else DEFAULT_TAU
         # verl's configs freeze their fields after construction.
         object.__setattr__(self, "tau", resolved)
@@ -100,6 +117,12 @@ def resolve_tau(config: Any) -> float:
     if tau is None:
         tau = _get(policy_loss, "tao")
     return DEFAULT_TAU if tau is None else _check_tau("policy_loss.tau", tau)
+
+
+def resolve_logprob_temperature(config: Any) -> Optional[float]:
+    """``policy_loss.logprob_temperature`` of an actor config, or None (rollout's)."""
+    value = _get(_get(config, "policy_loss"), "logprob_temperature")
+    return None if value is None else _check_temperature("policy_loss.logprob_temperature", value)
 
 
 def gft_token_coefficients(
@@ -163,6 +186,14 @@ def gft_policy_loss(
                 f"{name}: expected shape {tuple(shape)} (as log_prob), got {tuple(tensor.shape)}"
             )
     tau = resolve_tau(config)
+    if resolve_logprob_temperature(config) is not None:
+        raise ValueError(
+            "policy_loss.logprob_temperature: only the fused engine (actor_rollout_ref.model."
+            "external_lib=gft_kernels.integration.verl.use_fused_engine) computes log p at a "
+            "temperature of its own; verl's logits path gives this loss log p at the rollout "
+            f"temperature. Got {resolve_logprob_temperature(config)}: use the fused engine, "
+            "or leave it unset (and set the rollout temperature)"
+        )
     mask = response_mask.to(torch.bool)
     weights = aggregation_weights(
         mask, loss_agg_mode, dtype=log_prob.dtype, **global_batch_info(config)
