@@ -38,6 +38,24 @@ def _fresh_venv(tmp_path: Path) -> Path:
     return python
 
 
+def _last_line(python: Path, script: str, cwd: Path, *args: str, pythonpath: str = "") -> str:
+    """Run ``script`` in ``python`` (outside the test's PYTHONPATH and Triton interpreter,
+    with ``pythonpath`` as its only PYTHONPATH entry) and return its last line of output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    run = subprocess.run(
+        [str(python), "-c", script, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip().splitlines()[-1]
+
+
 def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     wheels = tmp_path / "wheels"
     build = subprocess.run(
@@ -92,17 +110,7 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
         print("ok", gft_kernels.__version__)
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
-    run = subprocess.run(
-        [str(python), "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().splitlines()[-1].startswith("ok ")
+    assert _last_line(python, script, tmp_path).startswith("ok ")
 
 
 def test_plain_checkout_on_the_path_imports_integration_and_finds_the_native_source(tmp_path):
@@ -128,15 +136,4 @@ def test_plain_checkout_on_the_path_imports_integration_and_finds_the_native_sou
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
-    env["PYTHONPATH"] = str(ROOT)
-    run = subprocess.run(
-        [str(python), "-c", script, str(ROOT)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().splitlines()[-1] == "ok"
+    assert _last_line(python, script, tmp_path, str(ROOT), pythonpath=str(ROOT)) == "ok"
