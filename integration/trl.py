@@ -25,7 +25,7 @@ Needs ``trl`` (``pip install gft-kernels[trl]``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -39,6 +39,25 @@ from .fused_head import FusedHeadMixin
 from .heads import head_logit_transform
 
 __all__ = ["GFTGRPOConfig", "GFTGRPOTrainer"]
+
+
+# GRPOConfig options of GRPO's clipped, importance-weighted objective (its loss types,
+# clipping ranges, sequence-level ratios, entropy masking and bonus, off-policy masks and
+# vLLM's importance-sampling correction). GFT's loss has none of them; each must keep
+# TRL's default (read from GRPOConfig itself, so a TRL release that changes one is
+# followed). Names a TRL release lacks are skipped.
+GRPO_ONLY_OPTIONS = (
+    "loss_type",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "importance_sampling_level",
+    "top_entropy_quantile",
+    "entropy_coef",
+    "use_adaptive_entropy",
+    "off_policy_mask_threshold",
+    "vllm_importance_sampling_correction",
+)
 
 
 @dataclass
@@ -57,9 +76,9 @@ class GFTGRPOConfig(GRPOConfig):
         log_token_stats: log ``rectified_fraction`` and ``entropy`` (from the loss pass).
 
     ``num_generations`` counts the whole group (demonstrations + samples); ``temperature`` is
-    both the sampling temperature and that of ``log p``. ``loss_type``, ``epsilon*``,
-    ``importance_sampling_level`` and ``top_entropy_quantile`` do not apply; ``beta`` must
-    stay 0 (no KL term).
+    both the sampling temperature and that of ``log p``. The options of GRPO's clipped
+    objective (:data:`GRPO_ONLY_OPTIONS`) do not apply to ``-A c log p``: set away from
+    TRL's defaults they are refused; ``beta`` must stay 0 (no KL term).
     """
 
     tau: float = field(default=0.1, metadata={"help": "DCR threshold tau >= 0."})
@@ -102,6 +121,14 @@ class GFTGRPOConfig(GRPOConfig):
             raise ValueError('demonstration_columns: "self" names the policy samples')
         if self.beta != 0.0:
             raise ValueError(f"beta: expected 0 (the GFT loss has no KL term), got {self.beta}")
+        defaults = {f.name: f.default for f in fields(GRPOConfig)}
+        for name in GRPO_ONLY_OPTIONS:
+            if name in defaults and getattr(self, name) != defaults[name]:
+                raise ValueError(
+                    f"{name}: an option of GRPO's clipped objective that the GFT loss "
+                    f"(-A c log p, aggregated by loss_agg_mode) does not use; expected TRL's "
+                    f"default {defaults[name]!r}, got {getattr(self, name)!r}"
+                )
 
 
 def _is_message(value: Any) -> bool:

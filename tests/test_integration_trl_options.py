@@ -1,0 +1,54 @@
+"""TRL options GFT does not implement are refused, never silently ignored."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from trl import GRPOConfig
+
+from gft_kernels.integration.trl import GRPO_ONLY_OPTIONS, GFTGRPOConfig
+
+# A value away from TRL's default for each option.
+OTHER_VALUES = {
+    "loss_type": "grpo",
+    "epsilon": 0.3,
+    "epsilon_high": 0.28,
+    "delta": 2.0,
+    "importance_sampling_level": "sequence",
+    "top_entropy_quantile": 0.2,
+    "entropy_coef": 0.01,
+    "use_adaptive_entropy": True,
+    "off_policy_mask_threshold": 0.5,
+    "vllm_importance_sampling_correction": False,
+}
+
+
+def config(tmp_path, **overrides):
+    return GFTGRPOConfig(
+        output_dir=str(tmp_path),
+        num_generations=2,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        bf16=False,
+        **overrides,
+    )
+
+
+def test_every_listed_option_exists_in_this_trl():
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert set(GRPO_ONLY_OPTIONS) <= names
+    assert set(OTHER_VALUES) == set(GRPO_ONLY_OPTIONS)
+
+
+@pytest.mark.parametrize("name", GRPO_ONLY_OPTIONS)
+def test_an_option_away_from_its_default_is_refused(tmp_path, name):
+    default = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}[name]
+    assert OTHER_VALUES[name] != default
+    with pytest.raises(ValueError, match=f"^{name}: an option of GRPO's clipped objective"):
+        config(tmp_path, **{name: OTHER_VALUES[name]})
+
+
+def test_defaults_are_accepted(tmp_path):
+    cfg = config(tmp_path)
+    assert cfg.loss_type == GRPOConfig.loss_type
