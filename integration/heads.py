@@ -118,6 +118,9 @@ _SCALE_ATTRIBUTES = (
     ("lm_head_multiplier", "multiply"),
     ("output_multiplier", "multiply"),
 )
+# Model types whose forward multiplies by ``logits_scaling`` where Granite's divides
+# (HyperCLOVAX: muP's output multiplier under Granite's attribute name).
+_MULTIPLIES_LOGITS_SCALING = frozenset({"hyperclovax"})
 
 
 def head_logit_transform(model: nn.Module) -> LogitTransform:
@@ -151,6 +154,10 @@ def head_logit_transform(model: nn.Module) -> LogitTransform:
         if value is None:
             continue
         value = positive(name, value)
+        if name == "logits_scaling" and getattr(config, "model_type", None) in (
+            _MULTIPLIES_LOGITS_SCALING
+        ):
+            how = "multiply"
         scale = scale * value if how == "multiply" else scale / value
     cap = getattr(config, "final_logit_softcapping", None)
     softcap = positive("final_logit_softcapping", cap) if cap is not None else None
