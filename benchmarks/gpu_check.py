@@ -269,7 +269,10 @@ def record_from(out: Path, results_path: Path) -> str:
     return section
 
 
-def git_commit() -> Optional[str]:
+def git_commit(dirty_paths: Sequence[str] = ()) -> Optional[str]:
+    """Short commit of this checkout (None when git cannot tell); with ``dirty_paths``,
+    "+dirty" appended when uncommitted changes touch them (the runner's results name the
+    measured code this way)."""
     try:
         proc = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -278,7 +281,16 @@ def git_commit() -> Optional[str]:
             text=True,
             timeout=10,
         )
-        return proc.stdout.strip() or None
+        commit = proc.stdout.strip()
+        if not commit or not dirty_paths:
+            return commit or None
+        diff = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", *dirty_paths],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=30,
+        )
+        return commit + ("+dirty" if diff.returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

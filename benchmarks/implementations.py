@@ -185,19 +185,26 @@ def skip_reason(impl: Impl, case: Case, device: torch.device, quick: bool) -> Op
 
 # --------------------------------------------------------------------------- loss functions
 
+# The loss every implementation computes: the DCR settings, and the aggregation for those that
+# take one (the careful peer is token-mean by construction).
+DCR_SETTINGS = dict(tau=TAU, temperature=TEMPERATURE)
+LOSS_SETTINGS = dict(DCR_SETTINGS, loss_agg_mode=LOSS_AGG_MODE)
+
+
+def _logits_inputs(x: Inputs) -> Tuple[torch.Tensor, ...]:
+    """The positional inputs of a logits-level loss: logits, targets, advantages, mask."""
+    return x["logits"], x["targets"], x["advantages"], x["mask"]
+
+
+def _head_inputs(x: Inputs) -> Tuple[torch.Tensor, ...]:
+    """The positional inputs of a fused-head loss: hidden, weight, targets, advantages, mask."""
+    return x["hidden"], x["weight"], x["targets"], x["advantages"], x["mask"]
+
 
 def _reference_logits(x: Inputs) -> torch.Tensor:
     from gft_kernels.reference import gft_loss_reference
 
-    return gft_loss_reference(
-        x["logits"],
-        x["targets"],
-        x["advantages"],
-        x["mask"],
-        tau=TAU,
-        temperature=TEMPERATURE,
-        loss_agg_mode=LOSS_AGG_MODE,
-    )
+    return gft_loss_reference(*_logits_inputs(x), **LOSS_SETTINGS)
 
 
 def _reference_fused(x: Inputs) -> torch.Tensor:
@@ -246,21 +253,11 @@ def _liger_fused(x: Inputs) -> torch.Tensor:
 
 
 def _careful_logits(x: Inputs) -> torch.Tensor:
-    return careful_gft_loss(
-        x["logits"], x["targets"], x["advantages"], x["mask"], tau=TAU, temperature=TEMPERATURE
-    )
+    return careful_gft_loss(*_logits_inputs(x), **DCR_SETTINGS)
 
 
 def _careful_fused(x: Inputs) -> torch.Tensor:
-    return careful_fused_linear_gft_loss(
-        x["hidden"],
-        x["weight"],
-        x["targets"],
-        x["advantages"],
-        x["mask"],
-        tau=TAU,
-        temperature=TEMPERATURE,
-    )
+    return careful_fused_linear_gft_loss(*_head_inputs(x), **DCR_SETTINGS)
 
 
 def _ours_logits(backend: str, inplace: bool = False) -> LossFn:
@@ -269,17 +266,7 @@ def _ours_logits(backend: str, inplace: bool = False) -> LossFn:
     extra = {"inplace_backward": True} if inplace else {}
 
     def run(x: Inputs) -> torch.Tensor:
-        return gft_loss(
-            x["logits"],
-            x["targets"],
-            x["advantages"],
-            x["mask"],
-            tau=TAU,
-            temperature=TEMPERATURE,
-            loss_agg_mode=LOSS_AGG_MODE,
-            backend=backend,
-            **extra,
-        )
+        return gft_loss(*_logits_inputs(x), backend=backend, **LOSS_SETTINGS, **extra)
 
     return run
 
@@ -289,18 +276,7 @@ def _ours_fused(backend: str) -> LossFn:
     assert fused is not None
 
     def run(x: Inputs) -> torch.Tensor:
-        return fused(
-            x["hidden"],
-            x["weight"],
-            x["targets"],
-            x["advantages"],
-            x["mask"],
-            tau=TAU,
-            temperature=TEMPERATURE,
-            loss_agg_mode=LOSS_AGG_MODE,
-            backend=backend,
-            chunk_size=None,
-        )
+        return fused(*_head_inputs(x), backend=backend, chunk_size=None, **LOSS_SETTINGS)
 
     return run
 

@@ -16,7 +16,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ import torch
 
 from benchmarks import report
 from benchmarks.cases import Case, full_cases, quick_cases
+from benchmarks.gpu_check import git_commit
 from benchmarks.implementations import (
     Impl,
     LossFn,
@@ -37,7 +37,6 @@ from benchmarks.implementations import (
     skip_reason,
 )
 from benchmarks.measure import (
-    REPO_ROOT,
     CaseSetup,
     ImplTiming,
     probe_memory_cuda,
@@ -112,30 +111,6 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def _git_commit() -> Optional[str]:
-    """Short commit of this checkout, "+dirty" when the measured code differs from it."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        commit = out.stdout.strip()
-        if not commit:
-            return None
-        diff = subprocess.run(
-            ["git", "diff", "--quiet", "HEAD", "--", *MEASURED_PATHS],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            timeout=30,
-        )
-        return commit + ("+dirty" if diff.returncode == 1 else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def collect_meta(device: torch.device, threads: int, argv: Sequence[str]) -> dict:
     import gft_kernels
 
@@ -155,7 +130,7 @@ def collect_meta(device: torch.device, threads: int, argv: Sequence[str]) -> dic
         "triton": _version("triton"),
         "liger_kernel": liger_version(),
         "gft_kernels": getattr(gft_kernels, "__version__", None),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(MEASURED_PATHS),
         "native_cpu_kernel": None,
         # Other processes on the machine skew CPU timings: the load average says how busy it was.
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

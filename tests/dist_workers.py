@@ -36,6 +36,19 @@ def make_inputs(seed: int = 0, batch: int = 3, seq: int = 4, hidden: int = 8, vo
     return dict(h=h, w=w, b=b, logits=logits, targets=targets, mask=mask, adv=adv)
 
 
+def loss_options(mode: str, backend: str) -> dict:
+    """The loss settings of the vocab-parallel comparison, for aggregation ``mode``."""
+    return dict(tau=0.3, temperature=0.7, loss_agg_mode=mode, backend=backend)
+
+
+def upstream_gradient(loss: torch.Tensor) -> torch.Tensor:
+    """The gradient both sides of the comparison backpropagate: 1 for a scalar loss, a ramp
+    from -1 to 1 over the elements of an unreduced one (each element weighted differently)."""
+    if loss.dim() == 0:
+        return torch.ones_like(loss)
+    return torch.linspace(-1, 1, loss.numel()).reshape(loss.shape)
+
+
 def _init(rank: int, world: int, init_file: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -57,20 +70,10 @@ def vocab_parallel_worker(rank: int, world: int, init_file: str, out_dir: str, b
     cols = slice(cuts[rank], cuts[rank + 1])
     results = {}
     for mode in MODES:
-        kw = dict(
-            tau=0.3,
-            temperature=0.7,
-            loss_agg_mode=mode,
-            backend=backend,
-            process_group=dist.group.WORLD,
-        )
+        kw = dict(loss_options(mode, backend), process_group=dist.group.WORLD)
         z = x["logits"][..., cols].clone().requires_grad_(True)
         loss, stats = gft_loss(z, x["targets"], x["adv"], x["mask"], return_stats=True, **kw)
-        upstream = (
-            torch.ones_like(loss)
-            if loss.dim() == 0
-            else torch.linspace(-1, 1, loss.numel()).reshape(loss.shape)
-        )
+        upstream = upstream_gradient(loss)
         (loss * upstream).sum().backward()
         results[("logits", mode)] = dict(
             loss=loss.detach(), grad=z.grad, entropy=stats.entropy, logprobs=stats.logprobs

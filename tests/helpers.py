@@ -1,4 +1,4 @@
-"""Shared test utilities: the fp64 ground truth and case builders."""
+"""Shared test utilities: the fp64 ground truth, case builders and the tiny decoders' size."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ from gft_kernels.reference import gft_loss_reference
 BACKENDS = tuple(b for b in backend_names() if b != "auto")
 CPU = torch.device("cpu")
 MODES = LOSS_AGG_MODES
+# The layers of every tiny Hugging Face decoder the integration tests build (Llama, Gemma 2,
+# Cohere, Granite, Qwen2): small enough to train on the CPU within a test, with 4 query heads
+# sharing 2 key-value heads (grouped-query attention).
+TINY_DECODER_LAYERS = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def device_for(backend: str) -> torch.device:

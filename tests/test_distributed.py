@@ -32,14 +32,10 @@ def test_vocab_parallel_matches_single_process(world, tmp_path):
     cuts = ranks[0]["cuts"]
     assert len(set(cuts[r + 1] - cuts[r] for r in range(world))) > 1, "shards must be uneven"
     for mode in workers.MODES:
-        kw = dict(tau=0.3, temperature=0.7, loss_agg_mode=mode, backend="torch")
+        kw = workers.loss_options(mode, "torch")
         z = x["logits"].clone().requires_grad_(True)
         loss, stats = gft_loss(z, x["targets"], x["adv"], x["mask"], return_stats=True, **kw)
-        upstream = (
-            torch.ones_like(loss)
-            if loss.dim() == 0
-            else torch.linspace(-1, 1, loss.numel()).reshape(loss.shape)
-        )
+        upstream = workers.upstream_gradient(loss)
         (loss * upstream).sum().backward()
         h = x["h"].clone().requires_grad_(True)
         w = x["w"].clone().requires_grad_(True)

@@ -149,35 +149,15 @@ def test_inplace_backward(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_matches_function(backend):
-    logits, targets, adv, mask = make_case(device=device_for(backend))
-    module = GFTLoss(tau=0.2, temperature=0.7, loss_agg_mode="seq-mean-token-sum", backend=backend)
+    case = make_case(device=device_for(backend))
+    options = dict(tau=0.2, temperature=0.7, backend=backend)
+    module = GFTLoss(loss_agg_mode="seq-mean-token-sum", **options)
     assert "tau=0.2" in repr(module)
-    got = module(logits, targets, adv, mask)
-    want = gft_loss(
-        logits,
-        targets,
-        adv,
-        mask,
-        tau=0.2,
-        temperature=0.7,
-        loss_agg_mode="seq-mean-token-sum",
-        backend=backend,
-    )
+    got = module(*case)
+    want = gft_loss(*case, loss_agg_mode="seq-mean-token-sum", **options)
     torch.testing.assert_close(got, want)
-    override = module(logits, targets, adv, mask, loss_agg_mode="sum")
-    torch.testing.assert_close(
-        override,
-        gft_loss(
-            logits,
-            targets,
-            adv,
-            mask,
-            tau=0.2,
-            temperature=0.7,
-            loss_agg_mode="sum",
-            backend=backend,
-        ),
-    )
+    override = module(*case, loss_agg_mode="sum")
+    torch.testing.assert_close(override, gft_loss(*case, loss_agg_mode="sum", **options))
 
 
 def test_non_contiguous_logits():

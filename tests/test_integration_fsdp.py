@@ -39,15 +39,20 @@ transformers = pytest.importorskip("transformers")
 
 from gft_kernels.integration import GFTTrainer  # noqa: E402
 from tests.test_integration_trainer import (  # noqa: E402
+    TRAINING,
     VOCAB,
     gft_args,
     groups_dataset,
+    sgd_trainer,
     tiny_model,
 )
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not built"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not built"
+    ),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 HIDDEN = 32
 WORLD = 2
@@ -69,14 +74,6 @@ except ImportError:
     HAS_FULLY_SHARD = False
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,21 +81,15 @@ def free_port() -> int:
 
 
 def train_args(per_device: int) -> dict:
+    """GFTConfig's arguments (but the output folder) of each run: 2 SGD steps, token-mean."""
     return dict(
+        TRAINING,
         per_device_train_batch_size=per_device,
         max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
         optim="sgd",
         learning_rate=0.1,  # large enough that step 2 sees really different weights
         lr_scheduler_type="constant",
-        max_grad_norm=0.0,
         gft_backend="torch",
-        dataloader_pin_memory=False,
         loss_agg_mode="token-mean",
     )
 
@@ -265,14 +256,8 @@ def test_loss_in_head_matches_the_body_path(tmp_path, monkeypatch, tie, bias, mo
     for in_head in (False, True):
         monkeypatch.setattr(GFTTrainer, "_computes_loss_in_head", lambda self, m, v=in_head: v)
         model = tiny_model(tie=tie, bias=bias)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        trainer = GFTTrainer(
-            model=model,
-            args=gft_args(tmp_path, max_steps=2, loss_agg_mode=mode),
-            train_dataset=groups_dataset(4),
-            optimizers=(optimizer, scheduler),
-        )
+        args = gft_args(tmp_path, max_steps=2, loss_agg_mode=mode)
+        trainer = sgd_trainer(model, args, groups_dataset(4), lr=0.1)
         trainer.train()
         assert "forward" not in model.get_output_embeddings().__dict__  # restored
         logs = [h for h in trainer.state.log_history if "loss" in h]

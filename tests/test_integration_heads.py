@@ -7,6 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from gft_kernels.integration import GFTTrainer  # noqa: E402
+from gft_kernels.integration.examples.train_tiny import random_model  # noqa: E402
 from gft_kernels.integration.heads import (  # noqa: E402
     LogitTransform,
     decoder_body,
@@ -14,46 +15,24 @@ from gft_kernels.integration.heads import (  # noqa: E402
 )
 from gft_kernels.reference import gft_loss_reference  # noqa: E402
 from tests.test_integration_trainer import (  # noqa: E402
-    EOS,
     PAD,
-    VOCAB,
+    TINY_DECODER,
     RecordingCollator,
     gft_args,
     groups_dataset,
+    sgd_trainer,
 )
 
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=PAD,
-    eos_token_id=EOS,
-    bos_token_id=2,
-    initializer_range=0.3,
-)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(name: str, **config):
-    config_cls = getattr(transformers, f"{name}Config")
-    model_cls = getattr(transformers, f"{name}ForCausalLM")
-    config = config_cls(**{**COMMON, **config})
-    config._attn_implementation = "eager" if name == "Gemma2" else "sdpa"
-    torch.manual_seed(0)
-    model = model_cls(config)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, EOS
-    return model
+    """The tiny decoder of architecture ``name`` (``Llama``, ``Gemma2``, ...): ``config`` on
+    top of :data:`TINY_DECODER` with an initializer range of 0.3."""
+    config = getattr(transformers, f"{name}Config")(
+        **{**TINY_DECODER, "initializer_range": 0.3, **config}
+    )
+    return random_model(config, seed=0, attn_implementation="eager" if name == "Gemma2" else None)
 
 
 MODELS = [
@@ -102,15 +81,7 @@ def test_transformed_heads_train_like_the_reference(tmp_path, monkeypatch, name,
     ref_model = copy.deepcopy(model)
     args = gft_args(tmp_path, max_steps=2, loss_agg_mode="token-mean")
     collator = RecordingCollator(pad_token_id=PAD)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = GFTTrainer(
-        model=model,
-        args=args,
-        data_collator=collator,
-        train_dataset=groups_dataset(4),
-        optimizers=(optimizer, scheduler),
-    )
+    trainer = sgd_trainer(model, args, groups_dataset(4), collator, lr=0.1)
     trainer.train()  # the first-batch head check passes: the cap comes from the config
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)

@@ -21,13 +21,7 @@ from tests.test_integration_trainer import (  # noqa: E402
 
 SELF = 2  # SOURCE_CODES["self"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def chat_tokenizer():
@@ -76,6 +70,13 @@ def given_groups(n: int, seed: int = 0):
     return data
 
 
+def sampling_args(tmp_path, samples: int, max_new_tokens: int, **overrides):
+    """:func:`gft_args` with ``samples`` self samples per prompt of at most
+    ``max_new_tokens`` tokens each."""
+    generation = {"max_new_tokens": max_new_tokens}
+    return gft_args(tmp_path, num_self_samples=samples, generation_kwargs=generation, **overrides)
+
+
 def trap_generation_config(model):
     """Settings in the model's own generation config that would make samples greedy or
     biased if generate() read them."""
@@ -101,7 +102,7 @@ def test_generation_keywords_are_faithful_and_merge_the_users():
 
 def test_self_samples_differ_with_a_max_new_tokens_override(tmp_path):
     model = trap_generation_config(tiny_model())
-    args = gft_args(tmp_path, num_self_samples=4, generation_kwargs={"max_new_tokens": 3})
+    args = sampling_args(tmp_path, 4, max_new_tokens=3)
     trainer = GFTTrainer(
         model=model, args=args, train_dataset=groups_dataset(3), reward_fn=lambda p, r: 0.0
     )
@@ -117,12 +118,7 @@ def test_self_samples_follow_softmax_at_the_temperature(tmp_path):
     # One-token samples of one prompt: their frequencies are softmax(z / T) of the policy.
     model = trap_generation_config(tiny_model())
     temperature, n = 0.7, 6000
-    args = gft_args(
-        tmp_path,
-        num_self_samples=n,
-        temperature=temperature,
-        generation_kwargs={"max_new_tokens": 1},
-    )
+    args = sampling_args(tmp_path, n, max_new_tokens=1, temperature=temperature)
     data = [
         {"prompt_ids": [5, 9, 4], "responses": [{"ids": [3], "reward": 0.0, "source": "expert"}]}
     ]
@@ -146,13 +142,7 @@ def test_rewards_score_exactly_the_trained_tokens(tmp_path):
         seen.append(tuple(response))
         return float(len(response))
 
-    args = gft_args(
-        tmp_path,
-        max_steps=1,
-        num_self_samples=3,
-        max_response_length=2,
-        generation_kwargs={"max_new_tokens": 6},
-    )
+    args = sampling_args(tmp_path, 3, max_new_tokens=6, max_steps=1, max_response_length=2)
     collator = RecordingCollator(pad_token_id=PAD, max_response_length=2)
     trainer = GFTTrainer(
         model=tiny_model(),
@@ -228,12 +218,12 @@ def test_trl_style_reward_functions_get_columns_and_weights(tmp_path):
     data = given_groups(2, seed=4)
     for i, example in enumerate(data):
         example["solution"] = f"answer {i}"
-    args = gft_args(
+    args = sampling_args(
         tmp_path,
+        2,
+        max_new_tokens=3,
         max_steps=1,
-        num_self_samples=2,
         reward_weights=[1.0, 0.5],
-        generation_kwargs={"max_new_tokens": 3},
         per_device_train_batch_size=2,
     )
     collator = RecordingCollator(pad_token_id=PAD)
@@ -293,13 +283,7 @@ def test_chat_prompts_and_max_prompt_length(tmp_path):
         seen.extend(zip(prompts, completions, solution))
         return [1.0] * len(prompts)
 
-    args = gft_args(
-        tmp_path,
-        max_steps=1,
-        num_self_samples=2,
-        per_device_train_batch_size=1,
-        generation_kwargs={"max_new_tokens": 2},
-    )
+    args = sampling_args(tmp_path, 2, max_new_tokens=2, max_steps=1, per_device_train_batch_size=1)
     trainer = GFTTrainer(
         model=tiny_model(), args=args, train_dataset=data, processing_class=tok, reward_funcs=reward
     )
@@ -356,9 +340,7 @@ def test_bad_data_and_reward_functions(tmp_path):
     ]:
         trainer = GFTTrainer(
             model=model,
-            args=gft_args(
-                tmp_path, max_steps=1, num_self_samples=2, generation_kwargs={"max_new_tokens": 2}
-            ),
+            args=sampling_args(tmp_path, 2, max_new_tokens=2, max_steps=1),
             train_dataset=groups_dataset(2),
             reward_funcs=func,
         )
@@ -367,14 +349,14 @@ def test_bad_data_and_reward_functions(tmp_path):
 
 
 def test_tokens_seen_and_sample_logging_with_self_samples(tmp_path, capsys):
-    args = gft_args(
+    args = sampling_args(
         tmp_path,
+        2,
+        max_new_tokens=2,
         max_steps=2,
-        num_self_samples=2,
         include_num_input_tokens_seen=True,
         log_completions=True,
         num_completions_to_print=2,
-        generation_kwargs={"max_new_tokens": 2},
     )
     trainer = GFTTrainer(
         model=tiny_model(),

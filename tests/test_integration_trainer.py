@@ -19,55 +19,61 @@ from gft_kernels.integration import (  # noqa: E402
     GFTTrainer,
     default_attn_implementation,
 )
+from gft_kernels.integration.examples.train_tiny import random_model  # noqa: E402
 from gft_kernels.reference import gft_loss_reference  # noqa: E402
+from tests.helpers import TINY_DECODER_LAYERS  # noqa: E402
 
 VOCAB = 29
 PAD = 0
 EOS = 1
+# The tiny decoder's configuration, whatever its architecture (test_integration_heads builds
+# Gemma 2, Cohere and Granite ones from it too).
+TINY_DECODER = dict(
+    vocab_size=VOCAB,
+    **TINY_DECODER_LAYERS,
+    max_position_embeddings=64,
+    pad_token_id=PAD,
+    eos_token_id=EOS,
+    bos_token_id=2,
+)
+# The training arguments of every trainer test here and in the FSDP and TRL tests: a CPU
+# run logged at every step, nothing saved or reported, no gradient clipping (the plain
+# reference loops clip nothing either).
+TRAINING = dict(
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+    max_grad_norm=0.0,
+    dataloader_pin_memory=False,
+)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: one thread avoids OpenMP overhead and oversubscription when other
-    # processes share the CPU; restored for the other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(tie: bool = True) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **TINY_DECODER,
         tie_word_embeddings=tie,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
         attention_dropout=0.0,
         initializer_range=0.1,  # spread-out logits: tokens on both sides of tau
     )
 
 
 def tiny_model(tie: bool = True, bias: bool = False, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = tiny_config(tie)
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config)
+    """The tiny Llama of :func:`tiny_config`, random weights from ``seed``; ``bias``: an
+    untied head with a bias."""
+    model = random_model(tiny_config(tie), seed)
     if bias:
         # A head with a bias (untied): the fused op must add it like nn.Linear does.
-        head = nn.Linear(config.hidden_size, VOCAB, bias=True)
+        hidden = model.config.hidden_size
+        head = nn.Linear(hidden, VOCAB, bias=True)
         with torch.no_grad():
-            head.weight.copy_(torch.randn(VOCAB, config.hidden_size) * 0.2)
+            head.weight.copy_(torch.randn(VOCAB, hidden) * 0.2)
             head.bias.copy_(torch.randn(VOCAB) * 0.5)
         model.lm_head = head
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = EOS
     return model
 
 
@@ -101,22 +107,31 @@ class RecordingCollator(GFTDataCollator):
 
 
 def gft_args(tmp_path, **overrides) -> GFTConfig:
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        max_grad_norm=0.0,  # no clipping: the plain loop below does none either
-        gft_backend="torch",
-        dataloader_pin_memory=False,
+    """:data:`TRAINING` with 3 steps of batch 2 on the ``torch`` backend, then ``overrides``."""
+    return GFTConfig(
+        **{
+            **TRAINING,
+            "output_dir": str(tmp_path),
+            "per_device_train_batch_size": 2,
+            "max_steps": 3,
+            "gft_backend": "torch",
+            **overrides,
+        }
     )
-    base.update(overrides)
-    return GFTConfig(**base)
+
+
+def sgd_trainer(model, args: GFTConfig, train_dataset, data_collator=None, *, lr) -> GFTTrainer:
+    """A GFTTrainer that steps plain SGD at a constant learning rate ``lr``, as the reference
+    loops do."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return GFTTrainer(
+        model=model,
+        args=args,
+        data_collator=data_collator,
+        train_dataset=train_dataset,
+        optimizers=(optimizer, scheduler),
+    )
 
 
 def reference_loss(model, batch, args: GFTConfig) -> torch.Tensor:
@@ -185,15 +200,7 @@ def test_three_steps_match_reference_loop(
         return real(hidden, weight, targets, advantages, mask, **kw)
 
     monkeypatch.setattr(loss_module, "fused_linear_gft_loss", spy)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = GFTTrainer(
-        model=model,
-        args=args,
-        data_collator=collator,
-        train_dataset=groups_dataset(6),
-        optimizers=(optimizer, scheduler),
-    )
+    trainer = sgd_trainer(model, args, groups_dataset(6), collator, lr=lr)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and len(collator.batches) == 3

@@ -9,17 +9,22 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 from gft_kernels.integration.trl import GFTGRPOConfig, GFTGRPOTrainer  # noqa: E402
 from tests.test_integration_sampling import chat_tokenizer  # noqa: E402
-from tests.test_integration_trainer import EOS, tiny_model  # noqa: E402
+from tests.test_integration_trainer import EOS, TRAINING, tiny_model  # noqa: E402
 
 PROMPTS = ["3 + 4 =", "1 + 1 =", "2 + 5 =", "4 + 4 ="]
+# The training of every test here: one SGD step (lr 0.1) of batch 4, in fp32 (GRPOConfig's
+# default is bf16 mixed precision; fp32 for exact checks).
+ONE_SGD_STEP = dict(
+    TRAINING,
+    per_device_train_batch_size=4,
+    max_steps=1,
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    bf16=False,
+)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dataset(n: int = 2):
@@ -39,29 +44,19 @@ def length_penalty(completions, **kwargs):
 
 
 def config(tmp_path, **overrides):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=3,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        gft_backend="torch",
-        tau=0.3,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        bf16=False,  # GRPOConfig's default is bf16 mixed precision; fp32 for exact checks
+    """:data:`ONE_SGD_STEP` with groups of 4 completions of at most 3 tokens, tau 0.3 on the
+    ``torch`` backend, then ``overrides``."""
+    return GFTGRPOConfig(
+        **{
+            **ONE_SGD_STEP,
+            "output_dir": str(tmp_path),
+            "num_generations": 4,
+            "max_completion_length": 3,
+            "gft_backend": "torch",
+            "tau": 0.3,
+            **overrides,
+        }
     )
-    base.update(overrides)
-    return GFTGRPOConfig(**base)
 
 
 class Recording(GFTGRPOTrainer):
@@ -192,22 +187,6 @@ def test_gft_with_unit_advantages_is_trl_sft(tmp_path, loss_type, tau):
 
     tok = chat_tokenizer()
     pairs = [("3 + 4 =", "7"), ("1 + 1 =", "2"), ("2 + 5 = 7 ;", "yes"), ("4 + 4 =", "8 8")]
-    common = dict(
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        save_strategy="no",
-        bf16=False,
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )
     updates, losses = {}, {}
     for kind in ("sft", "gft"):
         model = tiny_model(tie=False, bias=False)
@@ -220,7 +199,9 @@ def test_gft_with_unit_advantages_is_trl_sft(tmp_path, loss_type, tau):
                 model=model,
                 train_dataset=data,
                 processing_class=tok,
-                args=SFTConfig(output_dir=str(tmp_path / kind), loss_type=loss_type, **common),
+                args=SFTConfig(
+                    output_dir=str(tmp_path / kind), loss_type=loss_type, **ONE_SGD_STEP
+                ),
             )
             rows = trainer.train_dataset
             sft_tokens = [row["input_ids"] for row in rows]
@@ -236,7 +217,7 @@ def test_gft_with_unit_advantages_is_trl_sft(tmp_path, loss_type, tau):
                 train_dataset=data,
                 processing_class=tok,
                 args=GFTConfig(
-                    output_dir=str(tmp_path / kind), tau=tau, gft_backend="torch", **common
+                    output_dir=str(tmp_path / kind), tau=tau, gft_backend="torch", **ONE_SGD_STEP
                 ),
             )
             gft_tokens = [

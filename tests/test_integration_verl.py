@@ -93,14 +93,7 @@ def reference(mode, leaves):
         terms = gft_token_terms_reference(z, torch.tensor(r), tau=TAU)
         losses[b, : len(r)] = -ADVANTAGES[b] * terms["coef"] * terms["logprobs"]
         mask[b, : len(r)] = True
-    return agg_loss(
-        losses,
-        mask,
-        mode,
-        dp_size=1,
-        batch_num_tokens=int(mask.sum()),
-        global_batch_size=len(PROMPTS),
-    )
+    return verl_cpu.whole_batch_agg_loss(losses, mask, mode)
 
 
 def actor_config(mode):

@@ -22,7 +22,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
-from verl.trainer.ppo.core_algos import agg_loss
 
 from gft_kernels.reference import gft_token_terms_reference
 from tests import verl_cpu, verl_workers
@@ -75,27 +74,13 @@ def reference(model_path, responses, *, mode, temperature):
         logprobs.append(terms["logprobs"].detach())
         entropies.append(terms["entropy"])
         probs.append(terms["probs"])
-    loss = agg_loss(
-        losses,
-        mask,
-        mode,
-        dp_size=1,
-        batch_num_tokens=int(mask.sum()),
-        global_batch_size=len(PROMPTS),
-    )
+    loss = verl_cpu.whole_batch_agg_loss(losses, mask, mode)
     loss.backward()
     grads = {name: p.grad.detach() for name, p in model.named_parameters()}
     entropy = torch.zeros_like(losses)
     for b, e in enumerate(entropies):
         entropy[b, : len(e)] = e
-    entropy_agg = agg_loss(
-        entropy,
-        mask,
-        mode,
-        dp_size=1,
-        batch_num_tokens=int(mask.sum()),
-        global_batch_size=len(PROMPTS),
-    )
+    entropy_agg = verl_cpu.whole_batch_agg_loss(entropy, mask, mode)
     q = torch.cat(probs)
     return {
         "loss": loss.item(),

@@ -159,15 +159,14 @@ def save_tiny_qwen2(
     path: str, *, tied: bool, vocab: int = 96, seed: int = 0, logit_scale: float = 40.0
 ) -> None:
     """A 2-layer Qwen2 with random weights, saved as a Hugging Face checkpoint."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
+
+    from gft_kernels.integration.examples.train_tiny import random_model
+    from tests.helpers import TINY_DECODER_LAYERS
 
     config = Qwen2Config(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DECODER_LAYERS,
         max_position_embeddings=128,
         tie_word_embeddings=tied,
         pad_token_id=0,
@@ -175,8 +174,7 @@ def save_tiny_qwen2(
         eos_token_id=2,
         architectures=["Qwen2ForCausalLM"],
     )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = random_model(config, seed)
     with torch.no_grad():  # logits of a useful spread: q on both sides of tau
         model.model.norm.weight.mul_(logit_scale)
     model.save_pretrained(path)
@@ -297,6 +295,21 @@ def make_batch(
     td = left_right_2_no_padding(td)
     tu.assign_non_tensor(td, temperature=temperature, **(extra or {}))
     return td
+
+
+def whole_batch_agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """verl's own ``agg_loss`` of ``values (B, T)`` over one whole mini-batch on one rank:
+    the token and sequence counts are those of ``mask`` (the references' aggregation)."""
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    return agg_loss(
+        values,
+        mask,
+        mode,
+        dp_size=1,
+        batch_num_tokens=int(mask.sum()),
+        global_batch_size=mask.shape[0],
+    )
 
 
 def make_nested_batch(

@@ -33,6 +33,8 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -162,8 +164,25 @@ class SFTCollator:
 # -- model ------------------------------------------------------------------------------
 
 
-def build_model(tokenizer: CharTokenizer, seed: int) -> LlamaForCausalLM:
+def random_model(
+    config: PretrainedConfig, seed: int, attn_implementation: Optional[str] = None
+) -> PreTrainedModel:
+    """The causal LM of ``config`` (any architecture) with random weights drawn from
+    ``seed``, nothing downloaded; its ``generate()`` pads and stops with the config's pad
+    and eos tokens. The tests build their tiny models with it too."""
     set_seed(seed)
+    # SDPA on CPU; flash-attention 2 only where it can run (CUDA, half precision).
+    model = AutoModelForCausalLM.from_config(
+        config,
+        attn_implementation=attn_implementation or default_attn_implementation(torch.float32),
+    )
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    return model
+
+
+def build_model(tokenizer: CharTokenizer, seed: int) -> LlamaForCausalLM:
+    """The example's tiny Llama over the tokenizer's vocabulary."""
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=64,
@@ -177,13 +196,7 @@ def build_model(tokenizer: CharTokenizer, seed: int) -> LlamaForCausalLM:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    # SDPA on CPU; flash-attention 2 only where it can run (CUDA, half precision).
-    model = AutoModelForCausalLM.from_config(
-        config, attn_implementation=default_attn_implementation(torch.float32)
-    )
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return random_model(config, seed)
 
 
 # -- evaluation -------------------------------------------------------------------------
