@@ -3,6 +3,8 @@ the published fork's update), offered by the fused engine and refused by verl's 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -70,3 +72,28 @@ def test_verl_logits_path_refuses_it():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="policy_loss.logprob_temperature: only the fused engine"):
         gft_policy_loss(*args, config=actor(tau=0.1, logprob_temperature=1.0))
+
+
+@pytest.mark.distributed
+def test_fused_engine_takes_log_p_at_the_configured_temperature(tmp_path):
+    """Rollout temperature 0.7 with ``logprob_temperature=1.0``: the update's loss and
+    gradients are the fp64 reference's at temperature 1 (the published fork's update), not
+    at 0.7."""
+    from tests.test_integration_verl_engine import (
+        assert_grads_match,
+        make_run,
+        reference,
+        run_actor_update,
+        tiny_model,
+    )
+
+    model_path, responses = tiny_model(tmp_path, tied=False)
+    steps = [{"mode": "token-mean", "temperature": 0.7, "packed": True}]
+    run = make_run(model_path, responses, steps=steps, micro_batch_size=2, logprob_temperature=1.0)
+    (result,) = run_actor_update(tmp_path, world=1, **run)
+    loss = sum(result["steps"][0]["losses"])
+    at_one = reference(model_path, responses, mode="token-mean", temperature=1.0)
+    at_rollout = reference(model_path, responses, mode="token-mean", temperature=0.7)
+    assert math.isclose(loss, at_one["loss"], rel_tol=1e-5, abs_tol=1e-9)
+    assert not math.isclose(loss, at_rollout["loss"], rel_tol=1e-3)
+    assert_grads_match(result["steps"][0]["grads"], at_one["grads"])

@@ -31,7 +31,9 @@ def _actor_config(run: Dict[str, Any], **overrides: Any):
         ppo_mini_batch_size=run["global_batch_size"],
         ppo_micro_batch_size_per_gpu=run["micro_batch_size"],
         use_dynamic_bsz=False,
-        policy_loss=GFTPolicyLossConfig(tau=run["tau"]),
+        policy_loss=GFTPolicyLossConfig(
+            tau=run["tau"], logprob_temperature=run.get("logprob_temperature")
+        ),
     )
     kwargs.update(overrides)
     return FSDPActorConfig(**kwargs)
