@@ -121,6 +121,12 @@ class GFTGRPOConfig(GRPOConfig):
             raise ValueError('demonstration_columns: "self" names the policy samples')
         if self.beta != 0.0:
             raise ValueError(f"beta: expected 0 (the GFT loss has no KL term), got {self.beta}")
+        if self.remove_unused_columns and self.demonstration_columns:
+            raise ValueError(
+                "remove_unused_columns: expected False (TRL's default): True drops the "
+                f"demonstration columns {self.demonstration_columns} before the trainer sees "
+                "them, which would train plain GRPO"
+            )
         defaults = {f.name: f.default for f in fields(GRPOConfig)}
         for name in GRPO_ONLY_OPTIONS:
             if name in defaults and getattr(self, name) != defaults[name]:
@@ -129,6 +135,18 @@ class GFTGRPOConfig(GRPOConfig):
                     f"(-A c log p, aggregated by loss_agg_mode) does not use; expected TRL's "
                     f"default {defaults[name]!r}, got {getattr(self, name)!r}"
                 )
+
+
+def _check_columns(where: str, wanted: List[str], columns: List[str]) -> None:
+    """A demonstration column the data lacks (misspelled, or dropped on the way) is an
+    error: without it the groups would silently hold policy samples only."""
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise ValueError(
+            f"demonstration_columns: {missing} not in {where} (columns: {sorted(columns)}); "
+            "check the spelling, or set demonstration_columns=[] to train without "
+            "demonstrations"
+        )
 
 
 def _is_message(value: Any) -> bool:
@@ -155,6 +173,10 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
                 "replace single-turn samples)"
             )
         self.sources = [*self.args.demonstration_columns, "self"]
+        # Checked once here for a datasets.Dataset, and on every batch's rows in any case.
+        columns = getattr(self.train_dataset, "column_names", None)
+        if isinstance(columns, list):
+            _check_columns("train_dataset", self.args.demonstration_columns, columns)
         self.logit_transform = head_logit_transform(self.accelerator.unwrap_model(self.model))
         self._pending_demos: Optional[List[Optional[List[int]]]] = None
         self._pending_sources: Optional[List[int]] = None
@@ -207,6 +229,7 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
         demos: List[Optional[List[int]]] = []
         sources: List[int] = []
         for i, row in enumerate(inputs):
+            _check_columns(f"inputs[{i}]", self.args.demonstration_columns, list(row))
             available = []
             for code, column in enumerate(self.args.demonstration_columns):
                 where = f'inputs[{i}]["{column}"]'

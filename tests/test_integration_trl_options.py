@@ -52,3 +52,37 @@ def test_an_option_away_from_its_default_is_refused(tmp_path, name):
 def test_defaults_are_accepted(tmp_path):
     cfg = config(tmp_path)
     assert cfg.loss_type == GRPOConfig.loss_type
+
+
+def test_remove_unused_columns_would_drop_the_demonstrations(tmp_path):
+    with pytest.raises(ValueError, match="remove_unused_columns: expected False"):
+        config(tmp_path, remove_unused_columns=True)
+    assert config(tmp_path, remove_unused_columns=True, demonstration_columns=[])
+
+
+def test_a_misspelled_or_missing_demonstration_column_is_refused(tmp_path):
+    """A column the data lacks would leave every group with policy samples only: plain
+    GRPO, silently. Checked on the dataset when the trainer is built, and on every batch."""
+    import datasets
+
+    from gft_kernels.integration.trl import GFTGRPOTrainer
+    from tests.test_integration_trl import chat_tokenizer, right_answer, tiny_model
+
+    data = datasets.Dataset.from_list([{"prompt": "1+1=", "expert": "2", "teachr": "3"}])
+    with pytest.raises(ValueError, match=r"demonstration_columns: \['teacher'\] not in"):
+        GFTGRPOTrainer(
+            model=tiny_model(),
+            reward_funcs=[right_answer],
+            args=config(tmp_path),
+            train_dataset=data,
+            processing_class=chat_tokenizer(),
+        )
+    trainer = GFTGRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=[right_answer],
+        args=config(tmp_path, demonstration_columns=["expert"]),
+        train_dataset=data,
+        processing_class=chat_tokenizer(),
+    )
+    with pytest.raises(ValueError, match=r"demonstration_columns: \['expert'\] not in inputs"):
+        trainer._assign_demonstrations([{"prompt": "1+1="}])
