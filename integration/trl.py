@@ -160,7 +160,8 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
     (``rollout_func``) and tools are not supported.
 
     Logged besides TRL's metrics: ``reward/<source>/mean`` (source: a demonstration column
-    or ``self``), ``rectified_fraction`` and ``entropy`` (over all processes).
+    or ``self``), ``rectified_fraction`` and ``entropy`` (over all processes). Reward
+    functions get each row's source as the keyword ``gft_source``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -295,7 +296,20 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
         return completion_ids, logprobs
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """TRL's rewards (all processes), plus their mean per source in the metrics."""
+        """TRL's rewards (all processes), plus their mean per source in the metrics.
+
+        Reward functions receive each row's source as the keyword ``gft_source`` (a list:
+        ``"self"`` or the demonstration column the row's completion came from)."""
+        if self._pending_sources is not None:
+            if "gft_source" in inputs[0]:
+                raise ValueError(
+                    "train_dataset: a column named 'gft_source' would hide the rows' sources "
+                    "GFTGRPOTrainer passes to reward functions; rename it"
+                )
+            inputs = [
+                {**row, "gft_source": self.sources[code]}
+                for row, code in zip(inputs, self._pending_sources)
+            ]
         rewards_per_func = super()._calculate_rewards(
             inputs, prompts, completions, completion_ids_list
         )

@@ -86,3 +86,32 @@ def test_a_misspelled_or_missing_demonstration_column_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match=r"demonstration_columns: \['expert'\] not in inputs"):
         trainer._assign_demonstrations([{"prompt": "1+1="}])
+
+
+def test_reward_functions_get_each_rows_source(tmp_path):
+    from gft_kernels.integration.trl import GFTGRPOTrainer
+    from tests.test_integration_trl import chat_tokenizer, dataset, tiny_model
+    from tests.test_integration_trl import config as trl_config
+
+    seen = []
+
+    def record(completions, gft_source, **columns):
+        seen.extend(zip(completions, gft_source))
+        return [0.0] * len(completions)
+
+    data = dataset()
+    trainer = GFTGRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=[record],
+        args=trl_config(tmp_path),
+        train_dataset=data,
+        processing_class=chat_tokenizer(),
+    )
+    trainer.train()
+    sources = [source for _, source in seen]
+    groups = len(seen) // trainer.args.num_generations  # one expert, one teacher in each
+    assert groups >= 1 and sources.count("expert") == sources.count("teacher") == groups
+    assert sources.count("self") == len(seen) - 2 * groups > 0
+    for completion, source in seen:
+        if source != "self":
+            assert completion.strip() in {row[source] for row in data}, (completion, source)
