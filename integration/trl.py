@@ -205,6 +205,9 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
         for j, item in enumerate(items):
             if isinstance(item, (list, tuple)) and item and all(isinstance(v, int) for v in item):
                 ids = [int(v) for v in item]
+                # Token ids end as text does: with the eos a policy sample would end with.
+                if eos is not None and ids[-1] not in self.eos_token_ids:
+                    ids.append(eos)
             else:
                 if _is_message(item):
                     item = item["content"]
@@ -216,7 +219,7 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
                         f"message), got {item!r}"
                     )
                 ids = list(tokenizer.encode(item, add_special_tokens=False))
-                if eos is not None and (not ids or ids[-1] != eos):
+                if eos is not None and (not ids or ids[-1] not in self.eos_token_ids):
                     ids.append(eos)
             out.append(ids[: self.max_completion_length])
         return out

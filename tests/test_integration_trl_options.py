@@ -115,3 +115,22 @@ def test_reward_functions_get_each_rows_source(tmp_path):
     for completion, source in seen:
         if source != "self":
             assert completion.strip() in {row[source] for row in data}, (completion, source)
+
+
+def test_token_id_demonstrations_end_with_eos_as_text_ones_do(tmp_path):
+    from gft_kernels.integration.trl import GFTGRPOTrainer
+    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
+
+    trainer = GFTGRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=[right_answer],
+        args=config(tmp_path),
+        train_dataset=dataset(),
+        processing_class=chat_tokenizer(),
+    )
+    eos = trainer.eos_token_ids[0]
+    text = trainer._demonstration_ids("x", "7")
+    (seven,) = trainer._tokenizer.encode("7", add_special_tokens=False)
+    assert text == [[seven, eos]]
+    assert trainer._demonstration_ids("x", [seven]) == text
+    assert trainer._demonstration_ids("x", [seven, eos]) == text
