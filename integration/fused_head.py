@@ -32,17 +32,42 @@ class FusedHeadMixin:
     logit_transform: heads.LogitTransform = heads.LogitTransform()
 
     def head_loss(
-        self, model: nn.Module, inputs: Dict[str, Any], weights: torch.Tensor
+        self,
+        model: nn.Module,
+        inputs: Dict[str, Any],
+        weights: torch.Tensor,
+        *,
+        router_aux_loss: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         """``(loss, hidden (B, L, H), stats or None)`` of a padded batch: ``inputs`` holds
         ``input_ids``, ``attention_mask``, ``response_mask`` ``(B, L)`` and ``advantages``
-        ``(B,)``; ``weights`` ``(B, L - 1)`` are :func:`.loss.normalized_weights`."""
+        ``(B,)``; ``weights`` ``(B, L - 1)`` are :func:`.loss.normalized_weights`.
+
+        With ``router_aux_loss`` (a Mixture-of-Experts model) the model's forward runs with
+        ``output_router_logits`` and its load-balancing loss of this batch is left in
+        ``self.last_router_aux_loss`` (a 0-dim tensor with its graph) for the caller to
+        weight and add, as TRL does for its own loss."""
+        self.last_router_aux_loss = None
+        extra = {"output_router_logits": True} if router_aux_loss else {}
         if self._computes_loss_in_head(model):
-            return self.loss_in_head_forward(model, inputs, weights)
-        hidden = self.final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+            return self.loss_in_head_forward(model, inputs, weights, **extra)
+        hidden = self.final_hidden_states(
+            model, inputs["input_ids"], inputs["attention_mask"], **extra
+        )
         weight, bias = self._head(model)
         value, stats = self._gft_head_loss(hidden, weight, bias, inputs, weights)
         return value, hidden, stats
+
+    def _keep_router_aux_loss(self, out: Any, asked: bool) -> None:
+        if not asked:
+            return
+        aux = getattr(out, "aux_loss", None)
+        if aux is None:
+            raise ValueError(
+                "model: asked for its router load-balancing loss (output_router_logits) but "
+                "its output has no aux_loss; is it a Mixture-of-Experts model?"
+            )
+        self.last_router_aux_loss = aux
 
     # -- hidden states and head ----------------------------------------------------------
 
@@ -52,7 +77,11 @@ class FusedHeadMixin:
         return heads.decoder_body(unwrapped)
 
     def final_hidden_states(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        **forward_kwargs: Any,
     ) -> torch.Tensor:
         """``(B, L, H)`` hidden states the lm_head reads, from one pass of the model body.
 
@@ -63,7 +92,8 @@ class FusedHeadMixin:
         wrapped and sharded models.)
         """
         unwrapped = self.accelerator.unwrap_model(model)
-        body = self._body(unwrapped) if model is unwrapped else None
+        # The router loss comes from the full model's forward (its own aux-loss formula).
+        body = self._body(unwrapped) if model is unwrapped and not forward_kwargs else None
         if body is not None:
             # accelerate applies mixed precision by wrapping model.forward; the body is
             # called directly, so it gets the same autocast here.
@@ -73,7 +103,8 @@ class FusedHeadMixin:
         kwargs: Dict[str, Any] = {"output_hidden_states": True, "use_cache": False}
         if "logits_to_keep" in inspect.signature(unwrapped.forward).parameters:
             kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=input_ids.device)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **forward_kwargs)
+        self._keep_router_aux_loss(out, bool(forward_kwargs.get("output_router_logits")))
         return out.hidden_states[-1]
 
     def _head(self, model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -91,7 +122,11 @@ class FusedHeadMixin:
         return model is not unwrapped and type(model).__name__ != "OptimizedModule"
 
     def loss_in_head_forward(
-        self, model: nn.Module, inputs: Dict[str, Any], weights: torch.Tensor
+        self,
+        model: nn.Module,
+        inputs: Dict[str, Any],
+        weights: torch.Tensor,
+        **forward_kwargs: Any,
     ) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         """The GFT loss computed inside the lm_head's forward, during the model's own forward.
 
@@ -130,7 +165,9 @@ class FusedHeadMixin:
             attention_mask=inputs["attention_mask"],
             use_cache=False,
             **heads.all_positions_kwargs(unwrapped),
+            **forward_kwargs,
         )
+        self._keep_router_aux_loss(out, bool(forward_kwargs.get("output_router_logits")))
         returned = heads.model_logits(out)
         expected = self.logit_transform.apply(value.detach())
         if returned is not value and not (

@@ -384,8 +384,19 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
         weights = loss.normalized_weights(
             positions, args.loss_agg_mode, normalizer, self.max_completion_length
         )
-        value, _, stats = self.head_loss(model, batch, weights)
+        value, _, stats = self.head_loss(
+            model, batch, weights, router_aux_loss=self.aux_loss_enabled
+        )
         mode = "train" if training else "eval"
+        if self.aux_loss_enabled:
+            # As TRL adds it to its own loss: the coefficient, and the micro-batch's share of
+            # the accumulated step (the GFT value above already is a share).
+            aux = self.last_router_aux_loss
+            steps = self.current_gradient_accumulation_steps if training else 1.0
+            value = value + self.router_aux_loss_coef * aux / steps
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux.detach()).mean().item()
+            )
         if stats is not None:
             n = positions.sum().to(torch.float64)
             totals = torch.stack(
