@@ -14,12 +14,14 @@ denominators do not change.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import torch
 
 from gft_kernels import _checks
-from gft_kernels._head import HEAD_STRATEGIES, HeadInputs, must_not_sync
+from gft_kernels._head import HEAD_STRATEGIES, HeadInputs, HeadOutputs, must_not_sync
+from gft_kernels._op_args import OpArgs, bind_inputs, custom_op
 from gft_kernels._prepare import make_stats, prepare_tokens
 from gft_kernels._token_loss_op import once_differentiable
 from gft_kernels._vocab_parallel import VocabShard, vocab_shard
@@ -28,244 +30,210 @@ from gft_kernels.backends.torch_rows import accumulate_dtype
 from gft_kernels.stats import GFTStats
 
 
-def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return t if t is not None else like.new_empty(0)
+@dataclass(frozen=True)
+class HeadTensors(OpArgs):
+    """The head's tensors, ``N`` tokens (see ``TokenBatch``); the first three carry the
+    gradients."""
+
+    hidden: torch.Tensor  # (N, H)
+    weight: torch.Tensor  # (V, H); vocab-parallel: this rank's rows
+    bias: Optional[torch.Tensor]  # (V,)
+    targets: torch.Tensor  # (N,) int64/int32, ignore_index kept
+    advantages: torch.Tensor  # (N // tokens_per_advantage,) in the accumulate dtype
+    mask: Optional[torch.Tensor]  # (N,) uint8/float32
+
+
+# The op inputs that carry a gradient, in the order of HeadGrads.
+_DIFFERENTIABLE = ("hidden", "weight", "bias")
+
+
+@dataclass(frozen=True)
+class HeadRun:
+    """How the head runs: the gradients it computes, compaction, chunks, backend, strategy."""
+
+    need_grad_hidden: bool
+    need_grad_weight: bool
+    need_grad_bias: bool
+    compact: bool  # drop the tokens that carry no loss before the first matmul
+    chunk_size: int  # tokens per chunk; 0: from the memory budget
+    backend: str
+    head: str  # a key of HEAD_STRATEGIES
+
+    @property
+    def need_grads(self) -> Tuple[bool, bool, bool]:
+        return self.need_grad_hidden, self.need_grad_weight, self.need_grad_bias
+
+    def needing(self, need_grads: Sequence[bool]) -> HeadRun:
+        hidden, weight, bias = need_grads
+        return replace(self, need_grad_hidden=hidden, need_grad_weight=weight, need_grad_bias=bias)
+
+
+@dataclass(frozen=True)
+class FusedLinearArgs(OpArgs):
+    """Arguments of ``gft_kernels::fused_linear_loss`` and of the vocab-parallel head."""
+
+    tensors: HeadTensors
+    weights: Optional[torch.Tensor]  # (N,) aggregation weights; None: per-token losses
+    tokens_per_advantage: int
+    params: RowParams
+    with_stats: bool
+    run: HeadRun
+
+
+@dataclass(frozen=True)
+class FusedLinearBackwardArgs(OpArgs):
+    """Arguments of ``gft_kernels::fused_linear_loss_backward``: the forward's, with the
+    per-token upstream gradients in place of the aggregation weights, and no stats."""
+
+    tensors: HeadTensors
+    grad_tokens: torch.Tensor  # (N,) upstream gradient of each token's loss, accumulate dtype
+    tokens_per_advantage: int
+    params: RowParams
+    run: HeadRun
+
+
+class HeadGrads(NamedTuple):
+    """``dh`` ``(N, H)``, ``dW`` ``(V, H)``, ``db`` ``(V,)``: contiguous, in the dtypes of
+    hidden/weight/bias, empty where not computed (an op returns tensors only)."""
+
+    grad_hidden: torch.Tensor
+    grad_weight: torch.Tensor
+    grad_bias: torch.Tensor
+
+
+class FusedLinearOutputs(NamedTuple):
+    """Outputs of ``fused_linear_loss``: per token ``(N,)`` in the accumulate dtype."""
+
+    loss: torch.Tensor  # 0-dim sum(w * l) with aggregation weights, else (N,)
+    logprobs: torch.Tensor
+    probs: torch.Tensor
+    entropy: torch.Tensor  # empty without stats
+    grad_hidden: torch.Tensor  # the gradients (HeadGrads) of a reduced loss
+    grad_weight: torch.Tensor
+    grad_bias: torch.Tensor
 
 
 def _run_head(
-    hidden,
-    weight,
-    bias,
-    targets,
-    advantages,
-    mask,
-    grad_weights,
-    tokens_per_advantage,
-    params: RowParams,
-    with_stats,
-    need_grads,
-    compact,
-    chunk_size,
-    backend,
-    head,
-    shard: Optional[VocabShard] = None,
-):
+    args: Union[FusedLinearArgs, FusedLinearBackwardArgs],
+    grad_weights: Optional[torch.Tensor],
+    with_stats: bool,
+    shard: Optional[VocabShard],
+) -> HeadOutputs:
+    """The head strategy ``args.run.head``; with ``grad_weights`` (``(N,)``) it computes
+    the gradients of ``sum_t w_t l_t`` that ``args.run`` asks for in the same pass."""
+    t, run = args.tensors, args.run
     inputs = HeadInputs(
-        hidden, weight, bias, targets, advantages, tokens_per_advantage, mask, params
+        hidden=t.hidden,
+        weight=t.weight,
+        bias=t.bias,
+        targets=t.targets,
+        advantages=t.advantages,
+        tokens_per_advantage=args.tokens_per_advantage,
+        mask=t.mask,
+        params=args.params,
     )
-    return HEAD_STRATEGIES[head](
-        load_backend(backend),
+    return HEAD_STRATEGIES[run.head](
+        load_backend(run.backend),
         inputs,
         grad_weights=grad_weights,
-        need_grads=need_grads,
+        need_grads=run.need_grads,
         with_stats=with_stats,
-        compact=compact,
-        chunk_size=chunk_size,
+        compact=run.compact,
+        chunk_size=run.chunk_size or None,
         shard=shard,
     )
 
 
-def _finish_grads(out, weight, bias):
-    """dW/db were accumulated in fp32: hand them over in the parameters' dtypes.
+def _grads(tensors: HeadTensors, computed: Sequence[Optional[torch.Tensor]]) -> HeadGrads:
+    """The gradients as the ops return them: contiguous, and empty where not computed.
 
     Every gradient leaves contiguous, the layout the ops' fake implementations promise
     whatever the head strategy and the inputs' strides (a ``(H, V)`` parameter passed as
     ``.t()``, a column-sliced hidden): a fake that guessed ``empty_like`` of a transposed
     weight would disagree with the real op, and torch.compile would trust the fake.
     """
+    # bias may be None: an empty db takes the weight's dtype and device.
+    empty_like = (tensors.hidden, tensors.weight, tensors.weight)
+    return HeadGrads(
+        *(e.new_empty(0) if g is None else g.contiguous() for g, e in zip(computed, empty_like))
+    )
+
+
+def _finish_grads(out: HeadOutputs, tensors: HeadTensors) -> HeadGrads:
+    """dW/db were accumulated in fp32: hand them over in the parameters' dtypes."""
     grad_w = out.grad_weight
-    if grad_w is not None and grad_w.dtype != weight.dtype:
-        grad_w = grad_w.to(weight.dtype)
+    if grad_w is not None:
+        grad_w = grad_w.to(tensors.weight.dtype)
     grad_b = out.grad_bias
-    if grad_b is not None and grad_b.dtype != bias.dtype:
-        grad_b = grad_b.to(bias.dtype)
-    return tuple(None if g is None else g.contiguous() for g in (out.grad_hidden, grad_w, grad_b))
+    if grad_b is not None and tensors.bias is not None:
+        grad_b = grad_b.to(tensors.bias.dtype)
+    return _grads(tensors, (out.grad_hidden, grad_w, grad_b))
 
 
-def _dense_like(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor shaped like ``t``: the layout :func:`_finish_grads` returns."""
-    return t.new_empty(t.shape)
+def _fake_grads(tensors: HeadTensors, need_grads: Sequence[bool]) -> HeadGrads:
+    """What :func:`_grads` returns, from the sizes alone."""
+    differentiable = (tensors.hidden, tensors.weight, tensors.bias)
+    return _grads(
+        tensors,
+        [
+            t.new_empty(t.shape) if need and t is not None else None
+            for t, need in zip(differentiable, need_grads)
+        ],
+    )
 
 
-@torch.library.custom_op("gft_kernels::fused_linear_loss", mutates_args=())
-def fused_linear_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    weights: Optional[torch.Tensor],
-    tokens_per_advantage: int,
-    tau: float,
-    temperature: float,
-    logit_scale: float,
-    logit_softcap: Optional[float],
-    ignore_index: int,
-    with_stats: bool,
-    need_grad_hidden: bool,
-    need_grad_weight: bool,
-    need_grad_bias: bool,
-    compact: bool,
-    chunk_size: int,
-    backend: str,
-    head: str,
-) -> Tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
-]:
-    """``(loss, logprobs, probs, entropy, grad_hidden, grad_weight, grad_bias)``.
+def _forward(args: FusedLinearArgs, shard: Optional[VocabShard] = None) -> FusedLinearOutputs:
+    """The forward of the op and of the vocab-parallel head."""
+    out = _run_head(args, args.weights, args.with_stats, shard)
+    loss = out.loss if args.weights is None else torch.dot(out.loss, args.weights)
+    entropy = out.entropy if out.entropy is not None else out.loss.new_empty(0)
+    return FusedLinearOutputs(
+        loss, out.logprobs, out.probs, entropy, *_finish_grads(out, args.tensors)
+    )
 
-    With aggregation ``weights`` (``(N,)``) the loss is the 0-dim ``sum(w * l)`` and the
+
+def _recompute(args: FusedLinearBackwardArgs, shard: Optional[VocabShard] = None) -> HeadGrads:
+    """The per-token backward of the op and of the vocab-parallel head: the head again,
+    weighted by the upstream gradients."""
+    return _finish_grads(_run_head(args, args.grad_tokens, False, shard), args.tensors)
+
+
+@custom_op("gft_kernels::fused_linear_loss", FusedLinearArgs)
+def fused_linear_loss(args: FusedLinearArgs) -> FusedLinearOutputs:
+    """With aggregation ``weights`` (``(N,)``) the loss is the 0-dim ``sum(w * l)`` and the
     gradients asked for are computed in the same pass; without, the loss is per token
-    ``(N,)`` and no gradient is computed. Unused outputs are empty tensors.
-    """
-    params = RowParams(tau, temperature, logit_scale, logit_softcap, ignore_index)
-    out = _run_head(
-        hidden,
-        weight,
-        bias,
-        targets,
-        advantages,
-        mask,
-        weights,
-        tokens_per_advantage,
-        params,
-        with_stats,
-        (need_grad_hidden, need_grad_weight, need_grad_bias),
-        compact,
-        chunk_size or None,
-        backend,
-        head,
-    )
-    loss = out.loss if weights is None else torch.dot(out.loss, weights)
-    grad_h, grad_w, grad_b = _finish_grads(out, weight, bias)
-    return (
-        loss,
-        out.logprobs,
-        out.probs,
-        _or_empty(out.entropy, out.loss),
-        _or_empty(grad_h, hidden),
-        _or_empty(grad_w, weight),
-        _or_empty(grad_b, weight),
-    )
+    ``(N,)`` and no gradient is computed. Unused outputs are empty tensors."""
+    return _forward(args)
 
 
 @fused_linear_loss.register_fake
-def _(
-    hidden,
-    weight,
-    bias,
-    targets,
-    advantages,
-    mask,
-    weights,
-    tokens_per_advantage,
-    tau,
-    temperature,
-    logit_scale,
-    logit_softcap,
-    ignore_index,
-    with_stats,
-    need_grad_hidden,
-    need_grad_weight,
-    need_grad_bias,
-    compact,
-    chunk_size,
-    backend,
-    head,
-):
-    n_tokens = hidden.shape[0]
-    acc = accumulate_dtype(hidden.dtype)
-    vec = lambda n: hidden.new_empty(n, dtype=acc)  # noqa: E731
-    reduced = weights is not None
-    grads = reduced and (need_grad_hidden or need_grad_weight or need_grad_bias)
-    return (
+@bind_inputs(FusedLinearArgs)
+def _(args: FusedLinearArgs) -> FusedLinearOutputs:
+    n_tokens = args.tensors.hidden.shape[0]
+    acc = accumulate_dtype(args.tensors.hidden.dtype)
+    vec = lambda n: args.tensors.hidden.new_empty(n, dtype=acc)  # noqa: E731
+    reduced = args.weights is not None
+    return FusedLinearOutputs(
         vec(()) if reduced else vec(n_tokens),
         vec(n_tokens),
         vec(n_tokens),
-        vec(n_tokens if with_stats else 0),
-        _dense_like(hidden) if grads and need_grad_hidden else hidden.new_empty(0),
-        _dense_like(weight) if grads and need_grad_weight else weight.new_empty(0),
-        _dense_like(bias) if grads and need_grad_bias and bias is not None else weight.new_empty(0),
+        vec(n_tokens if args.with_stats else 0),
+        *_fake_grads(args.tensors, args.run.need_grads if reduced else (False,) * 3),
     )
 
 
-@torch.library.custom_op("gft_kernels::fused_linear_loss_backward", mutates_args=())
-def fused_linear_loss_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    grad_tokens: torch.Tensor,
-    tokens_per_advantage: int,
-    tau: float,
-    temperature: float,
-    logit_scale: float,
-    logit_softcap: Optional[float],
-    ignore_index: int,
-    need_grad_hidden: bool,
-    need_grad_weight: bool,
-    need_grad_bias: bool,
-    compact: bool,
-    chunk_size: int,
-    backend: str,
-    head: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@custom_op("gft_kernels::fused_linear_loss_backward", FusedLinearBackwardArgs)
+def fused_linear_loss_backward(args: FusedLinearBackwardArgs) -> HeadGrads:
     """Gradients of ``sum_t g_t l_t`` for per-token upstream gradients ``g`` (``none``);
     ``compact`` is the forward's choice, so that ``compact_tokens=False`` stays sync-free
     through the backward too."""
-    params = RowParams(tau, temperature, logit_scale, logit_softcap, ignore_index)
-    out = _run_head(
-        hidden,
-        weight,
-        bias,
-        targets,
-        advantages,
-        mask,
-        grad_tokens,
-        tokens_per_advantage,
-        params,
-        False,
-        (need_grad_hidden, need_grad_weight, need_grad_bias),
-        compact,
-        chunk_size or None,
-        backend,
-        head,
-    )
-    grad_h, grad_w, grad_b = _finish_grads(out, weight, bias)
-    return _or_empty(grad_h, hidden), _or_empty(grad_w, weight), _or_empty(grad_b, weight)
+    return _recompute(args)
 
 
 @fused_linear_loss_backward.register_fake
-def _(
-    hidden,
-    weight,
-    bias,
-    targets,
-    advantages,
-    mask,
-    grad_tokens,
-    tokens_per_advantage,
-    tau,
-    temperature,
-    logit_scale,
-    logit_softcap,
-    ignore_index,
-    need_grad_hidden,
-    need_grad_weight,
-    need_grad_bias,
-    compact,
-    chunk_size,
-    backend,
-    head,
-):
-    return (
-        _dense_like(hidden) if need_grad_hidden else hidden.new_empty(0),
-        _dense_like(weight) if need_grad_weight else weight.new_empty(0),
-        _dense_like(bias) if need_grad_bias and bias is not None else weight.new_empty(0),
-    )
+@bind_inputs(FusedLinearBackwardArgs)
+def _(args: FusedLinearBackwardArgs) -> HeadGrads:
+    return _fake_grads(args.tensors, args.run.need_grads)
 
 
 SECOND_BACKWARD = (
@@ -275,62 +243,27 @@ SECOND_BACKWARD = (
 )
 
 
-def _setup(ctx, inputs, output) -> None:
-    (
-        hidden,
-        weight,
-        bias,
-        targets,
-        advantages,
-        mask,
-        weights,
-        tokens_per_advantage,
-        tau,
-        temperature,
-        logit_scale,
-        logit_softcap,
-        ignore_index,
-        with_stats,
-        need_h,
-        need_w,
-        need_b,
-        compact,
-        chunk_size,
-        backend,
-        head,
-    ) = inputs
-    ctx.reduced = weights is not None
-    ctx.has_bias = bias is not None
+def _save_for_backward(ctx, args: FusedLinearArgs, outputs: FusedLinearOutputs) -> None:
+    """Reduced: the gradients computed in the forward (the backward scales them); per
+    token: what the backward recomputes the head from."""
+    ctx.reduced = args.weights is not None
     ctx.used = False
-    # Only the loss is differentiated; without this autograd would hand the backward a
-    # zero-filled gradient for every other output, dW's V x H buffer included (a 1 GB
-    # fill at V = 128256, H = 2048).
-    ctx.set_materialize_grads(False)
     if ctx.reduced:
-        ctx.save_for_backward(output[4], output[5], output[6])
+        ctx.save_for_backward(outputs.grad_hidden, outputs.grad_weight, outputs.grad_bias)
     else:
-        ctx.save_for_backward(hidden, weight, bias, targets, advantages, mask)
-        ctx.options = (
-            tokens_per_advantage,
-            tau,
-            temperature,
-            logit_scale,
-            logit_softcap,
-            ignore_index,
-        )
-        ctx.run = (compact, chunk_size, backend, head)
+        ctx.save_for_backward(*args.tensors.flat())
+        ctx.tokens_per_advantage = args.tokens_per_advantage
+        ctx.params = args.params
+        ctx.run = args.run
 
 
-# Inputs of the op after hidden, weight and bias (none of them differentiable).
-_OTHER_INPUTS = 18
-# Inputs of ShardedFusedLinear.forward after hidden, weight and bias.
-_SHARDED_OTHER_INPUTS = 12
-
-
-def _backward(ctx, grad_loss, *_unused):
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    if grad_loss is None:  # only outputs other than the loss reached the backward
-        return (None,) * (3 + _OTHER_INPUTS)
+def _head_backward(
+    ctx,
+    grad_loss: torch.Tensor,
+    need_grads: Sequence[bool],
+    recompute: Callable[[FusedLinearBackwardArgs], HeadGrads],
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """``dh, dW, db`` (None where not needed) for the upstream gradient of the loss."""
     if ctx.reduced:
         if ctx.used:
             raise RuntimeError(SECOND_BACKWARD)
@@ -347,132 +280,153 @@ def _backward(ctx, grad_loss, *_unused):
                 (g.mul_(grad_loss.to(g.dtype)) if eager else g * grad_loss.to(g.dtype))
                 if need and g.numel()
                 else None
-                for g, need in zip(saved, (need_h, need_w, need_b))
+                for g, need in zip(saved, need_grads)
             )
     else:
-        hidden, weight, bias, targets, advantages, mask = ctx.saved_tensors
-        with torch.no_grad():
-            grads = fused_linear_loss_backward(
-                hidden,
-                weight,
-                bias,
-                targets,
-                advantages,
-                mask,
-                grad_loss.to(accumulate_dtype(hidden.dtype)).contiguous(),
-                *ctx.options,
-                need_h,
-                need_w,
-                need_b and ctx.has_bias,
-                *ctx.run,
-            )
-        grads = tuple(
-            g if need and g.numel() else None for g, need in zip(grads, (need_h, need_w, need_b))
+        tensors = HeadTensors.bind(ctx.saved_tensors)
+        need_h, need_w, need_b = need_grads
+        args = FusedLinearBackwardArgs(
+            tensors=tensors,
+            grad_tokens=grad_loss.to(accumulate_dtype(tensors.hidden.dtype)).contiguous(),
+            tokens_per_advantage=ctx.tokens_per_advantage,
+            params=ctx.params,
+            run=ctx.run.needing((need_h, need_w, need_b and tensors.bias is not None)),
         )
-    grads = once_differentiable(grads)
-    return grads + (None,) * _OTHER_INPUTS
+        with torch.no_grad():
+            grads = recompute(args)
+        grads = tuple(g if need and g.numel() else None for g, need in zip(grads, need_grads))
+    return once_differentiable(grads)
+
+
+def _setup(ctx, inputs, output) -> None:
+    # Only the loss is differentiated; without this autograd would hand the backward a
+    # zero-filled gradient for every other output, dW's V x H buffer included (a 1 GB
+    # fill at V = 128256, H = 2048).
+    ctx.set_materialize_grads(False)
+    _save_for_backward(ctx, FusedLinearArgs.bind(inputs), FusedLinearOutputs(*output))
+
+
+def _backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # only outputs other than the loss reached the backward
+        return FusedLinearArgs.gradients()
+    need = FusedLinearArgs.select(ctx.needs_input_grad, _DIFFERENTIABLE)
+    grads = _head_backward(
+        ctx, grad_loss, need, lambda args: fused_linear_loss_backward(*args.flat())
+    )
+    return FusedLinearArgs.gradients(**dict(zip(_DIFFERENTIABLE, grads)))
 
 
 fused_linear_loss.register_autograd(_backward, setup_context=_setup)
 
 
 class ShardedFusedLinear(torch.autograd.Function):
-    """Vocab-parallel fused head (eager only): ``weight``/``bias`` hold this rank's rows."""
+    """Vocab-parallel fused head (eager only): ``weight``/``bias`` hold this rank's rows.
+
+    ``apply(hidden, weight, bias, args, shard)``: ``args`` holds the whole call (as the
+    op's); its ``hidden``, ``weight`` and ``bias`` come first on their own as well, since
+    autograd only tracks the tensors given to ``apply`` directly.
+    """
 
     @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        targets,
-        advantages,
-        mask,
-        weights,
-        tokens_per_advantage,
-        params,
-        with_stats,
-        compact,
-        chunk_size,
-        backend,
-        head,
-        shard,
-    ):
-        need = ctx.needs_input_grad[:3]
-        reduced = weights is not None
-        out = _run_head(
-            hidden,
-            weight,
-            bias,
-            targets,
-            advantages,
-            mask,
-            weights if reduced else None,
-            tokens_per_advantage,
-            params,
-            with_stats,
-            need if reduced else (False,) * 3,
-            compact,
-            chunk_size,
-            backend,
-            head,
-            shard,
-        )
-        ctx.reduced = reduced
-        ctx.used = False
-        if reduced:
-            ctx.save_for_backward(*_finish_grads(out, weight, bias))
-            loss = torch.dot(out.loss, weights)
-        else:
-            ctx.save_for_backward(hidden, weight, bias, targets, advantages, mask)
-            ctx.rest = (tokens_per_advantage, params, compact, chunk_size, backend, head, shard)
-            loss = out.loss
-        entropy = _or_empty(out.entropy, out.loss)
-        ctx.mark_non_differentiable(out.logprobs, out.probs, entropy)
-        return loss, out.logprobs, out.probs, entropy
+    def forward(ctx, hidden, weight, bias, args: FusedLinearArgs, shard: VocabShard):
+        out = _forward(args, shard)
+        _save_for_backward(ctx, args, out)
+        ctx.shard = shard
+        ctx.mark_non_differentiable(out.logprobs, out.probs, out.entropy)
+        return out.loss, out.logprobs, out.probs, out.entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        need = ctx.needs_input_grad[:3]
-        if ctx.reduced:
-            if ctx.used:
-                raise RuntimeError(SECOND_BACKWARD)
-            ctx.used = True
-            with torch.no_grad():
-                grads = tuple(
-                    g.mul_(grad_loss.to(g.dtype)) if g is not None and n else None
-                    for g, n in zip(ctx.saved_tensors, need)
-                )
-        else:
-            hidden, weight, bias, targets, advantages, mask = ctx.saved_tensors
-            tpa, params, compact, chunk_size, backend, head, shard = ctx.rest
-            with torch.no_grad():
-                out = _run_head(
-                    hidden,
-                    weight,
-                    bias,
-                    targets,
-                    advantages,
-                    mask,
-                    grad_loss.to(accumulate_dtype(hidden.dtype)).contiguous(),
-                    tpa,
-                    params,
-                    False,
-                    need,
-                    compact,
-                    chunk_size,
-                    backend,
-                    head,
-                    shard,
-                )
-            grads = _finish_grads(out, weight, bias)
-        return once_differentiable(tuple(grads)) + (None,) * _SHARDED_OTHER_INPUTS
+        grads = _head_backward(
+            ctx, grad_loss, ctx.needs_input_grad[:3], lambda args: _recompute(args, ctx.shard)
+        )
+        return (*grads, None, None)  # nothing for args and shard
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+# The overloads type the result by return_stats (a bool variable: either); the
+# implementation below holds the defaults, and is the signature seen at run time.
+@overload
+def fused_linear_gft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = ...,
+    *,
+    bias: Optional[torch.Tensor] = ...,
+    tau: float = ...,
+    temperature: float = ...,
+    loss_agg_mode: str = ...,
+    ignore_index: int = ...,
+    num_tokens: Optional[Union[float, torch.Tensor]] = ...,
+    max_response_length: Optional[int] = ...,
+    return_stats: Literal[False] = ...,
+    backend: str = ...,
+    chunk_size: Optional[int] = ...,
+    process_group: Optional[object] = ...,
+    logit_scale: float = ...,
+    logit_softcap: Optional[float] = ...,
+    compact_tokens: bool = ...,
+    head: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def fused_linear_gft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = ...,
+    *,
+    bias: Optional[torch.Tensor] = ...,
+    tau: float = ...,
+    temperature: float = ...,
+    loss_agg_mode: str = ...,
+    ignore_index: int = ...,
+    num_tokens: Optional[Union[float, torch.Tensor]] = ...,
+    max_response_length: Optional[int] = ...,
+    return_stats: Literal[True],
+    backend: str = ...,
+    chunk_size: Optional[int] = ...,
+    process_group: Optional[object] = ...,
+    logit_scale: float = ...,
+    logit_softcap: Optional[float] = ...,
+    compact_tokens: bool = ...,
+    head: str = ...,
+) -> Tuple[torch.Tensor, GFTStats]: ...
+
+
+@overload
+def fused_linear_gft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = ...,
+    *,
+    bias: Optional[torch.Tensor] = ...,
+    tau: float = ...,
+    temperature: float = ...,
+    loss_agg_mode: str = ...,
+    ignore_index: int = ...,
+    num_tokens: Optional[Union[float, torch.Tensor]] = ...,
+    max_response_length: Optional[int] = ...,
+    return_stats: bool = ...,
+    backend: str = ...,
+    chunk_size: Optional[int] = ...,
+    process_group: Optional[object] = ...,
+    logit_scale: float = ...,
+    logit_softcap: Optional[float] = ...,
+    compact_tokens: bool = ...,
+    head: str = ...,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, GFTStats]]: ...
 
 
 def fused_linear_gft_loss(
@@ -580,56 +534,41 @@ def fused_linear_gft_loss(
     )
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     reduced = batch.loss_agg_mode != "none"
-    weights = batch.weights if reduced else None
-    p = batch.params
-    # Decided here as well as in the head: under torch.compile only this wrapper is traced,
-    # and the op then runs with the choice baked in. The forward and the per-token
-    # backward both follow it (the head itself keeps every row when stats are asked for).
-    compact = compact_tokens and not must_not_sync(hidden.device)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and t is not None and t.requires_grad for t in (hidden_2d, weight, bias)]
+    args = FusedLinearArgs(
+        tensors=HeadTensors(
+            hidden=hidden_2d,
+            weight=weight,
+            bias=bias,
+            targets=batch.targets,
+            advantages=batch.advantages,
+            mask=batch.mask,
+        ),
+        weights=batch.weights if reduced else None,
+        tokens_per_advantage=batch.tokens_per_advantage,
+        params=batch.params,
+        with_stats=return_stats,
+        run=HeadRun(
+            need_grad_hidden=need[0],
+            need_grad_weight=need[1],
+            need_grad_bias=need[2],
+            # Decided here as well as in the head: under torch.compile only this wrapper
+            # is traced, and the op then runs with the choice baked in. The forward and
+            # the per-token backward both follow it (the head itself keeps every row when
+            # stats are asked for).
+            compact=compact_tokens and not must_not_sync(hidden.device),
+            chunk_size=chunk_size or 0,
+            backend=batch.backend,
+            head=head,
+        ),
+    )
     if process_group is None:
-        grad_on = torch.is_grad_enabled()
-        need = tuple(
-            grad_on and t is not None and t.requires_grad for t in (hidden_2d, weight, bias)
-        )
-        loss, logprobs, probs, entropy, *_ = fused_linear_loss(
-            hidden_2d,
-            weight,
-            bias,
-            batch.targets,
-            batch.advantages,
-            batch.mask,
-            weights,
-            batch.tokens_per_advantage,
-            p.tau,
-            p.temperature,
-            p.logit_scale,
-            p.logit_softcap,
-            p.ignore_index,
-            return_stats,
-            *need,
-            compact,
-            chunk_size or 0,
-            batch.backend,
-            head,
-        )
+        loss, logprobs, probs, entropy, *_ = fused_linear_loss(*args.flat())
     else:
         shard = vocab_shard(process_group, weight.shape[0], hidden.device)
         loss, logprobs, probs, entropy = ShardedFusedLinear.apply(
-            hidden_2d,
-            weight,
-            bias,
-            batch.targets,
-            batch.advantages,
-            batch.mask,
-            weights,
-            batch.tokens_per_advantage,
-            p,
-            return_stats,
-            compact,
-            chunk_size,
-            batch.backend,
-            head,
-            shard,
+            hidden_2d, weight, bias, args, shard
         )
     if not reduced:
         loss = loss.reshape(batch.token_shape)

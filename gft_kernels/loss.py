@@ -2,14 +2,82 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 
 from gft_kernels import _checks
 from gft_kernels._prepare import make_stats, prepare_tokens, reduce_loss
-from gft_kernels._token_loss_op import ShardedTokenLoss, token_loss
+from gft_kernels._token_loss_op import ShardedTokenLoss, TokenLossArgs, token_loss
 from gft_kernels.stats import GFTStats
+
+
+# The overloads type the result by return_stats (a bool variable: either); the
+# implementation below holds the defaults, and is the signature seen at run time.
+@overload
+def gft_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = ...,
+    *,
+    tau: float = ...,
+    temperature: float = ...,
+    loss_agg_mode: str = ...,
+    ignore_index: int = ...,
+    num_tokens: Optional[float] = ...,
+    max_response_length: Optional[int] = ...,
+    return_stats: Literal[False] = ...,
+    backend: str = ...,
+    inplace_backward: bool = ...,
+    process_group: Optional[object] = ...,
+    logit_scale: float = ...,
+    logit_softcap: Optional[float] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def gft_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = ...,
+    *,
+    tau: float = ...,
+    temperature: float = ...,
+    loss_agg_mode: str = ...,
+    ignore_index: int = ...,
+    num_tokens: Optional[float] = ...,
+    max_response_length: Optional[int] = ...,
+    return_stats: Literal[True],
+    backend: str = ...,
+    inplace_backward: bool = ...,
+    process_group: Optional[object] = ...,
+    logit_scale: float = ...,
+    logit_softcap: Optional[float] = ...,
+) -> Tuple[torch.Tensor, GFTStats]: ...
+
+
+@overload
+def gft_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = ...,
+    *,
+    tau: float = ...,
+    temperature: float = ...,
+    loss_agg_mode: str = ...,
+    ignore_index: int = ...,
+    num_tokens: Optional[float] = ...,
+    max_response_length: Optional[int] = ...,
+    return_stats: bool = ...,
+    backend: str = ...,
+    inplace_backward: bool = ...,
+    process_group: Optional[object] = ...,
+    logit_scale: float = ...,
+    logit_softcap: Optional[float] = ...,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, GFTStats]]: ...
 
 
 def gft_loss(
@@ -111,39 +179,24 @@ def gft_loss(
         logits_2d = logits_2d.contiguous()
     if inplace_backward:
         _checks.check_inplace_logits(logits, logits_2d)
-    params = batch.params
+    args = TokenLossArgs(
+        logits=logits_2d,
+        targets=batch.targets,
+        advantages=batch.advantages,
+        mask=batch.mask,
+        tokens_per_advantage=batch.tokens_per_advantage,
+        params=batch.params,
+        with_stats=return_stats,
+        backend=batch.backend,
+        inplace_backward=inplace_backward,
+    )
     if process_group is None:
-        token_loss_t, logprobs, probs, entropy, *_ = token_loss(
-            logits_2d,
-            batch.targets,
-            batch.advantages,
-            batch.mask,
-            batch.tokens_per_advantage,
-            params.tau,
-            params.temperature,
-            params.logit_scale,
-            params.logit_softcap,
-            params.ignore_index,
-            return_stats,
-            batch.backend,
-            inplace_backward,
-        )
+        token_loss_t, logprobs, probs, entropy, *_ = token_loss(*args.flat())
     else:
         from gft_kernels._vocab_parallel import vocab_shard
 
         shard = vocab_shard(process_group, vocab_size, logits.device)
-        token_loss_t, logprobs, probs, entropy = ShardedTokenLoss.apply(
-            logits_2d,
-            batch.targets,
-            batch.advantages,
-            batch.mask,
-            batch.tokens_per_advantage,
-            params,
-            return_stats,
-            batch.backend,
-            inplace_backward,
-            shard,
-        )
+        token_loss_t, logprobs, probs, entropy = ShardedTokenLoss.apply(logits_2d, args, shard)
     loss = reduce_loss(token_loss_t, batch)
     if not return_stats:
         return loss

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -18,8 +18,12 @@ class _KeywordLoss(nn.Module):
     """Holds a loss function's keywords (checked at construction); per-call keywords
     override them."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, constructor_locals: Dict[str, Any]) -> None:
+        """``constructor_locals``: ``locals()`` on entry to the subclass's ``__init__``,
+        whose keyword-only parameters (declared there once, with types and defaults) are
+        the keywords to hold."""
         super().__init__()
+        kwargs = {k: v for k, v in constructor_locals.items() if k not in ("self", "__class__")}
         check_options(
             tau=kwargs["tau"],
             temperature=kwargs["temperature"],
@@ -58,17 +62,7 @@ class GFTLoss(_KeywordLoss):
         logit_scale: float = 1.0,
         logit_softcap: Optional[float] = None,
     ) -> None:
-        super().__init__(
-            logit_scale=logit_scale,
-            logit_softcap=logit_softcap,
-            tau=tau,
-            temperature=temperature,
-            loss_agg_mode=loss_agg_mode,
-            ignore_index=ignore_index,
-            return_stats=return_stats,
-            backend=backend,
-            inplace_backward=inplace_backward,
-        )
+        super().__init__(locals())
 
     def forward(
         self,
@@ -102,18 +96,7 @@ class FusedLinearGFTLoss(_KeywordLoss):
         logit_softcap: Optional[float] = None,
         compact_tokens: bool = True,
     ) -> None:
-        super().__init__(
-            logit_scale=logit_scale,
-            logit_softcap=logit_softcap,
-            compact_tokens=compact_tokens,
-            tau=tau,
-            temperature=temperature,
-            loss_agg_mode=loss_agg_mode,
-            ignore_index=ignore_index,
-            return_stats=return_stats,
-            backend=backend,
-            chunk_size=chunk_size,
-        )
+        super().__init__(locals())
 
     def forward(
         self,
