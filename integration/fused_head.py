@@ -188,6 +188,11 @@ class FusedHeadMixin:
         # through the model's output (a zero-valued term) so that the wrappers' hooks run.
         return value + (returned - returned.detach()).sum() * 0.0, hidden, found["stats"]
 
+    def _head_compute_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the fused head runs in: the mixed-precision dtype, as ``lm_head`` would
+        (None: the hidden states' own dtype)."""
+        return self._mixed_precision_dtype()
+
     def _mixed_precision_dtype(self) -> Optional[torch.dtype]:
         """The autocast dtype of the Trainer's mixed precision, None without it."""
         mode = getattr(self.accelerator, "mixed_precision", "no")
@@ -319,6 +324,6 @@ class FusedHeadMixin:
             return_stats=args.log_token_stats,
             backend=args.gft_backend,
             chunk_size=args.gft_chunk_size,
-            compute_dtype=self._mixed_precision_dtype(),
+            compute_dtype=self._head_compute_dtype(),
             keep_graph_of=keep_graph_of,
         )

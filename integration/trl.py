@@ -351,6 +351,13 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
 
     # -- loss ----------------------------------------------------------------------------
 
+    def _head_compute_dtype(self) -> Optional[torch.dtype]:
+        """``cast_lm_head_to_fp32``: the head runs in fp32 (hidden states cast up), as TRL
+        runs its own fp32 head; otherwise the mixed-precision dtype."""
+        if self.args.cast_lm_head_to_fp32:
+            return torch.float32
+        return super()._head_compute_dtype()
+
     def _compute_loss(self, model, inputs):
         """The GFT loss of one micro-batch: its share of the optimizer step's loss (TRL
         scales nothing afterwards: ``loss_is_scaled_for_ga``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from trl import GRPOConfig
 
 from gft_kernels.integration.trl import GRPO_ONLY_OPTIONS, GFTGRPOConfig
@@ -134,3 +135,32 @@ def test_token_id_demonstrations_end_with_eos_as_text_ones_do(tmp_path):
     assert text == [[seven, eos]]
     assert trainer._demonstration_ids("x", [seven]) == text
     assert trainer._demonstration_ids("x", [seven, eos]) == text
+
+
+@pytest.mark.parametrize("cast", [False, True])
+def test_cast_lm_head_to_fp32_runs_the_fused_head_in_fp32(tmp_path, monkeypatch, cast):
+    """A bf16 policy: with ``cast_lm_head_to_fp32`` the fused head gets fp32 hidden states and
+    weight (TRL's own head runs in fp32 then), without it the model's bf16."""
+    from gft_kernels.integration import loss as integration_loss
+    from gft_kernels.integration.trl import GFTGRPOTrainer
+    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
+    from tests.test_integration_trl import config as trl_config
+
+    seen = []
+    real = integration_loss.fused_linear_gft_loss
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(integration_loss, "fused_linear_gft_loss", spy)
+    trainer = GFTGRPOTrainer(
+        model=tiny_model().to(torch.bfloat16),
+        reward_funcs=[right_answer],
+        args=trl_config(tmp_path, cast_lm_head_to_fp32=cast),
+        train_dataset=dataset(),
+        processing_class=chat_tokenizer(),
+    )
+    trainer.train()
+    expected = torch.float32 if cast else torch.bfloat16
+    assert seen and all(pair == (expected, expected) for pair in seen), seen
