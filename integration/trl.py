@@ -74,6 +74,9 @@ class GFTGRPOConfig(GRPOConfig):
         gft_backend: ``backend`` of ``fused_linear_gft_loss``.
         gft_chunk_size: ``chunk_size`` of ``fused_linear_gft_loss`` (None: its default).
         log_token_stats: log ``rectified_fraction`` and ``entropy`` (from the loss pass).
+        check_head: on the first batch, compare the model's own logits with what the fused
+            head computes (its weight, bias and the logit transform read from the config),
+            as ``GFTTrainer`` does; a mismatch raises ``ValueError`` on every rank.
 
     ``num_generations`` counts the whole group (demonstrations + samples); ``temperature`` is
     both the sampling temperature and that of ``log p``. The options of GRPO's clipped
@@ -96,6 +99,9 @@ class GFTGRPOConfig(GRPOConfig):
     )
     log_token_stats: bool = field(
         default=True, metadata={"help": "Log rectified_fraction and entropy."}
+    )
+    check_head: bool = field(
+        default=True, metadata={"help": "Check the fused head against the model's logits once."}
     )
 
     def __post_init__(self) -> None:
@@ -179,6 +185,7 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
         if isinstance(columns, list):
             _check_columns("train_dataset", self.args.demonstration_columns, columns)
         self.logit_transform = head_logit_transform(self.accelerator.unwrap_model(self.model))
+        self._head_checked = not self.args.check_head
         self._pending_demos: Optional[List[Optional[List[int]]]] = None
         self._pending_sources: Optional[List[int]] = None
 
@@ -372,6 +379,8 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
             "response_mask": torch.cat([torch.zeros_like(prompt_mask), mask], dim=1),
             "advantages": inputs["advantages"].reshape(-1),
         }
+        if not self._head_checked:
+            self._check_head(model, batch["input_ids"], batch["attention_mask"])
         positions = loss.response_positions(batch)
         training = self.model.training
         if training:

@@ -164,3 +164,23 @@ def test_cast_lm_head_to_fp32_runs_the_fused_head_in_fp32(tmp_path, monkeypatch,
     trainer.train()
     expected = torch.float32 if cast else torch.bfloat16
     assert seen and all(pair == (expected, expected) for pair in seen), seen
+
+
+def test_the_head_is_checked_against_the_models_logits(tmp_path):
+    """A config that declares a logit scale the model's forward does not apply: the fused
+    head would train other logits than the model's, so the first step refuses."""
+    from gft_kernels.integration.trl import GFTGRPOTrainer
+    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
+    from tests.test_integration_trl import config as trl_config
+
+    model = tiny_model()
+    model.config.logit_scale = 2.0  # read as Cohere's multiplier; this model ignores it
+    trainer = GFTGRPOTrainer(
+        model=model,
+        reward_funcs=[right_answer],
+        args=trl_config(tmp_path),
+        train_dataset=dataset(),
+        processing_class=chat_tokenizer(),
+    )
+    with pytest.raises(ValueError, match="model: its logits differ from the fused head's"):
+        trainer.train()
