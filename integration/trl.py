@@ -186,6 +186,7 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
             _check_columns("train_dataset", self.args.demonstration_columns, columns)
         self.logit_transform = head_logit_transform(self.accelerator.unwrap_model(self.model))
         self._head_checked = not self.args.check_head
+        self._skip_old_logps = False
         self._pending_demos: Optional[List[Optional[List[int]]]] = None
         self._pending_sources: Optional[List[int]] = None
 
@@ -337,11 +338,24 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
                     self._metrics[mode][f"reward/{name}/mean"].append(value)
         return rewards_per_func
 
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
+        """TRL's log-prob forward, skipped while it would only give the old policy's log-probs
+        (``num_iterations > 1``, or generation and optimizer steps out of step): the GFT loss
+        never reads them. With vLLM's importance-sampling correction TRL needs them for its
+        ratio, so they are computed there."""
+        if self._skip_old_logps:
+            return None, None, None
+        return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+
     def _generate_and_score_completions(self, inputs):
         self._assign_demonstrations(inputs)
+        # With beta = 0 (enforced) the only log-prob forward TRL runs while scoring is the
+        # old policy's.
+        self._skip_old_logps = not (self.use_vllm and self.vllm_importance_sampling_correction)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
+            self._skip_old_logps = False
             sources, self._pending_demos, self._pending_sources = self._pending_sources, None, None
         device = output["completion_mask"].device
         output["gft_sources"] = torch.tensor(sources, device=device)

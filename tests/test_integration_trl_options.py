@@ -184,3 +184,32 @@ def test_the_head_is_checked_against_the_models_logits(tmp_path):
     )
     with pytest.raises(ValueError, match="model: its logits differ from the fused head's"):
         trainer.train()
+
+
+@pytest.mark.parametrize("more", [{"num_iterations": 2}, {"steps_per_generation": 2}])
+def test_no_old_log_prob_forward(tmp_path, monkeypatch, more):
+    """TRL runs a no-grad forward for the old policy's log-probs when the batch is reused
+    (num_iterations > 1) or generation runs ahead of the optimizer; GFT never reads them."""
+    from trl import GRPOTrainer
+
+    from gft_kernels.integration.trl import GFTGRPOTrainer
+    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
+    from tests.test_integration_trl import config as trl_config
+
+    calls = []
+    real = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", counted)
+    trainer = GFTGRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=[right_answer],
+        args=trl_config(tmp_path, max_steps=2, **more),
+        train_dataset=dataset(),
+        processing_class=chat_tokenizer(),
+    )
+    trainer.train()
+    assert calls == []
