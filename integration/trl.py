@@ -368,7 +368,23 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
             float(per_row.sum()), float((per_row > 0).sum()), float(per_row.max()), device
         )
         output["gft_sequences"] = torch.tensor(sequences, dtype=torch.float64, device=device)
+        self._log_lengths_per_source(output["gft_sources"], output["completion_mask"].sum(1))
         return output
+
+    def _log_lengths_per_source(self, sources: torch.Tensor, lengths: torch.Tensor) -> None:
+        """``completions/<source>/mean_length`` and ``num_tokens/<source>`` (completion tokens
+        over all processes): TRL's ``completions/*`` and ``num_tokens`` mix the policy's
+        samples with the demonstrations, whose lengths say nothing of the policy."""
+        sources = self.accelerator.gather(sources)
+        lengths = self.accelerator.gather(lengths.to(torch.float64))
+        mode = "train" if self.model.training else "eval"
+        for code, name in enumerate(self.sources):
+            pick = sources == code
+            if bool(pick.any()):
+                self._metrics[mode][f"completions/{name}/mean_length"].append(
+                    lengths[pick].mean().item()
+                )
+                self._metrics[mode][f"num_tokens/{name}"].append(lengths[pick].sum().item())
 
     # -- loss ----------------------------------------------------------------------------
 

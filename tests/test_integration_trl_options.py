@@ -213,3 +213,24 @@ def test_no_old_log_prob_forward(tmp_path, monkeypatch, more):
     )
     trainer.train()
     assert calls == []
+
+
+def test_lengths_are_logged_per_source(tmp_path):
+    from gft_kernels.integration.trl import GFTGRPOTrainer
+    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
+    from tests.test_integration_trl import config as trl_config
+
+    trainer = GFTGRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=[right_answer],
+        args=trl_config(tmp_path),
+        train_dataset=dataset(),
+        processing_class=chat_tokenizer(),
+    )
+    trainer.train()
+    (logged,) = [h for h in trainer.state.log_history if "completions/self/mean_length" in h]
+    # The demonstrations are one digit and the eos each (dataset()).
+    expert, teacher = logged["completions/expert/mean_length"], logged["num_tokens/teacher"]
+    assert expert == teacher == 2
+    assert logged["num_tokens/expert"] == 2
+    assert 0 < logged["completions/self/mean_length"] <= trainer.args.max_completion_length
