@@ -19,8 +19,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from gft_kernels._vocab_parallel import VocabShard, sharded_token_pass
+from gft_kernels._vocab_parallel import ShardedRows, VocabShard
 from gft_kernels.backends import RowBackend, RowParams
+from gft_kernels.backends.base import TokenInputs
 from gft_kernels.backends.token_terms import value_flags
 from gft_kernels.backends.torch_rows import accumulate_dtype
 
@@ -137,7 +138,8 @@ def _compact_index(inputs: HeadInputs, per_token_adv: torch.Tensor, vocab: int) 
     see and report it); the call's one host synchronisation."""
     p = inputs.params
     keep = _carries_loss(inputs.targets, per_token_adv, inputs.mask, p.ignore_index)
-    bad = value_flags(inputs.targets, inputs.mask, per_token_adv, 1, vocab, p.ignore_index)
+    tokens = TokenInputs(inputs.targets, per_token_adv, inputs.mask, 1)
+    bad = value_flags(tokens, vocab, p.ignore_index)
     return (keep | (bad != 0)).nonzero().squeeze(1)
 
 
@@ -190,6 +192,8 @@ def chunked_head(
     if grad_w is not None and index is None:
         idle = ~_carries_loss(targets, adv, mask, inputs.params.ignore_index).unsqueeze(1)
 
+    if shard is not None:  # the same pass, its statistics combined across the ranks
+        rows = ShardedRows(rows, shard)
     step = chunk_size or default_chunk_size(kept, weight.shape[0], hidden.dtype, hidden.device)
     n_chunks = -(-kept // step)
     if chunk_size is None and n_chunks:  # as few chunks as the budget allows, equal (+-1)
@@ -206,41 +210,17 @@ def chunked_head(
         h = hidden[sl]
         logits = _logits_chunk(h, weight, bias, buffer[: stop - start])
         chunk_mask = None if mask is None else mask[sl]
-        if shard is None:
-            out = rows.token_pass(
-                logits,
-                targets[sl],
-                adv[sl],
-                chunk_mask,
-                inputs.params,
-                tokens_per_advantage=1,
-                with_stats=with_stats,
-                grad_weights=weights[sl] if want else None,
-                grad_out=logits if want else None,
-            )
-        else:
-            out, local = sharded_token_pass(
-                rows,
-                logits,
-                targets[sl],
-                adv[sl],
-                chunk_mask,
-                inputs.params,
-                tokens_per_advantage=1,
-                with_stats=with_stats,
-                shard=shard,
-            )
-            if want:
-                rows.row_grad(
-                    logits,
-                    local,
-                    out.row_max,
-                    out.sum_exp,
-                    weights[sl],
-                    out.scale,
-                    inputs.params,
-                    logits,
-                )
+        out = rows.token_pass(
+            logits,
+            targets[sl],
+            adv[sl],
+            chunk_mask,
+            inputs.params,
+            tokens_per_advantage=1,
+            with_stats=with_stats,
+            grad_weights=weights[sl] if want else None,
+            grad_out=logits if want else None,
+        )
         parts.append((out.loss, out.logprobs, out.probs, out.entropy))
         if want:
             if grad_h is not None:

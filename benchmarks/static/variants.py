@@ -14,9 +14,10 @@ from typing import Any, List
 import torch
 
 from benchmarks.static.records import AotTensor, HotLoop, dedupe, launch_variant
-from gft_kernels.backends.base import RowParams
+from gft_kernels.backends.base import GradRows, RowParams, TokenInputs
 from gft_kernels.backends.triton.launch import (
     LaunchConfig,
+    LogitsRows,
     fixed_reference,
     launch_config,
     partial_stats_launch,
@@ -91,6 +92,7 @@ def aot_variants() -> List[Any]:
             vocab = "V%16=0" if n_cols % 16 == 0 else "V%16!=0"
             for aligned in (True, False):
                 logits = AotTensor(dtype, aligned)
+                rows = LogitsRows(logits, n_cols, 2, n_cols)
                 where = vocab + ("" if aligned else "/unaligned-base")
                 for pname, params in _AOT_PARAMS.items():
                     cfg = launch_config(dtype, params.logit_softcap is not None)
@@ -109,17 +111,10 @@ def aot_variants() -> List[Any]:
                                 )
                                 write = grad_stride is not None
                                 grid, args, meta = token_pass_launch(
-                                    logits,
-                                    n_cols,
-                                    2,
-                                    n_cols,
-                                    i64,
-                                    f32,
-                                    1,
-                                    mask,
+                                    rows,
+                                    TokenInputs(i64, f32, mask, 1),
                                     f32 if write else None,
-                                    logits if write else None,
-                                    grad_stride or 0,
+                                    LogitsRows(logits, grad_stride, 2, n_cols) if write else None,
                                     outputs,
                                     params,
                                     with_stats,
@@ -153,7 +148,7 @@ def aot_variants() -> List[Any]:
                     for with_entropy in (False, True):
                         outs = (f32, f32, f32, f32 if with_entropy else None, f32)
                         grid, args, meta = partial_stats_launch(
-                            logits, n_cols, 2, n_cols, 4, i64, outs, params, with_entropy
+                            rows, 4, i64, outs, params, with_entropy
                         )
                         records.append(
                             launch_variant(
@@ -168,17 +163,9 @@ def aot_variants() -> List[Any]:
                         )
                     for out_stride in (n_cols, n_cols + 1):
                         grid, args, meta = row_grad_launch(
-                            logits,
-                            n_cols,
-                            2,
-                            n_cols,
-                            AotTensor(dtype),
-                            out_stride,
-                            i64,
-                            f32,
-                            f32,
-                            f32,
-                            f32,
+                            rows,
+                            LogitsRows(AotTensor(dtype), out_stride, 2, n_cols),
+                            GradRows(i64, f32, f32, f32, f32),
                             params,
                             1,
                         )

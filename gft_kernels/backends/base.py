@@ -8,7 +8,7 @@ gradient of the loss with respect to those logits. Three primitives cover every 
   (and, when ``grad_weights``/``grad_out`` are given, the gradient in the same launch);
 * ``partial_stats``: the row statistics of a block of vocabulary columns only, for heads
   sharded across ranks (the blocks are combined with O(N) all-reduces, then
-  :func:`gft_kernels.backends.token_terms.token_terms` finishes the job);
+  :func:`gft_kernels.backends.token_terms.token_pass_from_statistics` finishes the job);
 * ``row_grad``: the gradient of rows whose statistics are known.
 
 Numerics shared by all backends (this is what makes them agree bit-for-bit in the cases
@@ -22,9 +22,10 @@ certain token (``x = 0`` and ``S = 1``) gets a gradient of exactly 0 at any temp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 # The smallest inverse temperature the fp32 kernels use: 1 / T below it would flush to 0
 # and turn (-inf) * 0 into NaN; such a temperature is uniform to fp32 precision anyway.
@@ -104,17 +105,61 @@ class PartialStats:
     target_logit: torch.Tensor
 
 
-@runtime_checkable
-class RowBackend(Protocol):
-    """What a backend provides. Inputs are validated by the caller except where noted.
+@dataclass(frozen=True)
+class TokenInputs:
+    """The per-token inputs of a row pass (contiguous: the public functions copy strided or
+    broadcast views once, before dispatch).
+
+    ``targets`` ``(N,)`` int64/int32 holds vocabulary ids or ``params.ignore_index``;
+    ``advantages`` is ``(N // tokens_per_advantage,)`` in the accumulate dtype (one per
+    sequence when ``tokens_per_advantage`` is the sequence length, else one per token);
+    ``mask`` is None or ``(N,)`` uint8/float32 holding 0/1.
+    """
+
+    targets: torch.Tensor
+    advantages: torch.Tensor
+    mask: Optional[torch.Tensor]
+    tokens_per_advantage: int
+
+
+@dataclass(frozen=True)
+class TokenPassCall:
+    """One :meth:`RowBackend.token_pass` call, as the backend's ``_token_pass`` receives it:
+    the arguments of the public method, the token inputs packed once. With
+    ``grad_weights`` (``(N,)``, the aggregation weight ``w``, or the upstream gradient per
+    token) and ``grad_out`` (``(N, V)`` in the logits' dtype, may be ``logits`` itself) the
+    gradient is written in the same pass."""
+
+    logits: torch.Tensor
+    tokens: TokenInputs
+    params: RowParams
+    with_stats: bool
+    grad_weights: Optional[torch.Tensor] = None
+    grad_out: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class GradRows:
+    """What the gradient of each row needs, all ``(N,)``: ``targets`` (the target's column
+    in this block, -1 where it lives elsewhere), the row summary ``row_max``/``sum_exp``,
+    the upstream gradient ``grad_rows`` and the coefficient ``scale`` of
+    :class:`TokenPass`."""
+
+    targets: torch.Tensor
+    row_max: torch.Tensor
+    sum_exp: torch.Tensor
+    grad_rows: torch.Tensor
+    scale: torch.Tensor
+
+
+class RowBackend:
+    """What a backend provides; the public methods are the calling convention every caller
+    uses, and a backend subclasses this class and implements the three hooks
+    (``_token_pass``, ``_partial_stats``, ``_row_grad``) behind them. Inputs are validated
+    by the caller except where noted.
 
     Shapes: ``logits`` is ``(N, V)`` with a contiguous last dim (any row stride, possibly
-    0); ``targets``, ``advantages`` and ``mask`` are contiguous (the public functions copy
-    strided or broadcast views once, before dispatch); ``targets`` is ``(N,)`` int64 or
-    int32 holding vocabulary ids or
-    ``params.ignore_index``; ``advantages`` is ``(N // tokens_per_advantage,)`` (one per
-    sequence when ``tokens_per_advantage`` is the sequence length, else one per token) in
-    the accumulate dtype; ``mask`` is None or ``(N,)`` uint8/float32 holding 0/1.
+    0); the token inputs are as in :class:`TokenInputs`.
     """
 
     name: str
@@ -144,7 +189,10 @@ class RowBackend(Protocol):
         gradient ``w A c / T * (softmax(z'/T) - onehot(y)) * dz'/dz`` is written in the
         same launch.
         """
-        ...
+        tokens = TokenInputs(targets, advantages, mask, tokens_per_advantage)
+        return self._token_pass(
+            TokenPassCall(logits, tokens, params, with_stats, grad_weights, grad_out)
+        )
 
     def partial_stats(
         self,
@@ -156,7 +204,7 @@ class RowBackend(Protocol):
     ) -> PartialStats:
         """Statistics of this block of columns; ``local_targets`` int64 ``(N,)`` is the
         target's column in the block or -1 where it lives elsewhere."""
-        ...
+        return self._partial_stats(logits, local_targets, params, with_entropy)
 
     def row_grad(
         self,
@@ -175,4 +223,21 @@ class RowBackend(Protocol):
         Rows whose coefficient ``grad_rows * scale`` is 0 are zero-filled without reading
         their logits; ``targets`` of -1 (target in another block) subtract nothing.
         """
-        ...
+        rows = GradRows(targets, row_max, sum_exp, grad_rows, scale)
+        return self._row_grad(logits, rows, params, out)
+
+    def _token_pass(self, call: TokenPassCall) -> TokenPass:
+        """:meth:`token_pass`; ``token_pass_from_statistics(self, call)[0]``
+        (:mod:`~gft_kernels.backends.token_terms`) implements it from :meth:`partial_stats`
+        and :meth:`row_grad`, where no fused pass exists."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _token_pass")
+
+    def _partial_stats(
+        self, logits: Tensor, local_targets: Tensor, params: RowParams, with_entropy: bool
+    ) -> PartialStats:
+        """:meth:`partial_stats`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _partial_stats")
+
+    def _row_grad(self, logits: Tensor, rows: GradRows, params: RowParams, out: Tensor) -> Tensor:
+        """:meth:`row_grad`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _row_grad")

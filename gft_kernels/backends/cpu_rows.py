@@ -40,8 +40,10 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+from torch import Tensor
 
-from gft_kernels.backends.base import PartialStats, RowParams, TokenPass
+from gft_kernels.backends import PartialStats, RowBackend, RowParams, TokenPass
+from gft_kernels.backends.base import GradRows, TokenPassCall
 
 EXTENSION_PREFIX = "gft_kernels_cpu"
 _SOURCE_NAME = "cpu_rows.cpp"
@@ -298,7 +300,7 @@ def _reset_for_tests() -> None:
         _warned = False
 
 
-class CpuRows:
+class CpuRows(RowBackend):
     """The ``cpu`` backend: the row primitives of ``csrc/cpu_rows.cpp`` (CPU tensors)."""
 
     name = "cpu"
@@ -311,44 +313,27 @@ class CpuRows:
         cap = 0.0 if params.logit_softcap is None else float(params.logit_softcap)
         return float(params.inv_temperature), float(params.logit_scale), cap
 
-    def token_pass(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        advantages: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        params: RowParams,
-        *,
-        tokens_per_advantage: int,
-        with_stats: bool,
-        grad_weights: Optional[torch.Tensor] = None,
-        grad_out: Optional[torch.Tensor] = None,
-    ) -> TokenPass:
+    def _token_pass(self, call: TokenPassCall) -> TokenPass:
+        tokens, params = call.tokens, call.params
         outputs = self._module.token_pass(
-            logits,
-            targets,
-            advantages,
-            mask,
-            int(tokens_per_advantage),
+            call.logits,
+            tokens.targets,
+            tokens.advantages,
+            tokens.mask,
+            int(tokens.tokens_per_advantage),
             float(params.tau),
             *self._transform_args(params),
             int(params.ignore_index),
-            bool(with_stats),
-            grad_weights,
-            grad_out,
+            bool(call.with_stats),
+            call.grad_weights,
+            call.grad_out,
         )
         loss, logprobs, probs, entropy, row_max, sum_exp, scale = outputs
-        return TokenPass(
-            loss, logprobs, probs, entropy if with_stats else None, row_max, sum_exp, scale
-        )
+        entropy = entropy if call.with_stats else None
+        return TokenPass(loss, logprobs, probs, entropy, row_max, sum_exp, scale)
 
-    def partial_stats(
-        self,
-        logits: torch.Tensor,
-        local_targets: torch.Tensor,
-        params: RowParams,
-        *,
-        with_entropy: bool,
+    def _partial_stats(
+        self, logits: Tensor, local_targets: Tensor, params: RowParams, with_entropy: bool
     ) -> PartialStats:
         row_max, sum_exp, sum_exp_1, weighted, target_logit = self._module.partial_stats(
             logits, local_targets, *self._transform_args(params), bool(with_entropy)
@@ -357,17 +342,14 @@ class CpuRows:
             row_max, sum_exp, sum_exp_1, weighted if with_entropy else None, target_logit
         )
 
-    def row_grad(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        row_max: torch.Tensor,
-        sum_exp: torch.Tensor,
-        grad_rows: torch.Tensor,
-        scale: torch.Tensor,
-        params: RowParams,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
+    def _row_grad(self, logits: Tensor, rows: GradRows, params: RowParams, out: Tensor) -> Tensor:
         return self._module.row_grad(
-            logits, targets, row_max, sum_exp, grad_rows, scale, *self._transform_args(params), out
+            logits,
+            rows.targets,
+            rows.row_max,
+            rows.sum_exp,
+            rows.grad_rows,
+            rows.scale,
+            *self._transform_args(params),
+            out,
         )

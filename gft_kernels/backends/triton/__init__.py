@@ -14,13 +14,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import Tensor
 
-from gft_kernels.backends.base import PartialStats, RowParams, TokenPass
+from gft_kernels.backends import PartialStats, RowBackend, RowParams, TokenPass
+from gft_kernels.backends.base import GradRows, TokenPassCall
 from gft_kernels.backends.token_terms import (
-    combine_partials,
-    raise_for_flags,
-    token_terms,
-    value_flags,
+    SEGMENTS,
+    raise_for_token_flags,
+    token_pass_from_statistics,
 )
 from gft_kernels.backends.triton import autotune, launch
 from gft_kernels.backends.triton.row_grad import row_grad_kernel
@@ -31,73 +32,47 @@ def _vectors(n: int, device: torch.device, count: int, *shape: int):
     return [torch.empty(n, *shape, dtype=torch.float32, device=device) for _ in range(count)]
 
 
-class TritonRows:
+class TritonRows(RowBackend):
     """Triton implementation of :class:`~gft_kernels.backends.base.RowBackend`."""
 
     name = "triton"
 
-    def token_pass(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        advantages: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        params: RowParams,
-        *,
-        tokens_per_advantage: int,
-        with_stats: bool,
-        grad_weights: Optional[torch.Tensor] = None,
-        grad_out: Optional[torch.Tensor] = None,
-    ) -> TokenPass:
+    def _token_pass(self, call: TokenPassCall) -> TokenPass:
+        logits, tokens, params = call.logits, call.tokens, call.params
         n_rows, n_cols = logits.shape
         cfg = launch.launch_config(logits.dtype, params.logit_softcap is not None)
-        if launch.row_segments(n_rows, n_cols, cfg.block_v, logits.device) > 1:
-            return self._split_token_pass(
-                logits,
-                targets,
-                advantages,
-                mask,
-                params,
-                tokens_per_advantage,
-                with_stats,
-                grad_weights,
-                grad_out,
-            )
+        segments = launch.row_segments(n_rows, n_cols, cfg.block_v, logits.device)
+        if segments > 1:
+            return self._split_token_pass(call, segments)
         loss, logprobs, probs, row_max, sum_exp, scale = _vectors(n_rows, logits.device, 6)
-        entropy = _vectors(n_rows, logits.device, 1)[0] if with_stats else None
+        entropy = _vectors(n_rows, logits.device, 1)[0] if call.with_stats else None
         flags = torch.empty(n_rows, dtype=torch.int32, device=logits.device)
         outputs = (loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags)
+        grad_out = None if call.grad_out is None else launch.LogitsRows.of(call.grad_out)
 
         def build(config=None):
             return launch.token_pass_launch(
-                logits,
-                logits.stride(0),
-                n_rows,
-                n_cols,
-                targets,
-                advantages,
-                tokens_per_advantage,
-                mask,
-                grad_weights,
+                launch.LogitsRows.of(logits),
+                tokens,
+                call.grad_weights,
                 grad_out,
-                grad_out.stride(0) if grad_out is not None else 0,
                 outputs,
                 params,
-                with_stats,
+                call.with_stats,
                 config,
             )
 
         config = None
         # Autotuning reruns the kernel: never when it writes over the logits it reads.
-        if n_rows and autotune.autotune_enabled(logits.device) and grad_out is not logits:
+        if n_rows and autotune.autotune_enabled(logits.device) and call.grad_out is not logits:
             softcap = params.logit_softcap is not None
             key = (
                 "token_pass",
                 logits.dtype,
                 softcap,
-                with_stats,
+                call.with_stats,
                 grad_out is not None,
-                mask is not None,
+                tokens.mask is not None,
                 n_cols.bit_length(),
             )
             config = autotune.choose_config(
@@ -107,18 +82,11 @@ class TritonRows:
             )
         if n_rows:
             _launch(token_pass_kernel, build(config))
-        raise_for_flags(
-            flags, targets, mask, advantages, tokens_per_advantage, n_cols, params.ignore_index
-        )
+        raise_for_token_flags(flags, tokens, n_cols, params.ignore_index)
         return TokenPass(loss, logprobs, probs, entropy, row_max, sum_exp, scale)
 
-    def partial_stats(
-        self,
-        logits: torch.Tensor,
-        local_targets: torch.Tensor,
-        params: RowParams,
-        *,
-        with_entropy: bool,
+    def _partial_stats(
+        self, logits: Tensor, local_targets: Tensor, params: RowParams, with_entropy: bool
     ) -> PartialStats:
         part = self._segment_stats(logits, local_targets, params, with_entropy, segments=1)
         fields = (part.row_max, part.sum_exp, part.sum_exp_1, part.weighted, part.target_logit)
@@ -133,95 +101,31 @@ class TritonRows:
         weighted = _vectors(n_rows, logits.device, 1, segments)[0] if with_entropy else None
         outputs = (row_max, sum_exp, sum_exp_1, weighted, target_logit)
         built = launch.partial_stats_launch(
-            logits,
-            logits.stride(0),
-            n_rows,
-            n_cols,
-            segments,
-            local_targets,
-            outputs,
-            params,
-            with_entropy,
+            launch.LogitsRows.of(logits), segments, local_targets, outputs, params, with_entropy
         )
         if n_rows:
             _launch(partial_stats_kernel, built)
         return PartialStats(row_max, sum_exp, sum_exp_1, weighted, target_logit)
 
-    def _split_token_pass(
-        self,
-        logits,
-        targets,
-        advantages,
-        mask,
-        params,
-        tokens_per_advantage,
-        with_stats,
-        grad_weights,
-        grad_out,
-    ):
+    def _split_token_pass(self, call: TokenPassCall, segments: int) -> TokenPass:
         """Few rows: each row's columns are split across programs, and the segments'
         statistics are combined exactly (the same algebra as vocab-parallel shards)."""
-        n_rows, n_cols = logits.shape
-        cfg = launch.launch_config(logits.dtype, params.logit_softcap is not None)
-        flags = value_flags(
-            targets, mask, advantages, tokens_per_advantage, n_cols, params.ignore_index
-        )
-        raise_for_flags(
-            flags, targets, mask, advantages, tokens_per_advantage, n_cols, params.ignore_index
-        )
-        valid = targets != params.ignore_index
-        if mask is not None:
-            valid = valid & (mask != 0)
-        adv = advantages
-        if tokens_per_advantage > 1:
-            adv = adv.repeat_interleave(tokens_per_advantage)
-        local = torch.where(valid, targets.long(), torch.full_like(targets, -1, dtype=torch.long))
-        segments = launch.row_segments(n_rows, n_cols, cfg.block_v, logits.device)
-        part = self._segment_stats(logits, local, params, with_stats, segments)
-        row_max, sum_exp, sum_exp_1, weighted, target_logit = combine_partials(
-            part,
-            params,
-            reduce_max=lambda x: x.amax(-1, keepdim=True),
-            reduce_sum=lambda stacked: stacked.sum(-1),
-        )
-        row_max = row_max.squeeze(-1)
-        active = valid if with_stats else valid & (adv != 0)
-        loss, logprobs, probs, entropy, scale = token_terms(
-            row_max, sum_exp, sum_exp_1, weighted, target_logit, active, adv, params
-        )
-        if grad_out is not None:
-            self.row_grad(logits, local, row_max, sum_exp, grad_weights, scale, params, grad_out)
-        return TokenPass(loss, logprobs, probs, entropy, row_max, sum_exp, scale)
 
-    def row_grad(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        row_max: torch.Tensor,
-        sum_exp: torch.Tensor,
-        grad_rows: torch.Tensor,
-        scale: torch.Tensor,
-        params: RowParams,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
+        def statistics(local: Tensor, rows: Optional[Tensor]) -> PartialStats:
+            return self._segment_stats(call.logits, local, call.params, call.with_stats, segments)
+
+        out, _ = token_pass_from_statistics(
+            self, call, statistics=statistics, reduce=SEGMENTS, host_checks=False
+        )
+        return out
+
+    def _row_grad(self, logits: Tensor, rows: GradRows, params: RowParams, out: Tensor) -> Tensor:
         n_rows, n_cols = logits.shape
         softcap = params.logit_softcap is not None
         cfg = launch.launch_config(logits.dtype, softcap, launch.GRAD_WARPS)
         segments = launch.row_segments(n_rows, n_cols, cfg.grad_block, logits.device)
         built = launch.row_grad_launch(
-            logits,
-            logits.stride(0),
-            n_rows,
-            n_cols,
-            out,
-            out.stride(0),
-            targets,
-            row_max,
-            sum_exp,
-            grad_rows,
-            scale,
-            params,
-            segments,
+            launch.LogitsRows.of(logits), launch.LogitsRows.of(out), rows, params, segments
         )
         if n_rows:
             _launch(row_grad_kernel, built)

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import triton
 
-from gft_kernels.backends.base import RowParams
+from gft_kernels.backends.base import GradRows, RowParams, TokenInputs
 from gft_kernels.backends.triton.common import LOG2E_VALUE as LOG2E
 
 
@@ -152,30 +152,52 @@ def fixed_reference(params: RowParams, dtype: torch.dtype) -> bool:
     return torch.finfo(dtype).bits == 16
 
 
-def same_skew(a, stride_a: int, b, stride_b: int, n_rows: int, vec: int) -> bool:
-    """Whether every row of buffers ``a`` and ``b`` starts at the same address modulo 16
-    bytes (``vec`` elements), so that one aligned walk serves both."""
+@dataclass(frozen=True)
+class LogitsRows:
+    """The ``(n_rows, n_cols)`` rows a launch reads or writes, row ``i`` at ``data + i *
+    stride`` elements; ``data`` is a tensor or an AOT stand-in (``benchmarks/static``)."""
+
+    data: Any
+    stride: int
+    n_rows: int
+    n_cols: int
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> LogitsRows:
+        return cls(tensor, tensor.stride(0), tensor.shape[0], tensor.shape[1])
+
+
+def same_skew(a: LogitsRows, b: LogitsRows, vec: int) -> bool:
+    """Whether every row of ``a`` and ``b`` starts at the same address modulo 16 bytes
+    (``vec`` elements), so that one aligned walk serves both."""
     element = 16 // vec
-    bases = (a.data_ptr() - b.data_ptr()) % 16 == 0
-    return bases and (n_rows <= 1 or ((stride_a - stride_b) * element) % 16 == 0)
+    bases = (a.data.data_ptr() - b.data.data_ptr()) % 16 == 0
+    return bases and (a.n_rows <= 1 or ((a.stride - b.stride) * element) % 16 == 0)
 
 
 Launch = Tuple[Tuple[int, ...], Tuple[Any, ...], Dict[str, Any]]
 
 
+def _statistics_meta(
+    cfg: LaunchConfig, params: RowParams, dtype: torch.dtype, **switches: bool
+) -> Dict[str, Any]:
+    """Meta-parameters of a kernel that summarises rows (``summarize_row``)."""
+    return dict(
+        BLOCK_V=cfg.block_v,
+        VEC=cfg.vec,
+        UNIT_T=params.unit_temperature,
+        **switches,
+        TRANSFORM=transform_args(params)[0],
+        FIXED_REF=fixed_reference(params, dtype),
+    )
+
+
 def token_pass_launch(
-    logits,
-    stride_row,
-    n_rows,
-    n_cols,
-    targets,
-    advantages,
-    tokens_per_advantage,
-    mask,
-    grad_weights,
-    grad_out,
-    stride_grad,
-    outputs,
+    logits: LogitsRows,
+    tokens: TokenInputs,
+    grad_weights: Any,
+    grad_out: Optional[LogitsRows],
+    outputs: Tuple[Any, ...],
     params: RowParams,
     with_stats: bool,
     cfg: Optional[LaunchConfig] = None,
@@ -183,23 +205,25 @@ def token_pass_launch(
     """Grid, arguments and meta-parameters of one ``token_pass_kernel`` launch.
 
     ``outputs`` is ``(loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags)``
-    (``entropy`` None without stats); tensors may be AOT stand-ins. ``cfg`` overrides the
+    (``entropy`` None without stats); tensors may be AOT stand-ins. With ``grad_out`` the
+    gradient is written in the pass, weighted by ``grad_weights``. ``cfg`` overrides the
     default configuration (autotuning).
     """
-    cfg = cfg or launch_config(logits.dtype, params.logit_softcap is not None)
+    dtype = logits.data.dtype
+    cfg = cfg or launch_config(dtype, params.logit_softcap is not None)
     loss, logprobs, probs, entropy, row_max, sum_exp, scale, flags = outputs
-    kind, logit_scale, cap, tanh_slope = transform_args(params)
+    _, logit_scale, cap, tanh_slope = transform_args(params)
     write_grad = grad_out is not None
     args = (
-        logits,
-        stride_row,
-        targets,
-        advantages,
-        tokens_per_advantage,
-        mask if mask is not None else flags,
+        logits.data,
+        logits.stride,
+        tokens.targets,
+        tokens.advantages,
+        tokens.tokens_per_advantage,
+        tokens.mask if tokens.mask is not None else flags,
         grad_weights if write_grad else loss,
-        grad_out if write_grad else logits,
-        stride_grad if write_grad else 0,
+        grad_out.data if write_grad else logits.data,
+        grad_out.stride if write_grad else 0,
         loss,
         logprobs,
         probs,
@@ -208,7 +232,7 @@ def token_pass_launch(
         sum_exp,
         scale,
         flags,
-        n_cols,
+        logits.n_cols,
         params.ignore_index,
         params.tau,
         params.inv_temperature,
@@ -217,17 +241,10 @@ def token_pass_launch(
         cap,
         tanh_slope,
     )
-    skew_agrees = write_grad and same_skew(
-        logits, stride_row, grad_out, stride_grad, n_rows, cfg.vec
-    )
-    meta = dict(
-        BLOCK_V=cfg.block_v,
-        VEC=cfg.vec,
-        UNIT_T=params.unit_temperature,
-        WITH_STATS=with_stats,
-        TRANSFORM=kind,
-        FIXED_REF=fixed_reference(params, logits.dtype),
-        HAS_MASK=mask is not None,
+    skew_agrees = write_grad and same_skew(logits, grad_out, cfg.vec)
+    meta = _statistics_meta(cfg, params, dtype, WITH_STATS=with_stats)
+    meta.update(
+        HAS_MASK=tokens.mask is not None,
         WRITE_GRAD=write_grad,
         SAME_SKEW=skew_agrees,
         # With skews that differ the stores are element by element, each with its own
@@ -237,84 +254,62 @@ def token_pass_launch(
     )
     if write_grad:
         meta["maxnreg"] = fused_pass_registers(cfg.num_warps)
-    return (n_rows,), args, meta
+    return (logits.n_rows,), args, meta
 
 
 def partial_stats_launch(
-    logits,
-    stride_row,
-    n_rows,
-    n_cols,
-    segments,
-    local_targets,
-    outputs,
+    logits: LogitsRows,
+    segments: int,
+    local_targets: Any,
+    outputs: Tuple[Any, ...],
     params: RowParams,
     with_entropy: bool,
 ) -> Launch:
     """One ``partial_stats_kernel`` launch over ``(rows, segments)``; ``outputs`` is
     ``(row_max, sum_exp, sum_exp_1, weighted, target_logit)``, each ``(N, segments)``."""
-    cfg = launch_config(logits.dtype, params.logit_softcap is not None)
+    cfg = launch_config(logits.data.dtype, params.logit_softcap is not None)
     row_max, sum_exp, sum_exp_1, weighted, target_logit = outputs
-    kind, logit_scale, cap, tanh_slope = transform_args(params)
-    seg_len = segment_length(n_cols, segments, cfg.block_v)
+    _, logit_scale, cap, tanh_slope = transform_args(params)
+    seg_len = segment_length(logits.n_cols, segments, cfg.block_v)
     args = (
-        logits,
-        stride_row,
+        logits.data,
+        logits.stride,
         local_targets,
         row_max,
         sum_exp,
         sum_exp_1,
         weighted if with_entropy else sum_exp,
         target_logit,
-        n_cols,
+        logits.n_cols,
         seg_len,
         params.inv_temperature * LOG2E,
         logit_scale,
         cap,
         tanh_slope,
     )
-    meta = dict(
-        BLOCK_V=cfg.block_v,
-        VEC=cfg.vec,
-        UNIT_T=params.unit_temperature,
-        WITH_ENTROPY=with_entropy,
-        TRANSFORM=kind,
-        FIXED_REF=fixed_reference(params, logits.dtype),
-        num_warps=cfg.num_warps,
-    )
-    return (n_rows, triton.cdiv(n_cols, seg_len)), args, meta
+    meta = _statistics_meta(cfg, params, logits.data.dtype, WITH_ENTROPY=with_entropy)
+    meta["num_warps"] = cfg.num_warps
+    return (logits.n_rows, triton.cdiv(logits.n_cols, seg_len)), args, meta
 
 
 def row_grad_launch(
-    logits,
-    stride_row,
-    n_rows,
-    n_cols,
-    out,
-    stride_out,
-    targets,
-    row_max,
-    sum_exp,
-    grad_rows,
-    scale,
-    params: RowParams,
-    segments: int,
+    logits: LogitsRows, out: LogitsRows, rows: GradRows, params: RowParams, segments: int
 ) -> Launch:
     """One ``row_grad_kernel`` launch over ``(rows, segments)``."""
-    cfg = launch_config(logits.dtype, params.logit_softcap is not None, GRAD_WARPS)
+    cfg = launch_config(logits.data.dtype, params.logit_softcap is not None, GRAD_WARPS)
     kind, logit_scale, cap, tanh_slope = transform_args(params)
-    seg_len = segment_length(n_cols, segments, cfg.grad_block)
+    seg_len = segment_length(logits.n_cols, segments, cfg.grad_block)
     args = (
-        logits,
-        stride_row,
-        out,
-        stride_out,
-        targets,
-        row_max,
-        sum_exp,
-        grad_rows,
-        scale,
-        n_cols,
+        logits.data,
+        logits.stride,
+        out.data,
+        out.stride,
+        rows.targets,
+        rows.row_max,
+        rows.sum_exp,
+        rows.grad_rows,
+        rows.scale,
+        logits.n_cols,
         seg_len,
         params.inv_temperature,
         params.inv_temperature * LOG2E,
@@ -325,8 +320,8 @@ def row_grad_launch(
     meta = dict(
         BLOCK_V=cfg.grad_block,
         VEC=cfg.vec,
-        SAME_SKEW=same_skew(logits, stride_row, out, stride_out, n_rows, cfg.vec),
+        SAME_SKEW=same_skew(logits, out, cfg.vec),
         TRANSFORM=kind,
         num_warps=GRAD_WARPS,
     )
-    return (n_rows, triton.cdiv(n_cols, seg_len)), args, meta
+    return (logits.n_rows, triton.cdiv(logits.n_cols, seg_len)), args, meta
