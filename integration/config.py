@@ -21,7 +21,27 @@ LOSS_NORMALIZATIONS = ("step", "micro_batch")
 
 
 @dataclass
-class GFTConfig(TrainingArguments):
+class FusedHeadOptions:
+    """The fused head's options, shared by ``GFTConfig`` and ``GFTGRPOConfig`` (each
+    documents them); their checks are in :meth:`check_fused_head_options`."""
+
+    gft_backend: str = field(default="auto", metadata={"help": "Backend of fused_linear_gft_loss."})
+    gft_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "Token chunk of the fused head (None: default)."}
+    )
+    log_token_stats: bool = field(
+        default=True, metadata={"help": "Log rectified_fraction and entropy."}
+    )
+    check_head: bool = field(
+        default=True, metadata={"help": "Check the fused head against the model's logits once."}
+    )
+
+    def check_fused_head_options(self) -> None:
+        check_backend_name("gft_backend", self.gft_backend)
+
+
+@dataclass
+class GFTConfig(TrainingArguments, FusedHeadOptions):
     """Training arguments for :class:`~gft_kernels.integration.GFTTrainer`.
 
     All fields of ``transformers.TrainingArguments`` apply; the GFT fields are:
@@ -122,16 +142,6 @@ class GFTConfig(TrainingArguments):
     num_completions_to_print: int = field(
         default=4, metadata={"help": "Self samples printed by log_completions."}
     )
-    gft_backend: str = field(default="auto", metadata={"help": "Backend of fused_linear_gft_loss."})
-    gft_chunk_size: Optional[int] = field(
-        default=None, metadata={"help": "Token chunk of the fused head (None: default)."}
-    )
-    log_token_stats: bool = field(
-        default=True, metadata={"help": "Log rectified_fraction and entropy."}
-    )
-    check_head: bool = field(
-        default=True, metadata={"help": "Check the fused head against the model's logits once."}
-    )
     model_init_kwargs: Optional[Union[Dict[str, Any], str]] = field(
         default=None,
         metadata={"help": "Keywords for loading a model from a name or config (dict or JSON)."},
@@ -191,7 +201,7 @@ class GFTConfig(TrainingArguments):
             self.reward_weights = [
                 number(f"reward_weights[{i}]", w) for i, w in enumerate(self.reward_weights)
             ]
-        check_backend_name("gft_backend", self.gft_backend)
+        self.check_fused_head_options()
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise TypeError(
                 "model_init_kwargs: expected None or a dict, got "

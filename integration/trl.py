@@ -31,10 +31,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from gft_kernels.backends import check_backend_name
-
 from . import loss
-from .config import TRAINER_LOSS_AGG_MODES
+from .config import TRAINER_LOSS_AGG_MODES, FusedHeadOptions
 from .fused_head import FusedHeadMixin
 from .heads import head_logit_transform
 
@@ -61,7 +59,7 @@ GRPO_ONLY_OPTIONS = (
 
 
 @dataclass
-class GFTGRPOConfig(GRPOConfig):
+class GFTGRPOConfig(GRPOConfig, FusedHeadOptions):
     """``trl.GRPOConfig`` plus the GFT options.
 
     Attributes:
@@ -93,16 +91,6 @@ class GFTGRPOConfig(GRPOConfig):
         default_factory=lambda: ["expert", "teacher"],
         metadata={"help": "Dataset columns whose completions join each prompt's group."},
     )
-    gft_backend: str = field(default="auto", metadata={"help": "Backend of the fused loss."})
-    gft_chunk_size: Optional[int] = field(
-        default=None, metadata={"help": "Token chunk of the fused head (None: default)."}
-    )
-    log_token_stats: bool = field(
-        default=True, metadata={"help": "Log rectified_fraction and entropy."}
-    )
-    check_head: bool = field(
-        default=True, metadata={"help": "Check the fused head against the model's logits once."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,7 +103,7 @@ class GFTGRPOConfig(GRPOConfig):
                 f"loss_agg_mode: expected one of {', '.join(TRAINER_LOSS_AGG_MODES)}, got "
                 f"{self.loss_agg_mode!r}"
             )
-        check_backend_name("gft_backend", self.gft_backend)
+        self.check_fused_head_options()
         if isinstance(self.demonstration_columns, str) or not all(
             isinstance(c, str) for c in self.demonstration_columns
         ):

@@ -8,19 +8,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gft_kernels.integration.heads import head_logit_transform
+from tests.helpers import TINY_DECODER_LAYERS
 
-SMALL = dict(
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=8,
-    eos_token_id=1,
-    pad_token_id=0,
-    bos_token_id=2,
-)
+SMALL = dict(TINY_DECODER_LAYERS, vocab_size=64, eos_token_id=1, pad_token_id=0, bos_token_id=2)
 
 
 @pytest.mark.parametrize(

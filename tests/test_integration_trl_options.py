@@ -36,6 +36,22 @@ def config(tmp_path, **overrides):
     )
 
 
+def gft_trainer(tmp_path, *, model=None, reward_funcs=None, data=None, **overrides):
+    """A GFTGRPOTrainer on the TRL tests' tiny model, tokenizer and dataset (or ``data``),
+    with their config plus ``overrides``."""
+    from gft_kernels.integration.trl import GFTGRPOTrainer
+    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
+    from tests.test_integration_trl import config as trl_config
+
+    return GFTGRPOTrainer(
+        model=tiny_model() if model is None else model,
+        reward_funcs=reward_funcs or [right_answer],
+        args=trl_config(tmp_path, **overrides),
+        train_dataset=dataset() if data is None else data,
+        processing_class=chat_tokenizer(),
+    )
+
+
 def test_every_listed_option_exists_in_this_trl():
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
     assert set(GRPO_ONLY_OPTIONS) <= names
@@ -66,33 +82,16 @@ def test_a_misspelled_or_missing_demonstration_column_is_refused(tmp_path):
     GRPO, silently. Checked on the dataset when the trainer is built, and on every batch."""
     import datasets
 
-    from gft_kernels.integration.trl import GFTGRPOTrainer
-    from tests.test_integration_trl import chat_tokenizer, right_answer, tiny_model
-
     data = datasets.Dataset.from_list([{"prompt": "1+1=", "expert": "2", "teachr": "3"}])
     with pytest.raises(ValueError, match=r"demonstration_columns: \['teacher'\] not in"):
-        GFTGRPOTrainer(
-            model=tiny_model(),
-            reward_funcs=[right_answer],
-            args=config(tmp_path),
-            train_dataset=data,
-            processing_class=chat_tokenizer(),
-        )
-    trainer = GFTGRPOTrainer(
-        model=tiny_model(),
-        reward_funcs=[right_answer],
-        args=config(tmp_path, demonstration_columns=["expert"]),
-        train_dataset=data,
-        processing_class=chat_tokenizer(),
-    )
+        gft_trainer(tmp_path, data=data)
+    trainer = gft_trainer(tmp_path, data=data, demonstration_columns=["expert"])
     with pytest.raises(ValueError, match=r"demonstration_columns: \['expert'\] not in inputs"):
         trainer._assign_demonstrations([{"prompt": "1+1="}])
 
 
 def test_reward_functions_get_each_rows_source(tmp_path):
-    from gft_kernels.integration.trl import GFTGRPOTrainer
-    from tests.test_integration_trl import chat_tokenizer, dataset, tiny_model
-    from tests.test_integration_trl import config as trl_config
+    from tests.test_integration_trl import dataset
 
     seen = []
 
@@ -101,13 +100,7 @@ def test_reward_functions_get_each_rows_source(tmp_path):
         return [0.0] * len(completions)
 
     data = dataset()
-    trainer = GFTGRPOTrainer(
-        model=tiny_model(),
-        reward_funcs=[record],
-        args=trl_config(tmp_path),
-        train_dataset=data,
-        processing_class=chat_tokenizer(),
-    )
+    trainer = gft_trainer(tmp_path, reward_funcs=[record], data=data)
     trainer.train()
     sources = [source for _, source in seen]
     groups = len(seen) // trainer.args.num_generations  # one expert, one teacher in each
@@ -119,16 +112,7 @@ def test_reward_functions_get_each_rows_source(tmp_path):
 
 
 def test_token_id_demonstrations_end_with_eos_as_text_ones_do(tmp_path):
-    from gft_kernels.integration.trl import GFTGRPOTrainer
-    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
-
-    trainer = GFTGRPOTrainer(
-        model=tiny_model(),
-        reward_funcs=[right_answer],
-        args=config(tmp_path),
-        train_dataset=dataset(),
-        processing_class=chat_tokenizer(),
-    )
+    trainer = gft_trainer(tmp_path)
     eos = trainer.eos_token_ids[0]
     text = trainer._demonstration_ids("x", "7")
     (seven,) = trainer._tokenizer.encode("7", add_special_tokens=False)
@@ -142,9 +126,7 @@ def test_cast_lm_head_to_fp32_runs_the_fused_head_in_fp32(tmp_path, monkeypatch,
     """A bf16 policy: with ``cast_lm_head_to_fp32`` the fused head gets fp32 hidden states and
     weight (TRL's own head runs in fp32 then), without it the model's bf16."""
     from gft_kernels.integration import loss as integration_loss
-    from gft_kernels.integration.trl import GFTGRPOTrainer
-    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
-    from tests.test_integration_trl import config as trl_config
+    from tests.test_integration_trl import tiny_model
 
     seen = []
     real = integration_loss.fused_linear_gft_loss
@@ -154,12 +136,8 @@ def test_cast_lm_head_to_fp32_runs_the_fused_head_in_fp32(tmp_path, monkeypatch,
         return real(hidden, weight, *args, **kwargs)
 
     monkeypatch.setattr(integration_loss, "fused_linear_gft_loss", spy)
-    trainer = GFTGRPOTrainer(
-        model=tiny_model().to(torch.bfloat16),
-        reward_funcs=[right_answer],
-        args=trl_config(tmp_path, cast_lm_head_to_fp32=cast),
-        train_dataset=dataset(),
-        processing_class=chat_tokenizer(),
+    trainer = gft_trainer(
+        tmp_path, model=tiny_model().to(torch.bfloat16), cast_lm_head_to_fp32=cast
     )
     trainer.train()
     expected = torch.float32 if cast else torch.bfloat16
@@ -169,19 +147,11 @@ def test_cast_lm_head_to_fp32_runs_the_fused_head_in_fp32(tmp_path, monkeypatch,
 def test_the_head_is_checked_against_the_models_logits(tmp_path):
     """A config that declares a logit scale the model's forward does not apply: the fused
     head would train other logits than the model's, so the first step refuses."""
-    from gft_kernels.integration.trl import GFTGRPOTrainer
-    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
-    from tests.test_integration_trl import config as trl_config
+    from tests.test_integration_trl import tiny_model
 
     model = tiny_model()
     model.config.logit_scale = 2.0  # read as Cohere's multiplier; this model ignores it
-    trainer = GFTGRPOTrainer(
-        model=model,
-        reward_funcs=[right_answer],
-        args=trl_config(tmp_path),
-        train_dataset=dataset(),
-        processing_class=chat_tokenizer(),
-    )
+    trainer = gft_trainer(tmp_path, model=model)
     with pytest.raises(ValueError, match="model: its logits differ from the fused head's"):
         trainer.train()
 
@@ -192,10 +162,6 @@ def test_no_old_log_prob_forward(tmp_path, monkeypatch, more):
     (num_iterations > 1) or generation runs ahead of the optimizer; GFT never reads them."""
     from trl import GRPOTrainer
 
-    from gft_kernels.integration.trl import GFTGRPOTrainer
-    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
-    from tests.test_integration_trl import config as trl_config
-
     calls = []
     real = GRPOTrainer._get_per_token_logps_and_entropies
 
@@ -204,29 +170,14 @@ def test_no_old_log_prob_forward(tmp_path, monkeypatch, more):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", counted)
-    trainer = GFTGRPOTrainer(
-        model=tiny_model(),
-        reward_funcs=[right_answer],
-        args=trl_config(tmp_path, max_steps=2, **more),
-        train_dataset=dataset(),
-        processing_class=chat_tokenizer(),
-    )
+    trainer = gft_trainer(tmp_path, max_steps=2, **more)
     trainer.train()
     assert calls == []
 
 
 def test_lengths_are_logged_per_source(tmp_path):
-    from gft_kernels.integration.trl import GFTGRPOTrainer
-    from tests.test_integration_trl import chat_tokenizer, dataset, right_answer, tiny_model
-    from tests.test_integration_trl import config as trl_config
 
-    trainer = GFTGRPOTrainer(
-        model=tiny_model(),
-        reward_funcs=[right_answer],
-        args=trl_config(tmp_path),
-        train_dataset=dataset(),
-        processing_class=chat_tokenizer(),
-    )
+    trainer = gft_trainer(tmp_path)
     trainer.train()
     (logged,) = [h for h in trainer.state.log_history if "completions/self/mean_length" in h]
     # The demonstrations are one digit and the eos each (dataset()).
