@@ -273,12 +273,15 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
         )
         if plain:
             rows = [i for i, d in enumerate(demos) if d is None]
-            sampled: List[Any] = []
-            logprobs = None
-            if rows:
-                sampled, logprobs = super()._generate_single_turn(
-                    [prompt_ids[i] for i in rows], None, {}, num_generations, *args, **kwargs
-                )
+            # A rank whose rows are all demonstrations still generates (one row, discarded):
+            # with a sharded model (FSDP, ZeRO-3) generation is collective, and a rank that
+            # skipped it would leave the others waiting.
+            asked = rows or [0]
+            sampled, logprobs = super()._generate_single_turn(
+                [prompt_ids[i] for i in asked], None, {}, num_generations, *args, **kwargs
+            )
+            if not rows:
+                sampled, logprobs = [], None
             completion_ids = [list(d) if d is not None else None for d in demos]
             for i, ids in zip(rows, sampled):
                 completion_ids[i] = ids

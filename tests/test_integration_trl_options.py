@@ -185,3 +185,25 @@ def test_lengths_are_logged_per_source(tmp_path):
     assert expert == teacher == 2
     assert logged["num_tokens/expert"] == 2
     assert 0 < logged["completions/self/mean_length"] <= trainer.args.max_completion_length
+
+
+def test_a_rank_with_only_demonstrations_still_generates(tmp_path, monkeypatch):
+    """Generation is collective under FSDP/ZeRO-3: a process whose rows all take
+    demonstrations must still call it (one row, whose sample is discarded)."""
+    from trl import GRPOTrainer
+
+    trainer = gft_trainer(tmp_path)
+    calls = []
+
+    def fake_generate(self, prompt_ids, *args, **kwargs):
+        calls.append(len(prompt_ids))
+        return [[5] for _ in prompt_ids], None
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fake_generate)
+    trainer._pending_demos = [[7, 8], [9, 8]]
+    completions, logprobs = trainer._generate_single_turn([[1, 2], [1, 2]], None, {}, 2)
+    assert calls == [1]
+    assert completions == [[7, 8], [9, 8]] and logprobs is None
+    trainer._pending_demos = [[7, 8], None]
+    completions, _ = trainer._generate_single_turn([[1, 2], [1, 3]], None, {}, 2)
+    assert calls == [1, 1] and completions == [[7, 8], [5]]
