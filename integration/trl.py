@@ -69,6 +69,9 @@ class GFTGRPOConfig(GRPOConfig, FusedHeadOptions):
             max_completion_length``) or ``sum``, over the optimizer step.
         demonstration_columns: dataset columns whose completions join each prompt's group,
             in this order (a missing or None value: none for that prompt).
+        demonstration_reward: a fixed reward for every demonstration instead of what the
+            reward functions give it (None, the default: they score demonstrations as they
+            score samples).
         gft_backend: ``backend`` of ``fused_linear_gft_loss``.
         gft_chunk_size: ``chunk_size`` of ``fused_linear_gft_loss`` (None: its default).
         log_token_stats: log ``rectified_fraction`` and ``entropy`` (from the loss pass).
@@ -90,6 +93,10 @@ class GFTGRPOConfig(GRPOConfig, FusedHeadOptions):
     demonstration_columns: List[str] = field(
         default_factory=lambda: ["expert", "teacher"],
         metadata={"help": "Dataset columns whose completions join each prompt's group."},
+    )
+    demonstration_reward: Optional[float] = field(
+        default=None,
+        metadata={"help": "A fixed reward for every demonstration (None: the reward functions')."},
     )
 
     def __post_init__(self) -> None:
@@ -115,6 +122,15 @@ class GFTGRPOConfig(GRPOConfig, FusedHeadOptions):
             raise ValueError('demonstration_columns: "self" names the policy samples')
         if self.beta != 0.0:
             raise ValueError(f"beta: expected 0 (the GFT loss has no KL term), got {self.beta}")
+        if self.demonstration_reward is not None and (
+            isinstance(self.demonstration_reward, bool)
+            or not isinstance(self.demonstration_reward, (int, float))
+            or not math.isfinite(self.demonstration_reward)
+        ):
+            raise ValueError(
+                "demonstration_reward: expected None or a finite number, got "
+                f"{self.demonstration_reward!r}"
+            )
         if self.remove_unused_columns and self.demonstration_columns:
             raise ValueError(
                 "remove_unused_columns: expected False (TRL's default): True drops the "
@@ -174,6 +190,11 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
             _check_columns("train_dataset", self.args.demonstration_columns, columns)
         self.logit_transform = head_logit_transform(self.accelerator.unwrap_model(self.model))
         self._head_checked = not self.args.check_head
+        if self.args.demonstration_reward is not None and not bool(self.reward_weights.any()):
+            raise ValueError(
+                "reward_weights: a fixed demonstration_reward needs a reward function with a "
+                "nonzero weight to carry it, got all zero"
+            )
         self._skip_old_logps = False
         self._pending_demos: Optional[List[Optional[List[int]]]] = None
         self._pending_sources: Optional[List[int]] = None
@@ -320,6 +341,15 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
             local = torch.tensor(self._pending_sources, device=device)
             sources = self.accelerator.gather(local)
             weights = self.reward_weights.to(device)
+            fixed = self.args.demonstration_reward
+            if fixed is not None:
+                # TRL sums weight * reward over the functions, skipping NaN: one function
+                # (the first with a nonzero weight) carries fixed / weight, the others NaN.
+                demo = sources != len(self.sources) - 1
+                k = int(weights.nonzero()[0])
+                rewards_per_func = rewards_per_func.clone()
+                rewards_per_func[demo] = float("nan")
+                rewards_per_func[demo, k] = fixed / weights[k]
             rewards = (rewards_per_func * weights[None]).nansum(dim=1)
             mode = "train" if self.model.training else "eval"
             for code, name in enumerate(self.sources):

@@ -207,3 +207,16 @@ def test_a_rank_with_only_demonstrations_still_generates(tmp_path, monkeypatch):
     trainer._pending_demos = [[7, 8], None]
     completions, _ = trainer._generate_single_turn([[1, 2], [1, 3]], None, {}, 2)
     assert calls == [1, 1] and completions == [[7, 8], [5]]
+
+
+def test_demonstrations_can_take_a_fixed_reward(tmp_path):
+    def nothing_is_right(completions, **columns):
+        return [0.0] * len(completions)
+
+    trainer = gft_trainer(tmp_path, reward_funcs=[nothing_is_right], demonstration_reward=1.0)
+    trainer.train()
+    (logged,) = [h for h in trainer.state.log_history if "reward/expert/mean" in h]
+    assert logged["reward/expert/mean"] == logged["reward/teacher/mean"] == 1.0
+    assert logged["reward/self/mean"] == 0.0
+    with pytest.raises(ValueError, match="demonstration_reward: expected None or a finite"):
+        config(tmp_path, demonstration_reward=float("nan"))
