@@ -26,6 +26,11 @@ from torch import nn
 from . import heads, loss
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper (accelerate's ``unwrap_model`` keeps it by default)."""
+    return type(model).__name__ == "OptimizedModule"
+
+
 class FusedHeadMixin:
     """The GFT loss of a batch with the fused head (see the module docstring)."""
 
@@ -92,8 +97,11 @@ class FusedHeadMixin:
         wrapped and sharded models.)
         """
         unwrapped = self.accelerator.unwrap_model(model)
-        # The router loss comes from the full model's forward (its own aux-loss formula).
-        body = self._body(unwrapped) if model is unwrapped and not forward_kwargs else None
+        # The router loss comes from the full model's forward (its own aux-loss formula); a
+        # compiled model (torch_compile) runs its compiled forward, which calling the body
+        # of the module inside it would bypass.
+        plain = model is unwrapped and not _is_compiled(unwrapped) and not forward_kwargs
+        body = self._body(unwrapped) if plain else None
         if body is not None:
             # accelerate applies mixed precision by wrapping model.forward; the body is
             # called directly, so it gets the same autocast here.
@@ -119,7 +127,7 @@ class FusedHeadMixin:
         unwrapped = self.accelerator.unwrap_model(model)
         if heads.is_sharded(unwrapped):
             return True
-        return model is not unwrapped and type(model).__name__ != "OptimizedModule"
+        return model is not unwrapped and not _is_compiled(model)
 
     def loss_in_head_forward(
         self,

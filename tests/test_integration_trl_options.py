@@ -220,3 +220,32 @@ def test_demonstrations_can_take_a_fixed_reward(tmp_path):
     assert logged["reward/self/mean"] == 0.0
     with pytest.raises(ValueError, match="demonstration_reward: expected None or a finite"):
         config(tmp_path, demonstration_reward=float("nan"))
+
+
+@pytest.mark.slow
+def test_torch_compile_compiles_the_decoder_of_the_loss_pass(tmp_path):
+    """With ``torch_compile`` the loss pass runs the compiled model: its decoder is reached
+    while dynamo traces (not called eagerly beside the compiled wrapper), and the run
+    trains what the eager run trains."""
+    losses = {}
+    for compiled in (False, True):
+        # check_head=False: its own full forward would be traced whatever the loss pass does.
+        trainer = gft_trainer(tmp_path / str(compiled), torch_compile=compiled, check_head=False)
+        tracing = []
+        decoder = trainer.model.get_decoder()
+        real = type(trainer)._compute_loss
+
+        def in_loss(self, model, inputs, real=real, decoder=decoder, tracing=tracing):
+            hook = decoder.register_forward_pre_hook(
+                lambda module, args: tracing.append(torch.compiler.is_compiling())
+            )
+            try:
+                return real(self, model, inputs)
+            finally:
+                hook.remove()
+
+        trainer._compute_loss = in_loss.__get__(trainer)
+        trainer.train()
+        losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert tracing and any(tracing) == compiled, tracing
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
