@@ -245,6 +245,7 @@ class FusedHeadMixin:
             # Every rank takes the same decision (a rank raising alone would leave the
             # others waiting in their next collective).
             relative = heads.max_over_ranks(relative, logits.device)
+            err = heads.max_over_ranks(err, logits.device)  # the figure the message gives
         if not relative <= tol:
             raise ValueError(
                 f"model: its logits differ from the fused head's (hidden @ lm_head.weight.T "
