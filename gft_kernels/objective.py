@@ -141,7 +141,7 @@ class _ObjectiveLoss(torch.autograd.Function):
         grad = ctx.rows.row_grad(
             logits, local, row_max, sum_exp, grad_loss.contiguous(), scale, ctx.params, out
         )
-        return (grad,) + (None,) * 6
+        return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def objective_loss(

@@ -122,15 +122,17 @@ class GFTGRPOConfig(GRPOConfig, FusedHeadOptions):
             raise ValueError('demonstration_columns: "self" names the policy samples')
         if self.beta != 0.0:
             raise ValueError(f"beta: expected 0 (the GFT loss has no KL term), got {self.beta}")
-        if self.demonstration_reward is not None and (
-            isinstance(self.demonstration_reward, bool)
-            or not isinstance(self.demonstration_reward, (int, float))
-            or not math.isfinite(self.demonstration_reward)
-        ):
-            raise ValueError(
-                "demonstration_reward: expected None or a finite number, got "
-                f"{self.demonstration_reward!r}"
-            )
+        reward = self.demonstration_reward
+        if reward is not None:
+            if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+                raise TypeError(
+                    "demonstration_reward: expected None or a finite number, got "
+                    f"{type(reward).__name__}"
+                )
+            if not math.isfinite(reward):
+                raise ValueError(
+                    f"demonstration_reward: expected None or a finite number, got {reward!r}"
+                )
         if self.remove_unused_columns and self.demonstration_columns:
             raise ValueError(
                 "remove_unused_columns: expected False (TRL's default): True drops the "

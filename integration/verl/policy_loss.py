@@ -32,22 +32,23 @@ DEFAULT_TAU = 0.1
 LOSS_MODE = "gft"
 
 
-def _check_tau(name: str, value: Any) -> float:
+def _check_nonnegative(name: str, value: Any, *, zero_allowed: bool) -> float:
+    """A finite real number ``>= 0`` (``tau``) or ``> 0`` (a temperature)."""
+    interval = "[0, inf)" if zero_allowed else "(0, inf)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number in [0, inf), got {type(value).__name__}")
+        raise TypeError(f"{name}: expected a number in {interval}, got {type(value).__name__}")
     value = float(value)
-    if not 0 <= value < float("inf"):
-        raise ValueError(f"{name}: expected a number in [0, inf), got {value}")
+    if not (0 <= value if zero_allowed else 0 < value) or not value < float("inf"):
+        raise ValueError(f"{name}: expected a number in {interval}, got {value}")
     return value
+
+
+def _check_tau(name: str, value: Any) -> float:
+    return _check_nonnegative(name, value, zero_allowed=True)
 
 
 def _check_temperature(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number in (0, inf), got {type(value).__name__}")
-    value = float(value)
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{name}: expected a number in (0, inf), got {value}")
-    return value
+    return _check_nonnegative(name, value, zero_allowed=False)
 
 
 @dataclass
