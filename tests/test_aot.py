@@ -302,3 +302,25 @@ def test_every_streaming_loop_holds_the_default_gate():
         for dtype in ("bf16", "fp16")
         for temperature, entropy in [("T=1", True), ("T!=1", False), ("T!=1", True)]
     }
+
+
+FUSION_SCRIPT = """
+import json
+from benchmarks.static.variants import aot_variants
+print(json.dumps(sorted({(r.kernel, repr(r.options().get("enable_fp_fusion"))) for r in aot_variants()})))
+"""
+
+
+def test_every_launch_names_the_fp_fusion_switch():
+    """The instruction counts assume fused multiply-adds; Triton 3.9 warns that its default
+    turns them off in 3.10. Every variant ``make aot`` compiles (built from the same launch
+    code as the wrappers' launches) passes ``enable_fp_fusion=True`` explicitly, so a
+    change of the compiler's default cannot move the figures or the kernels' speed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", FUSION_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    kernels = json.loads(proc.stdout)
+    assert {kernel for kernel, _ in kernels} == {"token_pass", "partial_stats", "row_grad"}
+    assert {fusion for _, fusion in kernels} == {"True"}

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 # Options of a launch that are not kernel parameters (the rest of ``meta`` binds to them).
-_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ class KernelVariant:
         signature: parameter name -> Triton type (``"*bf16"``, ``"i32"``, ``"constexpr"``).
         constexprs: parameter name -> value for every ``constexpr`` entry of ``signature``.
         attrs: ``{(param index,): [["tt.divisibility", 16]]}`` for 16-divisible arguments.
-        num_warps, num_stages, maxnreg: launch options (None: Triton's default).
+        num_warps, num_stages, maxnreg, enable_fp_fusion: launch options (None: Triton's
+            default; the library's launches name ``enable_fp_fusion`` explicitly).
         loops: every loop of ``fn`` and of the jit functions it calls (each described once,
             however many times it is inlined).
     """
@@ -89,10 +90,13 @@ class KernelVariant:
     num_stages: Optional[int]
     loops: Tuple[HotLoop, ...]
     maxnreg: Optional[int] = None
+    enable_fp_fusion: Optional[bool] = None
 
-    def options(self) -> Dict[str, int]:
+    def options(self) -> Dict[str, Any]:
         """The ``options`` dict for ``triton.compile``."""
-        opts = {"num_warps": self.num_warps}
+        opts: Dict[str, Any] = {"num_warps": self.num_warps}
+        if self.enable_fp_fusion is not None:
+            opts["enable_fp_fusion"] = self.enable_fp_fusion
         if self.num_stages is not None:
             opts["num_stages"] = self.num_stages
         if self.maxnreg is not None:
@@ -109,6 +113,7 @@ class KernelVariant:
             self.num_warps,
             self.num_stages,
             self.maxnreg,
+            self.enable_fp_fusion,
         )
 
 
@@ -180,6 +185,7 @@ def launch_variant(
         num_stages=meta.get("num_stages"),
         loops=tuple(loops),
         maxnreg=meta.get("maxnreg"),
+        enable_fp_fusion=meta.get("enable_fp_fusion"),
     )
 
 

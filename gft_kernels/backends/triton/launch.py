@@ -47,6 +47,18 @@ GRAD_WARPS = 8
 # flight per SM, more than HBM latency times bandwidth needs (about 15 KB on an H100).
 REGISTER_FILE = 65536
 PROGRAMS_PER_SM_WITH_GRAD = 2
+# Every launch names Triton's floating-point contraction switch instead of taking the
+# compiler's default: Triton 3.9 warns that the default turns off in 3.10, and the
+# instruction counts of ``make aot`` (and the soft-capped loops' speed, about 20% less
+# without fused multiply-adds) assume it on. Contraction never joins two roundings the
+# kernels' accuracy relies on: those places call ``tl.fma`` or keep separate products
+# on purpose (``fma_math``, tested in tests/test_fma_math.py).
+ENABLE_FP_FUSION = True
+
+
+def compile_options(num_warps: int, **options: int) -> Dict[str, Any]:
+    """The launch options that are not kernel parameters, the same for every launch."""
+    return dict(num_warps=num_warps, enable_fp_fusion=ENABLE_FP_FUSION, **options)
 
 
 def fused_pass_registers(num_warps: int) -> int:
@@ -250,10 +262,9 @@ def token_pass_launch(
         # With skews that differ the stores are element by element, each with its own
         # address: at the full block ptxas spilled in the 16-bit variants (sm_80).
         GRAD_BLOCK=cfg.grad_block if skew_agrees else max(cfg.grad_block // 2, cfg.vec),
-        num_warps=cfg.num_warps,
     )
-    if write_grad:
-        meta["maxnreg"] = fused_pass_registers(cfg.num_warps)
+    registers = {"maxnreg": fused_pass_registers(cfg.num_warps)} if write_grad else {}
+    meta.update(compile_options(cfg.num_warps, **registers))
     return (logits.n_rows,), args, meta
 
 
@@ -288,7 +299,7 @@ def partial_stats_launch(
         tanh_slope,
     )
     meta = _statistics_meta(cfg, params, logits.data.dtype, WITH_ENTROPY=with_entropy)
-    meta["num_warps"] = cfg.num_warps
+    meta.update(compile_options(cfg.num_warps))
     return (logits.n_rows, triton.cdiv(logits.n_cols, seg_len)), args, meta
 
 
@@ -322,6 +333,6 @@ def row_grad_launch(
         VEC=cfg.vec,
         SAME_SKEW=same_skew(logits, out, cfg.vec),
         TRANSFORM=kind,
-        num_warps=GRAD_WARPS,
+        **compile_options(GRAD_WARPS),
     )
     return (logits.n_rows, triton.cdiv(logits.n_cols, seg_len)), args, meta
