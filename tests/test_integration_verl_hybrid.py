@@ -206,3 +206,66 @@ def test_refusals_and_bad_rows():
     assert dataset_responses({"gft_responses": [{"ids": [3, 4], "source": "expert"}]}) == [
         {"source": "expert", "text": None, "ids": [3, 4]}
     ]
+
+
+def prepared_rows(tmp_path, examples, split):
+    """Rows of ``verl_gft_prepare_data.py --split <split>`` as verl's RLHFDataset reads them."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "integration" / "examples"
+    src, dst = tmp_path / f"{split}.jsonl", tmp_path / f"{split}.parquet"
+    src.write_text("\n".join(json.dumps(e) for e in examples) + "\n")
+    subprocess.run(
+        [sys.executable, str(script / "verl_gft_prepare_data.py"), str(src), str(dst)]
+        + ["--split", split],
+        check=True,
+        capture_output=True,
+    )
+    return dst
+
+
+def test_validation_sessions_sample_the_policy(tmp_path):
+    """verl validates with ``val_kwargs.n`` sessions a prompt and does not tell the agent
+    loop: rows written with ``--split test`` (no responses) sample every session, however
+    many; so does a row marked ``split == "test"`` that still carries responses; a training
+    row replays its responses in sessions ``n_self .. rollout.n - 1`` only."""
+    tokenizer = char_tokenizer()
+    n, val_n = N_SELF + 2, N_SELF + 5
+    config = trainer_config(
+        n,
+        **{
+            "actor_rollout_ref.rollout.val_kwargs.n": val_n,
+            "actor_rollout_ref.rollout.prompt_length": 256,  # the recipe's instruction
+        },
+    )
+    assert config.actor_rollout_ref.rollout.val_kwargs.n == val_n
+    examples = [{"question": "1+1?", "answer": "2", "expert": "2", "teachers": ["3", "2"]}]
+    dataset = RLHFDataset(
+        data_files=[str(prepared_rows(tmp_path, examples, "test"))],
+        tokenizer=tokenizer,
+        config=config.data,
+    )
+    row = dataset[0]
+    assert row["extra_info"]["split"] == "test" and dataset_responses(row) == []
+    answers = [str(i) for i in range(3 * val_n)]
+    server = FixedServer(tokenizer, {"1+1?": answers})
+    loop = agent_loop(config, tokenizer, server)
+
+    def sources(kwargs, sessions):
+        async def run():
+            return [await loop.run({}, session_id=i, uid="u", **kwargs) for i in range(sessions)]
+
+        return [o.extra_fields["gft_source"] for o in loop.loop.run_until_complete(run())]
+
+    assert sources(row, val_n) == ["self"] * val_n
+    responses = [{"text": "2", "source": "expert"}, {"text": "3", "source": "teacher"}]
+    marked = dict(row, extra_info=dict(row["extra_info"], gft_responses=responses))
+    assert sources(marked, val_n) == ["self"] * val_n
+    training = dict(marked, extra_info=dict(marked["extra_info"], split="train"))
+    assert sources(training, val_n) == (
+        ["self"] * N_SELF + ["expert", "teacher"] + ["self"] * (val_n - n)
+    )
+    assert server.calls["1+1?"] == 3 * val_n - 2

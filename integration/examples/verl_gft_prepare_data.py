@@ -13,7 +13,9 @@ reward the launch script sets) whose
 ``gft_kernels.integration.verl.hybrid.HybridGroupAgentLoop`` adds to each prompt's group.
 ``--teachers`` caps the teacher answers per prompt (the published recipe uses 3, with
 1 expert: ``rollout.n`` is then 4 + the number of self samples). With ``--split test``
-only ``question`` and ``answer`` are needed: validation scores the policy's own samples.
+only ``question`` and ``answer`` are needed and the rows carry no responses
+(``gft_responses: []``, ``extra_info.split = "test"``): the hybrid agent loop then samples
+every validation session from the policy, so validation scores the policy's own samples.
 
     python integration/examples/verl_gft_prepare_data.py train.jsonl train.parquet
 """

@@ -30,6 +30,9 @@
 #   answer is", last number; numeric, percent and symbolic equality), through
 #   gft_kernels.integration.rewards and math-verify.
 # GPU count and vLLM memory settings are the machine's, not the recipe's.
+# The sampler (GFTReplayBuffer, verl's sync replay buffer) adds per-source metrics to each
+# step's log: gft/{self,expert,teacher}/{score/mean,response_length/mean,...}, since verl's
+# critic/score/* and response_length/* average the policy's samples with the dataset rows.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -80,6 +83,8 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.rollout.gpu_memory_utilization=0.6 \
     actor_rollout_ref.rollout.agent.agent_loop_config_path="$HERE/verl_gft_agent_loop.yaml" \
     actor_rollout_ref.rollout.agent.default_agent_loop=gft_hybrid \
+    trainer.v1.sampler.custom_sampler.path=pkg://gft_kernels.integration.verl.metrics \
+    trainer.v1.sampler.custom_sampler.name=GFTReplayBuffer \
     trainer.project_name=gft \
     trainer.experiment_name=gft-qwen2.5-math-1.5b-tau${TAU} \
     trainer.logger='["console"]' \

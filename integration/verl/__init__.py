@@ -14,6 +14,9 @@ installed). Three parts:
   (``actor_rollout_ref.model.external_lib=...`` or ``VERL_USE_EXTERNAL_MODULES``).
 - :mod:`.hybrid`: :class:`HybridGroupAgentLoop`, the rollout component that adds each
   prompt's expert/teacher responses to the uid group of the policy's samples.
+- :mod:`.metrics`: :class:`GFTReplayBuffer`, verl's sync V1 sampler that adds per-source
+  metrics (``gft/self/score/mean``, ...) to each training step's log
+  (``trainer.v1.sampler.custom_sampler``).
 
 Needs verl (``pip install "gft-kernels[verl]"``).
 """
@@ -35,6 +38,7 @@ __all__ = [
     "DEFAULT_TAU",
     "GFTFSDPEngine",
     "GFTPolicyLossConfig",
+    "GFTReplayBuffer",
     "HybridGroupAgentLoop",
     "VERL_LOSS_AGG_MODES",
     "aggregation_weights",
@@ -45,11 +49,13 @@ __all__ = [
 ]
 
 # The engine imports verl's FSDP engine (and transformers), the agent loop verl's rollout
-# stack: both on first use, so the entry point loaded by `import verl` stays light.
+# stack, the sampler verl's trainer and TransferQueue: all on first use, so the entry
+# point loaded by `import verl` stays light.
 _LAZY = {
     "GFTFSDPEngine": "engine",
     "register_fused_engine": "engine",
     "HybridGroupAgentLoop": "hybrid",
+    "GFTReplayBuffer": "metrics",
 }
 
 

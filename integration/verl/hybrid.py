@@ -8,7 +8,8 @@ agent loop whose last ``k`` sessions, ``k`` the number of responses the dataset 
 carries, return those responses instead of generating:
 
     rollout.n = n_self + k      session_id <  n_self: the policy samples (verl's single turn)
-                                session_id >= n_self: dataset response session_id - n_self
+                                n_self <= session_id < rollout.n: dataset response
+                                                                  session_id - n_self
 
 so every group holds its prompt's expert/teacher responses and ``n_self`` self samples
 before the reward and the advantage are computed, as the published recipe does
@@ -20,6 +21,13 @@ Dataset rows carry the responses in ``extra_info["gft_responses"]`` (or a top-le
 ``gft_responses`` column): a list of ``{"text": str, "source": "expert" | "teacher"}``
 (``"ids": [int, ...]`` instead of ``"text"`` for pre-tokenized responses; a bare string
 is a teacher text). Each output's ``extra_fields["gft_source"]`` says where it came from.
+
+Validation: verl 0.9.1 runs ``val_kwargs.n`` sessions per prompt and does not tell the
+agent loop that it validates. Rows without responses (``verl_gft_prepare_data.py --split
+test`` writes none) and rows marked ``extra_info["split"] == "test"`` (or ``"val"``,
+``"valid"``, ``"validation"``) sample every session from the policy, as do sessions past
+``rollout.n``; any other row replays its responses in sessions ``n_self .. rollout.n - 1``,
+validation or not.
 
 Dataset responses have no rollout log-probs: ``rollout.calculate_log_probs`` and the
 rollout-correction bypass mode (which train on them) must be off; both are refused.
@@ -36,6 +44,7 @@ from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentL
 AGENT_NAME = "gft_hybrid"
 RESPONSES_KEY = "gft_responses"
 SOURCES = ("expert", "teacher")
+HELD_OUT_SPLITS = ("test", "val", "valid", "validation")
 
 
 def _get(config: Any, *path: str) -> Any:
@@ -86,6 +95,20 @@ def dataset_responses(row: Mapping[str, Any], key: str = RESPONSES_KEY) -> List[
     return out
 
 
+def held_out(row: Mapping[str, Any]) -> bool:
+    """Whether a dataset row is marked as validation data: ``extra_info["split"]`` is one
+    of :data:`HELD_OUT_SPLITS` (verl's own data scripts write ``"test"``).
+
+    verl 0.9.1 does not tell an agent loop whether it runs for validation (``run`` gets the
+    same sampling-parameter keys and row fields either way), so the row itself has to: the
+    responses of a held-out row are never replayed, all its sessions sample the policy
+    (in a training run too, should such a row be among the training data).
+    """
+    extra = row.get("extra_info")
+    split = extra.get("split") if isinstance(extra, Mapping) else None
+    return isinstance(split, str) and split.lower() in HELD_OUT_SPLITS
+
+
 @register(AGENT_NAME)
 class HybridGroupAgentLoop(SingleTurnAgentLoop):
     """verl's single-turn agent loop whose last sessions replay dataset responses.
@@ -118,7 +141,7 @@ class HybridGroupAgentLoop(SingleTurnAgentLoop):
                 "session_id: the gft_hybrid agent loop needs verl's V1 trainer "
                 "(trainer.use_v1=True), which numbers each prompt's rollout.n sessions"
             )
-        injected = dataset_responses(kwargs, self.responses_key)
+        injected = [] if held_out(kwargs) else dataset_responses(kwargs, self.responses_key)
         n = int(self.rollout_config.n)
         if len(injected) > n:
             raise ValueError(
@@ -126,7 +149,8 @@ class HybridGroupAgentLoop(SingleTurnAgentLoop):
                 f"responses of this prompt) plus the self samples, got {n}"
             )
         n_self = n - len(injected)
-        if int(session_id) < n_self:
+        # Sessions past rollout.n exist only in validation (val_kwargs.n > rollout.n).
+        if not n_self <= int(session_id) < n:
             output = await super().run(sampling_params, **kwargs)
             output.extra_fields["gft_source"] = "self"
             return output
