@@ -10,7 +10,9 @@ Groups. TRL repeats every prompt ``num_generations`` times and forms a group of 
 order of ``demonstration_columns`` (a column holds one completion or a list of them); the
 remaining rows keep TRL's samples. The reward functions score demonstrations and samples
 alike, so GRPO's group advantages compare them. Demonstrations are tokenized without special
-tokens, end with the eos and are cut to ``max_completion_length``.
+tokens, end as the policy's samples would (see :meth:`GFTGRPOTrainer._completion_ending`:
+the chat template's end-of-turn token for a conversational prompt, else the eos) and are cut
+to ``max_completion_length``.
 
 Loss. Per token of a completion, ``-A * c * log p`` with ``c = stopgrad(q if q <= tau else
 1)`` (GFT's dynamic coefficient rectification), aggregated by ``loss_agg_mode`` over the
@@ -30,6 +32,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import is_conversational
 
 from . import loss
 from .config import TRAINER_LOSS_AGG_MODES, FusedHeadOptions
@@ -203,8 +206,41 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
 
     # -- demonstrations ------------------------------------------------------------------
 
-    def _demonstration_ids(self, where: str, value: Any) -> List[List[int]]:
-        """The completions of one column value (a completion or a list of them) as ids."""
+    def _completion_ending(self, prompt: Any) -> List[int]:
+        """The tokens a demonstration for ``prompt`` ends with: those a policy sample ends with.
+
+        TRL stops a sample at the first of its eos ids (``eos_token_ids``: the tokenizer's and
+        the model's generation config's), which the completion keeps, and appends nothing.
+        For a conversational prompt the policy answers in the chat template's assistant turn,
+        and the template closes that turn with its end-of-turn token (Qwen's ``<|im_end|>``,
+        Llama 3's ``<|eot_id|>``), an eos id of such a model even where the tokenizer's eos
+        is another token: the ending is what the template writes after the assistant's
+        content, up to and including its first eos id. For a plain prompt, or a template
+        whose turn ends without an eos id (a sample then runs on to the eos), the eos.
+        """
+        eos = self.eos_token_ids[0] if self.eos_token_ids else self._tokenizer.eos_token_id
+        plain = [] if eos is None else [eos]
+        if not is_conversational({"prompt": prompt}):
+            return plain
+        marker = "GFTDEMONSTRATIONCONTENT"
+        text = self.processing_class.apply_chat_template(
+            [*prompt, {"role": "assistant", "content": marker}],
+            chat_template=self.chat_template,
+            tokenize=False,
+            **self.chat_template_kwargs,
+        )
+        if not isinstance(text, str) or marker not in text:
+            return plain
+        after = text[text.rindex(marker) + len(marker) :]
+        ids = list(self._tokenizer.encode(after, add_special_tokens=False))
+        end = next((j for j, t in enumerate(ids) if t in self.eos_token_ids), None)
+        return plain if end is None else ids[: end + 1]
+
+    def _demonstration_ids(
+        self, where: str, value: Any, ending: Optional[List[int]] = None
+    ) -> List[List[int]]:
+        """The completions of one column value (a completion or a list of them) as ids, each
+        followed by ``ending`` (default: the eos) unless it already ends with an eos id."""
         if value is None:
             return []
         single = (
@@ -219,14 +255,12 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
         )
         items = [value] if single else list(value)
         tokenizer = self._tokenizer
-        eos = self.eos_token_ids[0] if self.eos_token_ids else tokenizer.eos_token_id
+        if ending is None:
+            ending = self._completion_ending(None)
         out = []
         for j, item in enumerate(items):
             if isinstance(item, (list, tuple)) and item and all(isinstance(v, int) for v in item):
                 ids = [int(v) for v in item]
-                # Token ids end as text does: with the eos a policy sample would end with.
-                if eos is not None and ids[-1] not in self.eos_token_ids:
-                    ids.append(eos)
             else:
                 if _is_message(item):
                     item = item["content"]
@@ -238,8 +272,9 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
                         f"message), got {item!r}"
                     )
                 ids = list(tokenizer.encode(item, add_special_tokens=False))
-                if eos is not None and (not ids or ids[-1] not in self.eos_token_ids):
-                    ids.append(eos)
+            # Text and token ids alike end as a policy sample would.
+            if not ids or ids[-1] not in self.eos_token_ids:
+                ids += ending
             out.append(ids[: self.max_completion_length])
         return out
 
@@ -254,11 +289,13 @@ class GFTGRPOTrainer(FusedHeadMixin, GRPOTrainer):
         for i, row in enumerate(inputs):
             _check_columns(f"inputs[{i}]", self.args.demonstration_columns, list(row))
             available = []
+            ending = None
             for code, column in enumerate(self.args.demonstration_columns):
                 where = f'inputs[{i}]["{column}"]'
-                available += [
-                    (code, ids) for ids in self._demonstration_ids(where, row.get(column))
-                ]
+                value = row.get(column)
+                if value is not None and ending is None:
+                    ending = self._completion_ending(row.get("prompt"))
+                available += [(code, ids) for ids in self._demonstration_ids(where, value, ending)]
             if len(available) > group:
                 raise ValueError(
                     f"num_generations: a group of {group} cannot hold the {len(available)} "
