@@ -307,7 +307,8 @@ def test_every_streaming_loop_holds_the_default_gate():
 FUSION_SCRIPT = """
 import json
 from benchmarks.static.variants import aot_variants
-print(json.dumps(sorted({(r.kernel, repr(r.options().get("enable_fp_fusion"))) for r in aot_variants()})))
+kernels = {(r.kernel, repr(r.options().get("enable_fp_fusion"))) for r in aot_variants()}
+print(json.dumps(sorted(kernels)))
 """
 
 

@@ -5,7 +5,8 @@ platform registry and installed with ``set_platform`` before anything asks verl 
 device. :func:`build_actor_engine` then builds a real verl engine (``EngineRegistry.new``,
 FSDP2 on gloo) for a tiny Qwen2 saved to a folder, and :func:`make_batch` a mini-batch
 in the layout verl's legacy trainer hands its actor (left/right padded, converted with
-verl's own ``left_right_2_no_padding``).
+verl's own ``left_right_2_no_padding``). The same platform also carries verl's whole
+``ActorRolloutRefWorker`` (``test_integration_verl_worker.py``).
 """
 
 from __future__ import annotations
@@ -98,10 +99,29 @@ class CPUPlatform(PlatformBase):
 
 
 class _CPUDeviceModule(ModuleType):
-    """``torch.cpu`` plus the memory queries verl asks its device module for."""
+    """``torch.cpu`` plus what verl asks its device module for and ``torch.cpu`` lacks.
+
+    Memory queries answer 0 (no device memory to report). The rest is what verl's
+    ``ActorRolloutRefWorker`` calls besides: the device name its FLOPs counter looks up
+    for the ``mfu`` metric (verl names plain ``torch.cpu`` ``"CPU"`` itself, but this
+    module is not ``torch.cpu``), and the device RNG state its checkpoint loader restores
+    under the device's name (``"cpu"``): on CPU, torch's default generator.
+    """
 
     def __init__(self) -> None:
         super().__init__("verl_cpu_device")
+
+    @staticmethod
+    def get_device_name(device: Any = None) -> str:
+        return "CPU"  # the key of verl's FLOPs table for CPUs
+
+    @staticmethod
+    def get_rng_state(device: Any = "cpu") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(new_state: torch.Tensor, device: Any = "cpu") -> None:
+        torch.set_rng_state(new_state)
 
     def __getattr__(self, name: str) -> Any:
         if name in (
