@@ -47,6 +47,7 @@ class Head:
 QWEN25_05B = Head("Qwen2.5-0.5B", 896, 151936)
 LLAMA32_1B = Head("Llama-3.2-1B", 2048, 128256)
 TINYLLAMA_11B = Head("TinyLlama-1.1B", 2048, 32000)
+QWEN25_15B = Head("Qwen2.5-1.5B", 1536, 151936)
 TOY_HEAD = Head("toy", 256, 8192)  # --quick, pytest and the CPU bf16 case
 # bf16 smoke cases: a CPU without bf16 matrix instructions runs bf16 GEMMs one to two orders
 # of magnitude slower than fp32 (5 s for the toy head's dh = G W at N=512 on an AVX2 EPYC).
@@ -312,6 +313,28 @@ def quick_cases() -> List[Case]:
         _fused_case(TINY_HEAD, 128, "bfloat16", **quick),
     ]
     return _validate(cases)
+
+
+# torch.compile of the naive loss takes tens of seconds per shape: gpu-check compiles it once.
+_GPU_CHECK_COMPILE = "gpu-check's 8-minute budget compiles naive once, at N=4096"
+
+
+def gpu_check_cases() -> List[Case]:
+    """``--cases gpu-check`` (``make gpu-check``): bf16 at ``V = 151936``, N from 4096 to
+    16384 tokens, logits level and the Qwen2.5-1.5B head (``H = 1536``); minutes on one
+    H100/H200 with every peer."""
+    cases: List[Case] = []
+    gpu = {"devices": ("cuda",)}
+    for n in (4096, 8192, 16384):
+        skip = () if n == 4096 else (("naive+compile", _GPU_CHECK_COMPILE),)
+        cases.append(_logits_case(n, 151936, "bfloat16", skip=skip, **gpu))
+    for n in (4096, 8192, 16384):
+        skip = () if n == 4096 else (("naive+compile", _GPU_CHECK_COMPILE),)
+        cases.append(_fused_case(QWEN25_15B, n, "bfloat16", skip=skip, **gpu))
+    return _validate(cases)
+
+
+CASE_SETS = {"full": full_cases, "quick": quick_cases, "gpu-check": gpu_check_cases}
 
 
 def pytest_cases(op: str) -> List[Case]:

@@ -82,3 +82,22 @@ class BareGemms:
 def bare_gemms() -> BareGemms:
     """A fresh fused-head floor (one per case: its buffers are sized for that case)."""
     return BareGemms()
+
+
+def device_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Bytes read plus bytes written per second by a device-to-device copy of ``nbytes``
+    (CUDA): the bandwidth a streaming kernel can reach on this card, which the achieved
+    bandwidth of a loss is compared with (a data-sheet figure is not reached by any kernel)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    stop.record()
+    stop.synchronize()
+    seconds = start.elapsed_time(stop) / 1e3 / repeats
+    del src, dst
+    return 2 * nbytes / seconds

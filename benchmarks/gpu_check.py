@@ -1,35 +1,44 @@
-"""``make gpu-check``: the test suite and the benchmarks on a CUDA machine, recorded.
+"""``make gpu-check``: the Triton tests and the GPU benchmarks on a CUDA machine, recorded.
 
-Steps (each printed before it runs):
+Made for a machine that cannot reach a package index (the H200 our checks run on): by
+default nothing is installed from the network. The steps, each printed before it runs and
+each with a time limit, fit in about 8 minutes:
 
 1. **GPU**: ``nvidia-smi`` must list a GPU (card name, driver and memory are recorded).
-2. **Environment**: a virtual environment of its own (default ``.venv-gpu``; ``make test``'s
-   ``.venv`` holds a pinned CPU build of torch on machines without a GPU) with a CUDA build
-   of torch: the base interpreter's torch when it has CUDA (the environment then sees the
-   base site-packages), else ``pip install torch`` (from the index named by the environment
-   variable ``TORCH_CUDA_INDEX`` when set). The torch found must report a CUDA version and a
-   usable device, else the check stops. Then the project with its extras, and the native
-   CPU kernel (the suite tests the CPU backends too).
-3. **Tests**: ``python -m pytest tests`` with ``TRITON_INTERPRET`` removed from the
-   environment, so the Triton kernels run compiled on the GPU. The suite's conftest sets
-   ``GFT_KERNELS_SYNC_CHECKS=1`` (bad values raise ``ValueError``); the default checks,
-   device-side asserts, run in a subprocess without it
-   (``tests/test_device_guard.py::test_default_checks_raise_a_device_side_assert``), and
-   the GPU-only capture test (``tests/test_capture_safe.py``) records both losses in a
-   CUDA graph. Nothing here deselects them.
-4. **Benchmarks**: ``python -m benchmarks --device cuda`` (every case, with the Liger-Kernel
-   and ``torch.compile`` peers, the careful PyTorch peer and the floor rows, bare GEMMs
-   included).
-5. **Record**: a dated section appended to ``benchmarks/RESULTS.md``: the card, the software,
-   the commands, the test summary and the benchmark tables with their target verdicts.
+2. **Environment**: the interpreter given with ``--python`` (default: this one) with its own
+   torch and Triton; the checkout runs from ``PYTHONPATH``, never installed. Optional
+   packages come from a folder of wheels (``--wheels DIR``, installed with ``pip
+   --no-index --no-deps`` into the output folder, first on ``PYTHONPATH``): the peers
+   Liger-Kernel and Cut Cross-Entropy (pure-Python wheels), or a missing test package. A
+   peer that is neither installed nor in the folder is skipped with a line that says so.
+   Then the native CPU kernel is built (the suite tests the CPU backends too).
+   With ``--venv DIR`` instead: an environment of its own with a CUDA torch (the base
+   interpreter's, or ``pip install torch``, from ``$TORCH_CUDA_INDEX`` when set) and the
+   project installed, for machines with an index and no CUDA torch.
+3. **Tests**: the test modules of the Triton path (:data:`GPU_TESTS`, small shapes) with
+   ``TRITON_INTERPRET`` removed, so the kernels run compiled on the GPU. The suite's
+   conftest sets ``GFT_KERNELS_SYNC_CHECKS=1`` (bad values raise ``ValueError``); the
+   default checks, device-side asserts, run in a subprocess without it
+   (``tests/test_device_guard.py``), and ``tests/test_capture_safe.py`` records both
+   losses in a CUDA graph.
+4. **Sanitizer**: ``compute-sanitizer --tool memcheck`` over a few launches of every kernel
+   (:mod:`benchmarks.sanitize`), when the tool is on the PATH.
+5. **Benchmarks**: ``python -m benchmarks --device cuda --cases gpu-check``: bf16 at
+   ``V = 151936``, N from 4096 to 16384, logits level and fused head, with the naive,
+   careful, ``torch.compile`` and Liger peers and the floor rows (bare GEMMs).
+6. **Record**: a dated section appended to ``benchmarks/RESULTS.md``: the card, the software,
+   the commands, the skipped peers, the test summary, the benchmark tables and the
+   logits-level rows' achieved bandwidth as a fraction of a measured device-to-device copy.
 
-The record is written even when tests fail (with their summary); the exit status is then
-non-zero. Outputs (logs, ``results.json``, plots) stay in ``--out``.
+The record is written even when a step fails (with its summary); the exit status is then
+non-zero. Outputs (logs, ``results.json``, ``results.md``, plots) stay in ``--out``.
 
-Without a GPU: ``--dry-run`` prints the plan; ``--record-only DIR`` writes the section from
-the outputs of an earlier check in ``DIR`` (what the tests of this script use).
+Without a GPU: ``--dry-run`` prints the plan and checks that every step resolves with what
+is installed (each module its interpreter runs, each test file, each wheel, no ``pip``
+without ``--no-index``), exiting 1 when one does not; ``--record-only DIR`` writes the
+section from the outputs of an earlier check in ``DIR`` (what the tests of this script use).
 
-Only the standard library is imported: this script runs before the environment exists.
+Only the standard library is imported: this script runs before anything is set up.
 """
 
 from __future__ import annotations
@@ -43,13 +52,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = REPO_ROOT / "benchmarks" / "RESULTS.md"
-DEFAULT_VENV = ".venv-gpu"
 DEFAULT_EXTRAS = "test,bench,hf,verl,dev"
 INDEX_ENV = "TORCH_CUDA_INDEX"
 STATE_FILE = "gpu_check.json"  # what the steps found, read back by the record step
@@ -59,6 +68,58 @@ TORCH_PROBE = (
     "'cuda': torch.version.cuda, 'available': torch.cuda.is_available(), "
     "'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))"
 )
+# Which of the named modules an interpreter finds (with the step's PYTHONPATH).
+MODULE_PROBE = (
+    "import importlib.util, json, sys\n"
+    "def found(name):\n"
+    "    try:\n"
+    "        return importlib.util.find_spec(name) is not None\n"
+    "    except Exception:\n"
+    "        return False\n"
+    "print(json.dumps({name: found(name) for name in sys.argv[1:]}))"
+)
+# Optional peers of the benchmarks: distribution name -> module. Both are pure-Python
+# wheels, so a folder of wheels brings them to a machine without an index.
+PEERS = (("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy"))
+# The test modules that run the Triton kernels on CUDA when a GPU is present (small shapes).
+GPU_TESTS = (
+    "tests/test_backend_registry.py",
+    "tests/test_bad_input.py",
+    "tests/test_capture_safe.py",
+    "tests/test_compile_options.py",
+    "tests/test_dcr_boundary.py",
+    "tests/test_degenerate_numbers.py",
+    "tests/test_device_guard.py",
+    "tests/test_dispatch.py",
+    "tests/test_fma_math.py",
+    "tests/test_fused_linear_gft_loss.py",
+    "tests/test_gft_loss.py",
+    "tests/test_gft_loss_edge_cases.py",
+    "tests/test_gft_loss_properties.py",
+    "tests/test_head_nan.py",
+    "tests/test_inplace_no_backward.py",
+    "tests/test_nan_rule.py",
+    "tests/test_no_silent_errors.py",
+    "tests/test_objective.py",
+    "tests/test_row_backends.py",
+    "tests/test_softcap_wide.py",
+    "tests/test_strided_tokens.py",
+    "tests/test_triton_floor.py",
+)
+# Modules that name CUDA but are not part of the GPU check, and why.
+GPU_TESTS_LEFT_OUT = {
+    "tests/test_benchmark_gpu_check.py": "this script's own tests (no GPU needed)",
+    "tests/test_benchmark_peers.py": "CPU benchmark peers",
+    "tests/test_benchmark_runs.py": "the benchmark runner on CPU (step 5 runs it on CUDA)",
+    "tests/test_cpu_build.py": "the native CPU kernel's build",
+    "tests/test_distributed.py": "gloo process groups on CPU",
+    "tests/test_integration_fsdp.py": "trainer integrations (packages the GPU machine lacks)",
+    "tests/test_integration_trainer.py": "trainer integrations (packages the GPU machine lacks)",
+    "tests/test_integration_trl_ranks.py": "trainer integrations (packages the GPU machine lacks)",
+}
+# Wall-clock limits of the steps (seconds): about 8 minutes in all.
+LIMITS = {"wheels": 60, "native": 90, "tests": 180, "sanitizer": 45, "bench": 150}
+TIMEOUT_RC = 124  # what a step that ran past its limit returns, like timeout(1)
 
 
 @dataclass
@@ -69,15 +130,26 @@ class Step:
     argv: List[str]
     env: Dict[str, Optional[str]] = field(default_factory=dict)  # None: removed
     log: Optional[str] = None  # file name in the output folder that receives the output
+    timeout_s: Optional[float] = None
+    required: bool = True  # a failure of a required step ends the check before the tests
 
     def shell(self) -> str:
         """The command as a shell line, paths inside the repository relative to it."""
-        changes = [f"-u {k}" if v is None else f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        changes = [
+            f"-u {k}" if v is None else f"{k}={shlex.quote(_relative_path_list(v))}"
+            for k, v in self.env.items()
+        ]
         prefix = ("env " + " ".join(changes) + " ") if changes else ""
         return prefix + " ".join(shlex.quote(_relative(a)) for a in self.argv)
 
 
+def _relative_path_list(value: str) -> str:
+    return os.pathsep.join(_relative(p) or "." for p in value.split(os.pathsep))
+
+
 def _relative(arg: str) -> str:
+    if arg == str(REPO_ROOT):
+        return ""
     root = str(REPO_ROOT) + os.sep
     return arg[len(root) :] if arg.startswith(root) else arg
 
@@ -161,56 +233,214 @@ def environment_steps(
     return steps
 
 
-def check_steps(venv: Path, out: Path, bench_args: Sequence[str]) -> List[Step]:
-    """The test suite without the Triton interpreter, then the benchmarks on CUDA."""
-    py = str(venv_python(venv))
-    return [
+def probe_modules(
+    python: str, names: Sequence[str], env: Optional[Dict[str, Optional[str]]] = None
+) -> Dict[str, bool]:
+    """Which of ``names`` ``python`` finds from the repository root with ``env`` applied
+    (all False when the interpreter does not run)."""
+    try:
+        proc = subprocess.run(
+            [python, "-c", MODULE_PROBE, *names],
+            cwd=REPO_ROOT,
+            env=_environment(env or {}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {name: False for name in names}
+
+
+def wheel_files(wheels: Optional[Path]) -> List[Path]:
+    return sorted(wheels.glob("*.whl")) if wheels is not None and wheels.is_dir() else []
+
+
+def _wheel_module(path: Path) -> str:
+    """The distribution of a wheel file, normalised like a module name."""
+    return path.name.split("-", 1)[0].lower().replace(".", "_")
+
+
+def offline_steps(
+    python: str, out: Path, wheels: Optional[Path], installed: Dict[str, bool]
+) -> Tuple[List[Step], Dict[str, Optional[str]], List[str]]:
+    """The environment steps of an offline check: the interpreter's own torch and Triton,
+    the checkout on ``PYTHONPATH``, the wheels of ``wheels`` installed without an index.
+
+    Returns the steps, the environment every later step runs with, and one line per peer
+    that is skipped (``installed``: module -> whether ``python`` already has it).
+    """
+    files = wheel_files(wheels)
+    site = out / "site-packages"
+    path = ([str(site)] if files else []) + [str(REPO_ROOT)]
+    env: Dict[str, Optional[str]] = {"PYTHONPATH": os.pathsep.join(path), "TRITON_INTERPRET": None}
+    steps: List[Step] = []
+    if files:
+        argv = [python, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(site)]
+        steps.append(
+            Step(
+                "packages from the wheel folder (no index)",
+                argv + [str(f) for f in files],
+                log="wheels.log",
+                timeout_s=LIMITS["wheels"],
+            )
+        )
+    steps.append(
         Step(
-            "tests, Triton compiled on the GPU (no interpreter)",
-            [py, "-m", "pytest", "tests", "-p", "no:cacheprovider"],
-            env={"TRITON_INTERPRET": None},
+            "build the native CPU kernel",
+            [python, "-m", "gft_kernels.backends.build"],
+            env=env,
+            log="native.log",
+            timeout_s=LIMITS["native"],
+            required=False,
+        )
+    )
+    in_folder = {_wheel_module(f) for f in files}
+    skipped = [
+        f"{dist}: not installed and no wheel in {wheels if wheels else 'a --wheels folder'}; "
+        "its benchmark rows are skipped"
+        for dist, module in PEERS
+        if not installed.get(module) and module not in in_folder
+    ]
+    return steps, env, skipped
+
+
+def check_steps(
+    python: str,
+    out: Path,
+    bench_args: Sequence[str],
+    env: Optional[Dict[str, Optional[str]]] = None,
+    workers: int = 0,
+    sanitizer: Optional[str] = None,
+) -> List[Step]:
+    """The Triton tests without the interpreter, the sanitizer (when ``sanitizer`` names
+    compute-sanitizer) and the benchmarks on CUDA. ``workers``: pytest-xdist processes
+    (0: none), which compile the kernels in parallel."""
+    env = dict(env or {"TRITON_INTERPRET": None})
+    parallel = ["-n", str(workers), "--dist", "loadfile"] if workers else []
+    steps = [
+        Step(
+            "tests of the Triton path, compiled on the GPU (no interpreter)",
+            [python, "-m", "pytest", *GPU_TESTS, "-p", "no:cacheprovider", *parallel],
+            env=env,
             log="pytest.log",
-        ),
+            timeout_s=LIMITS["tests"],
+        )
+    ]
+    if sanitizer:
+        steps.append(
+            Step(
+                "compute-sanitizer memcheck over every kernel",
+                [sanitizer, "--tool", "memcheck", "--error-exitcode", "1"]
+                + [python, "-m", "benchmarks.sanitize"],
+                env=env,
+                log="sanitizer.log",
+                timeout_s=LIMITS["sanitizer"],
+            )
+        )
+    steps.append(
         Step(
             "benchmarks on CUDA",
             # A path inside the repository is passed relative to it: the runner writes its
             # command line into the tables recorded in RESULTS.md.
-            [py, "-m", "benchmarks", "--device", "cuda", "--out", _relative(str(out))]
+            [python, "-m", "benchmarks", "--device", "cuda", "--cases", "gpu-check"]
+            + ["--out", _relative(str(out))]
             + list(bench_args),
-            env={"TRITON_INTERPRET": None},
+            env=env,
             log="bench.log",
-        ),
-    ]
+            timeout_s=LIMITS["bench"],
+        )
+    )
+    return steps
+
+
+def unresolved(
+    step: Step, python_env: Dict[str, Optional[str]], brought: Sequence[str] = ()
+) -> Optional[str]:
+    """Why ``step`` could not run offline with what is installed (None: it can).
+
+    The executable must exist, the module it runs with ``-m`` (and torch and Triton) must
+    be found by its interpreter with the step's environment or be ``brought`` by the wheel
+    folder, every file argument must exist, and ``pip`` must be told ``--no-index``.
+    """
+    exe = step.argv[0]
+    if shutil.which(exe) is None and not Path(exe).exists():
+        return f"{exe}: not found"
+    paths = [a for a in step.argv[1:] if a.endswith((".py", ".whl"))]
+    missing = [p for p in paths if not (REPO_ROOT / p).exists() and not Path(p).exists()]
+    if missing:
+        return "missing: " + ", ".join(_relative(p) for p in missing)
+    if "-m" in step.argv:
+        module = step.argv[step.argv.index("-m") + 1]
+        if module == "pip" and "--no-index" not in step.argv:
+            return "pip without --no-index would reach for the network"
+        python = step.argv[step.argv.index("-m") - 1]
+        needed = [module] + (["torch", "triton"] if module != "pip" else [])
+        env = {**python_env, **step.env}
+        found = probe_modules(python, needed, env)
+        lost = [name for name in needed if not found.get(name) and name not in brought]
+        if lost:
+            return f"{python} does not find: {', '.join(lost)}"
+    return None
 
 
 # --------------------------------------------------------------------------- running
 
 
-def run_step(step: Step, out: Path) -> int:
-    """Run ``step`` from the repository root, its output to the terminal and its log."""
-    print(f"\n== {step.title}\n$ {step.shell()}", flush=True)
+def _environment(changes: Dict[str, Optional[str]]) -> Dict[str, str]:
     env = dict(os.environ)
-    for key, value in step.env.items():
+    for key, value in changes.items():
         if value is None:
             env.pop(key, None)
+        elif key == "PYTHONPATH" and env.get("PYTHONPATH"):
+            env[key] = value + os.pathsep + env["PYTHONPATH"]
         else:
             env[key] = value
+    return env
+
+
+def run_step(step: Step, out: Path) -> int:
+    """Run ``step`` from the repository root, its output to the terminal and its log; a
+    step past its time limit is killed and returns ``TIMEOUT_RC``."""
+    print(f"\n== {step.title}\n$ {step.shell()}", flush=True)
     log = open(out / step.log, "w") if step.log else None
+    timed_out = threading.Event()
     try:
         proc = subprocess.Popen(
             step.argv,
             cwd=REPO_ROOT,
-            env=env,
+            env=_environment(step.env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
+
+        def stop() -> None:
+            timed_out.set()
+            try:
+                os.killpg(proc.pid, 9)
+            except OSError:
+                pass
+
+        timer = threading.Timer(step.timeout_s, stop) if step.timeout_s else None
+        if timer:
+            timer.start()
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
             if log:
                 log.write(line)
-        return proc.wait()
+        rc = proc.wait()
+        if timer:
+            timer.cancel()
+        if timed_out.is_set():
+            note = f"gpu-check: '{step.title}' ran past its {step.timeout_s:.0f} s limit"
+            print(note, flush=True)
+            if log:
+                log.write(note + "\n")
+            return TIMEOUT_RC
+        return rc
     finally:
         if log:
             log.close()
@@ -226,8 +456,9 @@ def pytest_summary(log_text: str) -> str:
 # --------------------------------------------------------------------------- the record
 
 
-def record_section(state: dict, results_md: str) -> str:
-    """The Markdown section for RESULTS.md from the check's state and the runner's tables."""
+def record_section(state: dict, results_md: str, bandwidth: str = "") -> str:
+    """The Markdown section for RESULTS.md from the check's state, the runner's tables and
+    :func:`bandwidth_table`."""
     gpu = state.get("gpu") or {}
     torch_info = state.get("torch") or {}
     card = gpu.get("name") or torch_info.get("device") or "unknown card"
@@ -240,16 +471,57 @@ def record_section(state: dict, results_md: str) -> str:
         + (f", driver {gpu['driver']}" if gpu.get("driver") else "")
         + (f" ({gpu['count']} GPUs, GPU 0 used)" if gpu.get("count", "1") != "1" else ""),
         f"- **Software**: torch {torch_info.get('version', '?')} (CUDA "
-        f"{torch_info.get('cuda', '?')}); commit `{state.get('commit') or '?'}`; "
+        f"{torch_info.get('cuda', '?')}), triton {state.get('triton') or '?'}; "
+        f"commit `{state.get('commit') or '?'}`; "
         f"started {state.get('date', '?')}",
         "- **Commands**: `make gpu-check`, which ran:",
     ]
     for step in state.get("steps", []):
         status = "" if step.get("rc") is None else f" (exit {step['rc']})"
         lines.append(f"  - `{step['command']}`{status}")
+    for line in state.get("skipped", []):
+        lines.append(f"- **Skipped**: {line}")
     lines.append(f"- **Tests**: {state.get('tests', 'not run')}")
     lines += ["", results_md.strip() if results_md.strip() else "No benchmark results.", ""]
+    if bandwidth:
+        lines += [bandwidth, ""]
     return "\n".join(lines)
+
+
+def bandwidth_table(results: dict) -> str:
+    """The logits-level rows' achieved bandwidth: the least traffic any implementation must
+    move (read the logits once, write their gradient once: ``2 N V`` elements) over its
+    forward + backward time, as a fraction of the device-to-device copy the runner measured
+    on the same card. Empty when the results have no copy figure (not a CUDA run)."""
+    copy = (results.get("meta") or {}).get("copy_bytes_per_s")
+    if not copy:
+        return ""
+    sizes = {"bfloat16": 2, "float16": 2, "float32": 4}
+    rows = []
+    for result in results.get("results", []):
+        case = result["case"]
+        if case["op"] != "gft_loss":
+            continue
+        traffic = 2 * case["n"] * case["vocab"] * sizes.get(case["dtype"], 4)
+        for name, impl in result["impls"].items():
+            median = (impl.get("median_ms") or {}).get("fwd_bwd")
+            if impl.get("status") != "ok" or not median:
+                continue
+            achieved = traffic / (median / 1e3)
+            rows.append(
+                f"| {case['name']} | {name} | {median:.3f} | {achieved / 1e9:.0f} | "
+                f"{achieved / copy:.0%} |"
+            )
+    if not rows:
+        return ""
+    head = [
+        f"Achieved bandwidth, logits level (copy: {copy / 1e9:.0f} GB/s read + written, "
+        "measured on this card; traffic counted as 2 N V elements):",
+        "",
+        "| case | implementation | fwd+bwd ms | GB/s | of copy |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(head + rows)
 
 
 def append_record(results_path: Path, section: str) -> None:
@@ -264,7 +536,9 @@ def record_from(out: Path, results_path: Path) -> str:
     if "tests" not in state and (out / "pytest.log").exists():
         state["tests"] = pytest_summary((out / "pytest.log").read_text())
     md = out / "results.md"
-    section = record_section(state, md.read_text() if md.exists() else "")
+    results = out / "results.json"
+    bandwidth = bandwidth_table(json.loads(results.read_text())) if results.exists() else ""
+    section = record_section(state, md.read_text() if md.exists() else "", bandwidth)
     append_record(results_path, section)
     return section
 
@@ -301,14 +575,33 @@ def git_commit(dirty_paths: Sequence[str] = ()) -> Optional[str]:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/gpu_check.py",
-        description="Tests and benchmarks on a CUDA machine, recorded in benchmarks/RESULTS.md.",
+        description="The Triton tests and the benchmarks on a CUDA machine, offline, "
+        "recorded in benchmarks/RESULTS.md.",
     )
-    parser.add_argument("--python", default=sys.executable, help="base interpreter")
-    parser.add_argument("--venv", type=Path, default=Path(DEFAULT_VENV))
-    parser.add_argument("--extras", default=DEFAULT_EXTRAS, help="project extras to install")
+    parser.add_argument("--python", default=sys.executable, help="the interpreter to use")
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of wheels installed with no index (peers: liger-kernel, "
+        "cut-cross-entropy; or a missing test package)",
+    )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=None,
+        help="instead of the interpreter itself: an environment of its own with a CUDA "
+        "torch and the project installed (needs a package index)",
+    )
+    parser.add_argument("--extras", default=DEFAULT_EXTRAS, help="project extras (--venv)")
     parser.add_argument("--out", type=Path, default=None, help="logs and benchmark outputs")
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD)
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and check that every step resolves with what is installed",
+    )
     parser.add_argument(
         "--record-only",
         type=Path,
@@ -323,6 +616,57 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def plan(
+    args: argparse.Namespace, out: Path
+) -> Tuple[List[Step], List[Step], Dict[str, Optional[str]], List[str]]:
+    """Setup steps, check steps, the checks' environment and the skipped peers' lines."""
+    peers = [module for _, module in PEERS]
+    if args.venv is not None:
+        venv = args.venv if args.venv.is_absolute() else REPO_ROOT / args.venv
+        base_torch = probe_torch(args.python)
+        venv_torch = probe_torch(str(venv_python(venv))) if venv_python(venv).exists() else None
+        index = os.environ.get(INDEX_ENV) or None
+        setup = environment_steps(args.python, venv, base_torch, venv_torch, args.extras, index)
+        python = str(venv_python(venv))
+        env: Dict[str, Optional[str]] = {"TRITON_INTERPRET": None}
+        found = probe_modules(python, peers + ["xdist"]) if venv_python(venv).exists() else {}
+        skipped = [f"{d}: not installed in {venv}" for d, m in PEERS if not found.get(m)]
+    else:
+        python = args.python
+        found = probe_modules(python, peers + ["xdist"])
+        setup, env, skipped = offline_steps(python, out, args.wheels, found)
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        skipped.append("compute-sanitizer: not on the PATH; the memcheck step is skipped")
+    workers = min(8, os.cpu_count() or 1) if found.get("xdist") else 0
+    checks = check_steps(python, out, shlex.split(args.bench_args), env, workers, sanitizer)
+    if args.skip_tests:
+        checks = checks[1:]
+    return setup, checks, env, skipped
+
+
+def dry_run(setup: List[Step], checks: List[Step], env, skipped: List[str], gpu, args) -> int:
+    """Print the plan and whether each step resolves offline; 1 when one does not."""
+    print(f"gpu-check plan (GPU: {gpu['name'] if gpu else 'none found here'}):")
+    wheel_modules = {_wheel_module(f) for f in wheel_files(args.wheels)}
+    problems = 0
+    for step in setup + checks:
+        reason = unresolved(step, {}, brought=wheel_modules)
+        problems += reason is not None
+        limit = f" (limit {step.timeout_s:.0f} s)" if step.timeout_s else ""
+        print(f"  {step.title}{limit}: {step.shell()}")
+        print(f"    {'does not resolve: ' + reason if reason else 'resolves offline'}")
+    for line in skipped:
+        print(f"  skipped: {line}")
+    print(f"  record: append a section to {_relative(str(args.results_md.resolve()))}")
+    total = sum(s.timeout_s or 0 for s in setup + checks)
+    print(f"  time limits add up to {total:.0f} s")
+    if problems:
+        print(f"gpu-check: {problems} step(s) do not resolve offline", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.record_only is not None:
@@ -333,44 +677,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     default_out = REPO_ROOT / "benchmarks" / "out" / f"gpu-check-{now:%Y%m%d-%H%M%S}"
     out = args.out.resolve() if args.out else default_out
-    venv = args.venv if args.venv.is_absolute() else REPO_ROOT / args.venv
     gpu = gpu_info()
     if gpu is None and not args.dry_run:
         print("gpu-check: nvidia-smi lists no GPU here; it needs a CUDA machine", file=sys.stderr)
         return 2
-    base_torch = probe_torch(args.python)
-    venv_torch = probe_torch(str(venv_python(venv))) if venv_python(venv).exists() else None
-    index = os.environ.get(INDEX_ENV) or None
-    setup = environment_steps(args.python, venv, base_torch, venv_torch, args.extras, index)
-    checks = check_steps(venv, out, shlex.split(args.bench_args))
-    if args.skip_tests:
-        checks = checks[1:]
-
+    setup, checks, env, skipped = plan(args, out)
     if args.dry_run:
-        print(f"gpu-check plan (GPU: {gpu['name'] if gpu else 'none found here'}):")
-        for step in setup + checks:
-            print(f"  {step.title}: {step.shell()}")
-        print(f"  record: append a section to {_relative(str(args.results_md.resolve()))}")
-        return 0
+        return dry_run(setup, checks, env, skipped, gpu, args)
 
     out.mkdir(parents=True, exist_ok=True)
     state: dict = {"date": now.isoformat(timespec="seconds"), "gpu": gpu, "steps": []}
     state["commit"] = git_commit()
+    state["skipped"] = skipped
+    for line in skipped:
+        print(f"gpu-check: skipped: {line}")
     for step in setup:
         rc = run_step(step, out)
-        if rc != 0:
+        state["steps"].append({"title": step.title, "command": step.shell(), "rc": rc})
+        if rc != 0 and step.required:
             print(f"gpu-check: '{step.title}' failed (exit {rc})", file=sys.stderr)
+            (out / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            record_from(out, args.results_md)
             return rc
-    torch_info = probe_torch(str(venv_python(venv)))
+    python = checks[-1].argv[0]
+    torch_info = probe_torch(python)
     if not has_cuda_torch(torch_info):
         print(
-            f"gpu-check: the torch in {venv} has no usable CUDA ({torch_info}). Remove "
-            f"{venv}, or set {INDEX_ENV} to a CUDA wheel index, or provide a CUDA torch in "
-            "the base interpreter.",
+            f"gpu-check: the torch of {python} has no usable CUDA ({torch_info}). Give an "
+            f"interpreter with a CUDA torch (--python), or --venv DIR with {INDEX_ENV} set "
+            "to a CUDA wheel index.",
             file=sys.stderr,
         )
         return 3
     state["torch"] = torch_info
+    triton_probe = subprocess.run(
+        [python, "-c", "import triton; print(triton.__version__)"],
+        env=_environment(env),
+        capture_output=True,
+        text=True,
+    )
+    state["triton"] = triton_probe.stdout.strip() or None
     failed = 0
     for step in checks:
         rc = run_step(step, out)

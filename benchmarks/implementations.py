@@ -16,6 +16,8 @@ Peers (what the library is compared with):
   checkpointing.
 * ``liger``: the best composed peer, Liger-Kernel's (fused linear) cross-entropy for
   per-token ``log p`` and the GFT coefficient applied in PyTorch (CUDA only).
+* ``cce``: the same composition on Cut Cross-Entropy's ``linear_cross_entropy`` (fused head
+  only, CUDA only, when the ``cut-cross-entropy`` package is installed).
 
 Ours: ``gft:<backend>`` (``torch``, ``cpu``, ``triton``), and ``gft:inplace`` (logits-level,
 ``backend="auto"`` with ``inplace_backward=True``: no extra ``N x V`` buffer).
@@ -44,6 +46,7 @@ QUICK_SKIP = "skipped in --quick"
 LIGER_CPU_SKIP = (
     "Liger-Kernel's kernels need a CUDA device; the Triton interpreter is not a benchmark"
 )
+CCE_CPU_SKIP = "Cut Cross-Entropy's kernels need a CUDA device"
 TRITON_CPU_SKIP = (
     "Triton kernels need a CUDA device; the Triton interpreter (TRITON_INTERPRET=1) is for "
     "tests only, not a benchmark"
@@ -91,6 +94,11 @@ IMPLS: Tuple[Impl, ...] = (
         "Liger-Kernel (fused linear) cross-entropy -> log p, GFT coefficient in PyTorch",
         OPS,
         mutates_inputs=True,
+    ),
+    Impl(
+        "cce",
+        "Cut Cross-Entropy linear_cross_entropy -> log p, GFT coefficient in PyTorch",
+        ("fused_linear_gft_loss",),
     ),
     Impl(
         "floor:mem",
@@ -142,13 +150,21 @@ def fused_linear_fn() -> Optional[Callable]:
     return getattr(gft_kernels, "fused_linear_gft_loss", None)
 
 
-def liger_version() -> Optional[str]:
+def _dist_version(dist: str) -> Optional[str]:
     try:
         from importlib.metadata import version
 
-        return version("liger-kernel")
+        return version(dist)
     except Exception:
         return None
+
+
+def liger_version() -> Optional[str]:
+    return _dist_version("liger-kernel")
+
+
+def cce_version() -> Optional[str]:
+    return _dist_version("cut-cross-entropy")
 
 
 def skip_reason(impl: Impl, case: Case, device: torch.device, quick: bool) -> Optional[str]:
@@ -180,6 +196,11 @@ def skip_reason(impl: Impl, case: Case, device: torch.device, quick: bool) -> Op
             return "liger-kernel is not installed (pip install liger-kernel)"
         if TEMPERATURE != 1.0:
             return "the composed peer reads q = exp(log p), valid at temperature 1 only"
+    if impl.name == "cce":
+        if device.type != "cuda":
+            return CCE_CPU_SKIP
+        if cce_version() is None:
+            return "cut-cross-entropy is not installed (make gpu-check takes its wheel: --wheels)"
     return None
 
 
@@ -252,6 +273,17 @@ def _liger_fused(x: Inputs) -> torch.Tensor:
     return _gft_from_logprobs(-nll, advantages, x["mask"].reshape(-1))
 
 
+def _cce_fused(x: Inputs) -> torch.Tensor:
+    from cut_cross_entropy import linear_cross_entropy
+
+    hidden, targets = x["hidden"], x["targets"]
+    nll = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), x["weight"], targets.reshape(-1), reduction="none"
+    )
+    advantages = x["advantages"].unsqueeze(-1).expand_as(targets).reshape(-1)
+    return _gft_from_logprobs(-nll, advantages, x["mask"].reshape(-1))
+
+
 def _careful_logits(x: Inputs) -> torch.Tensor:
     return careful_gft_loss(*_logits_inputs(x), **DCR_SETTINGS)
 
@@ -316,6 +348,8 @@ def build(impl: Impl, case: Case) -> LossFn:
         return _ours_logits(backend) if logits_level else _ours_fused(backend)
     if impl.name == "liger":
         return _liger_logits if logits_level else _liger_fused
+    if impl.name == "cce":
+        return _cce_fused
     if impl.name == "careful":
         return _careful_logits if logits_level else _careful_fused
     if impl.name == "floor:mem":

@@ -25,12 +25,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from benchmarks import report
-from benchmarks.cases import Case, full_cases, quick_cases
+from benchmarks.cases import CASE_SETS, Case
 from benchmarks.gpu_check import git_commit
 from benchmarks.implementations import (
     Impl,
     LossFn,
     build,
+    cce_version,
     impls_for,
     liger_version,
     native_cpu_reason,
@@ -129,6 +130,7 @@ def collect_meta(device: torch.device, threads: int, argv: Sequence[str]) -> dic
         "torch": torch.__version__,
         "triton": _version("triton"),
         "liger_kernel": liger_version(),
+        "cut_cross_entropy": cce_version(),
         "gft_kernels": getattr(gft_kernels, "__version__", None),
         "git_commit": git_commit(MEASURED_PATHS),
         "native_cpu_kernel": None,
@@ -137,6 +139,10 @@ def collect_meta(device: torch.device, threads: int, argv: Sequence[str]) -> dic
     }
     if device.type == "cpu":
         meta["native_cpu_kernel"] = native_cpu_reason() or "available"
+    else:
+        from benchmarks.floors import device_copy_bandwidth
+
+        meta["copy_bytes_per_s"] = device_copy_bandwidth(device)
     return meta
 
 
@@ -147,6 +153,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "backends and Liger-Kernel, side by side (time and peak memory).",
     )
     parser.add_argument("--quick", action="store_true", help="small cases, few repeats")
+    parser.add_argument(
+        "--cases",
+        choices=sorted(CASE_SETS),
+        default=None,
+        help="case set (default: full, or quick with --quick); gpu-check: bf16 at "
+        "V=151936, N 4096-16384, what make gpu-check runs",
+    )
     parser.add_argument("--filter", default=None, help="run the cases whose name contains this")
     parser.add_argument(
         "--impls", default=None, help="comma-separated implementations to run (default: all)"
@@ -187,7 +200,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def select_cases(args: argparse.Namespace, device: str) -> List[Case]:
-    cases = quick_cases() if args.quick else full_cases()
+    cases = CASE_SETS[args.cases or ("quick" if args.quick else "full")]()
     cases = [c for c in cases if device in c.devices]
     if args.filter:
         cases = [c for c in cases if args.filter in c.name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,17 +65,131 @@ def test_existing_environment_with_cuda_torch_is_reused(tmp_path):
 
 
 def test_checks_run_without_the_triton_interpreter(tmp_path):
-    tests, bench = gpu_check.check_steps(tmp_path / "venv", tmp_path / "out", ["--no-plots"])
+    tests, bench = gpu_check.check_steps("python3", tmp_path / "out", ["--no-plots"])
     assert tests.env == {"TRITON_INTERPRET": None}
     assert tests.shell().startswith("env -u TRITON_INTERPRET ")
-    assert tests.argv[1:4] == ["-m", "pytest", "tests"]
-    assert bench.argv[1:5] == ["-m", "benchmarks", "--device", "cuda"]
+    assert tests.argv[1:3] == ["-m", "pytest"]
+    assert tests.argv[3 : 3 + len(gpu_check.GPU_TESTS)] == list(gpu_check.GPU_TESTS)
+    assert bench.argv[1:7] == ["-m", "benchmarks", "--device", "cuda", "--cases", "gpu-check"]
     assert bench.argv[-1] == "--no-plots"
     # Inside the repository the output folder is named relative to it (the runner records
     # its command line in the tables).
     inside = gpu_check.REPO_ROOT / "benchmarks" / "out" / "x"
-    _, bench = gpu_check.check_steps(tmp_path / "venv", inside, [])
+    _, bench = gpu_check.check_steps("python3", inside, [])
     assert bench.argv[-2:] == ["--out", "benchmarks/out/x"]
+    # With pytest-xdist the kernels compile in parallel; with compute-sanitizer a memcheck
+    # step runs the sanitizer's launches under the same interpreter.
+    tests, sanitizer, _ = gpu_check.check_steps("py", tmp_path, [], None, 8, "/x/compute-sanitizer")
+    assert tests.argv[-4:] == ["-n", "8", "--dist", "loadfile"]
+    assert sanitizer.argv[:5] == [
+        "/x/compute-sanitizer",
+        "--tool",
+        "memcheck",
+        "--error-exitcode",
+        "1",
+    ]
+    assert sanitizer.argv[-3:] == ["py", "-m", "benchmarks.sanitize"]
+    assert all(step.timeout_s for step in (tests, sanitizer))
+
+
+def test_offline_plan_installs_nothing_from_an_index(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "liger_kernel-0.6.4-py3-none-any.whl").write_text("")
+    out = tmp_path / "out"
+    steps, env, skipped = gpu_check.offline_steps("py", out, wheels, installed={})
+    install, native = steps
+    site = str(out / "site-packages")
+    assert install.argv == ["py", "-m", "pip", "install", "--no-index", "--no-deps"] + [
+        "--target",
+        site,
+        str(wheels / "liger_kernel-0.6.4-py3-none-any.whl"),
+    ]
+    assert native.argv == ["py", "-m", "gft_kernels.backends.build"] and not native.required
+    # The checkout runs from PYTHONPATH (after the wheels' folder), never installed.
+    assert env["PYTHONPATH"].split(os.pathsep) == [
+        str(out / "site-packages"),
+        str(gpu_check.REPO_ROOT),
+    ]
+    assert env["TRITON_INTERPRET"] is None
+    assert len(skipped) == 1 and skipped[0].startswith("cut-cross-entropy: not installed")
+    # Without a folder nothing is installed; an installed peer is not skipped.
+    steps, env, skipped = gpu_check.offline_steps(
+        "py", out, None, installed={"cut_cross_entropy": True}
+    )
+    assert [s.title for s in steps] == ["build the native CPU kernel"]
+    assert env["PYTHONPATH"] == str(gpu_check.REPO_ROOT)
+    assert [line.split(":")[0] for line in skipped] == ["liger-kernel"]
+    every = [" ".join(s.argv) for s in steps]
+    assert not any("pip install" in c and "--no-index" not in c for c in every)
+
+
+def test_a_step_that_would_need_the_network_or_a_missing_file_does_not_resolve(tmp_path):
+    python = sys.executable
+    ok = gpu_check.Step("t", [python, "-m", "pytest", "tests/test_gft_loss.py"])
+    assert gpu_check.unresolved(ok, {}) is None
+    online = gpu_check.Step("w", [python, "-m", "pip", "install", "liger-kernel"])
+    assert "--no-index" in gpu_check.unresolved(online, {})
+    missing = gpu_check.Step("t", [python, "-m", "pytest", "tests/test_not_there.py"])
+    assert gpu_check.unresolved(missing, {}) == "missing: tests/test_not_there.py"
+    absent = gpu_check.Step("m", [python, "-m", "no_such_module_here"])
+    assert "does not find: no_such_module_here" in gpu_check.unresolved(absent, {})
+    # A module that a wheel of the folder brings resolves.
+    assert gpu_check.unresolved(absent, {}, brought=["no_such_module_here"]) is None
+    assert "not found" in gpu_check.unresolved(gpu_check.Step("x", ["/no/such/exe"]), {})
+
+
+def test_the_offline_dry_run_resolves_with_what_is_installed(tmp_path):
+    """What CI proves of the offline path: with pip forbidden an index, every step of the
+    plan (this interpreter, the checkout on PYTHONPATH) finds what it runs."""
+    script = str(gpu_check.REPO_ROOT / "benchmarks" / "gpu_check.py")
+    env = {**os.environ, "PIP_NO_INDEX": "1"}
+    cmd = [sys.executable, script, "--dry-run", "--python", sys.executable]
+    cmd += ["--out", str(tmp_path / "o"), "--results-md", str(tmp_path / "R.md")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("resolves offline") == 3  # native build, tests, benchmarks
+    assert "does not resolve" not in proc.stdout
+    assert "pip install" not in proc.stdout  # no wheel folder: nothing installed
+    assert not (tmp_path / "o").exists() and not (tmp_path / "R.md").exists()
+    total = float(proc.stdout.split("time limits add up to ")[1].split()[0])
+    assert total <= 8 * 60
+
+
+def test_gpu_tests_cover_every_module_that_runs_on_cuda():
+    root = gpu_check.REPO_ROOT
+    named = set(gpu_check.GPU_TESTS) | set(gpu_check.GPU_TESTS_LEFT_OUT)
+    for path in sorted((root / "tests").glob("test_*.py")):
+        text = path.read_text()
+        on_cuda = any(k in text for k in ("device_for", "HAS_CUDA", '"cuda"', ".cuda"))
+        rel = f"tests/{path.name}"
+        assert not on_cuda or rel in named, f"{rel} runs on CUDA but gpu-check does not name it"
+    for rel in named:
+        assert (root / rel).exists(), rel
+    assert not set(gpu_check.GPU_TESTS) & set(gpu_check.GPU_TESTS_LEFT_OUT)
+
+
+def test_a_step_past_its_limit_is_stopped(tmp_path):
+    step = gpu_check.Step("sleep", [sys.executable, "-c", "import time; time.sleep(60)"])
+    step.timeout_s = 1
+    step.log = "sleep.log"
+    assert gpu_check.run_step(step, tmp_path) == gpu_check.TIMEOUT_RC
+    assert "ran past its 1 s limit" in (tmp_path / "sleep.log").read_text()
+
+
+def test_bandwidth_table_is_traffic_over_time_against_the_measured_copy():
+    case = {"name": "gft_loss/bfloat16/V1000/N500", "op": "gft_loss", "n": 500, "vocab": 1000}
+    case["dtype"] = "bfloat16"
+    impls = {
+        "gft:triton": {"status": "ok", "median_ms": {"fwd_bwd": 0.001}},
+        "liger": {"status": "skipped", "median_ms": None},
+    }
+    results = {"meta": {"copy_bytes_per_s": 4e12}, "results": [{"case": case, "impls": impls}]}
+    table = gpu_check.bandwidth_table(results)
+    # 2 * 500 * 1000 * 2 bytes in 1 us = 2 TB/s, half of the 4 TB/s copy.
+    assert "| gft_loss/bfloat16/V1000/N500 | gft:triton | 0.001 | 2000 | 50% |" in table
+    assert "liger" not in table
+    assert gpu_check.bandwidth_table({"meta": {}, "results": []}) == ""
 
 
 def test_run_step_removes_the_interpreter_variable(tmp_path, monkeypatch):
@@ -163,8 +278,10 @@ def test_record_only_and_dry_run_from_the_command_line(tmp_path):
 
     dry = [sys.executable, script, "--dry-run", "--venv", str(tmp_path / "v")]
     proc = subprocess.run(dry + ["--results-md", str(results_md)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    # The environment does not exist yet: its interpreter does not resolve in a dry run.
+    assert proc.returncode == 1, proc.stderr
     assert "env -u TRITON_INTERPRET" in proc.stdout and "--device cuda" in proc.stdout
+    assert "create the environment" in proc.stdout and "does not resolve" in proc.stdout
     assert not (tmp_path / "v").exists()  # a dry run creates nothing
 
 

@@ -127,9 +127,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     failed = [row for row in rows if report.failures(row, args.min_ceiling)]
     if failed:
-        print(f"make aot: FAILED ({len(failed)} of {len(rows)} compilations; reasons above)")
+        print(
+            f"make aot: FAILED ({len(failed)} of {len(rows)} compilations, triton "
+            f"{triton.__version__}; reasons above)"
+        )
         return 1
-    print("make aot: ok")
+    print(f"make aot: ok ({len(rows)} compilations, triton {triton.__version__})")
     return 0
 
 

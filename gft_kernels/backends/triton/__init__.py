@@ -11,21 +11,41 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Optional, Tuple
 
 import torch
+import triton
 from torch import Tensor
 
-from gft_kernels.backends import PartialStats, RowBackend, RowParams, TokenPass
-from gft_kernels.backends.base import GradRows, TokenPassCall
-from gft_kernels.backends.token_terms import (
+# The oldest Triton the kernels are built and checked with (pyproject states the same
+# floor; ``make aot`` compiles every sm_90 variant with it too).
+TRITON_FLOOR: Tuple[int, int] = (3, 6)
+
+
+def check_triton_version(version: str) -> None:
+    """Raise ``ImportError`` naming the floor when ``version`` is older than it: an older
+    Triton fails later, inside a kernel's compilation, with a message about the kernel."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < TRITON_FLOOR:
+        floor = ".".join(map(str, TRITON_FLOOR))
+        raise ImportError(
+            f"gft_kernels' Triton kernels need triton >= {floor}; found triton {version}"
+        )
+
+
+check_triton_version(triton.__version__)
+
+from gft_kernels.backends import PartialStats, RowBackend, RowParams, TokenPass  # noqa: E402
+from gft_kernels.backends.base import GradRows, TokenPassCall  # noqa: E402
+from gft_kernels.backends.token_terms import (  # noqa: E402
     SEGMENTS,
     raise_for_token_flags,
     token_pass_from_statistics,
 )
-from gft_kernels.backends.triton import autotune, launch
-from gft_kernels.backends.triton.row_grad import row_grad_kernel
-from gft_kernels.backends.triton.token_pass import partial_stats_kernel, token_pass_kernel
+from gft_kernels.backends.triton import autotune, launch  # noqa: E402
+from gft_kernels.backends.triton.row_grad import row_grad_kernel  # noqa: E402
+from gft_kernels.backends.triton.token_pass import partial_stats_kernel, token_pass_kernel  # noqa: E402
 
 
 def _vectors(n: int, device: torch.device, count: int, *shape: int):

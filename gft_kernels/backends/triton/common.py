@@ -8,6 +8,8 @@ all call them, so the forward and the backward see the same rounded ``z'``.
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
 
@@ -19,6 +21,25 @@ LOG2E_VALUE = 1.4426950408889634
 LN2_VALUE = 0.6931471805599453
 LOG2E: tl.constexpr = tl.constexpr(LOG2E_VALUE)
 LN2: tl.constexpr = tl.constexpr(LN2_VALUE)
+
+# Triton 3.6 (the oldest release supported, see pyproject) has no ``approx`` switch on
+# ``tl.fdiv``: its fdiv is ``div.full.f32`` (a reciprocal plus refining FMAs). There the
+# MUFU reciprocal is written as the PTX instruction itself.
+FDIV_HAS_APPROX: tl.constexpr = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
+
+
+@triton.jit
+def mufu_reciprocal(d):
+    """``1 / d`` from the special-function unit (``rcp.approx``, 1 ulp), for ``d >= 1``, inf
+    or NaN (flushing subnormals to zero cannot change such a result)."""
+    if FDIV_HAS_APPROX:
+        r = tl.fdiv(1.0, d, approx=True)
+    else:
+        r = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return r
+
 
 # Wide soft-cap (TRANSFORM 3, caps above launch.WIDE_SOFTCAP): near 0, ``cap - 2 cap r``
 # cancels and keeps an absolute error of about cap 2^-22 (MUFU's exp2), which grows with
@@ -49,7 +70,7 @@ def wide_softcap(z, logit_scale, cap, tanh_slope, rcp_on_mufu):
     # is 0, tanh's limit, so the MUFU side skips the clamp. NaN passes either way.
     clamped = tl.minimum(a, 64.0, propagate_nan=tl.PropagateNan.ALL)
     d = 1.0 + tl.math.exp2(tl.where(rcp_on_mufu, a, clamped))
-    r = tl.where(rcp_on_mufu, tl.fdiv(1.0, d, approx=True), reciprocal(d))
+    r = tl.where(rcp_on_mufu, mufu_reciprocal(d), reciprocal(d))
     far = cap - (cap + cap) * r
     return tl.where(tl.abs(a) <= WIDE_NEAR, near, far)
 
