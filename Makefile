@@ -25,6 +25,7 @@ build: $(STAMP)
 # the last thing the log shows.
 test: build
 	$(PY) -m benchmarks --quick --out $(VENV)/bench-smoke
+	$(PY) -m benchmarks.training --quick --out $(VENV)/training-smoke
 	$(PY) -m pytest tests
 
 bench: build
