@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 
 from gft_kernels.backends.triton import TRITON_FLOOR, check_triton_version
@@ -46,3 +47,48 @@ def test_pyproject_and_make_aot_state_the_same_floor():
     assert re.search(
         r"PYTHONPATH=\$\(TRITON_FLOOR_DIR\) \$\(PY\) -m benchmarks.static.aot --arch 90", makefile
     )
+
+
+def test_the_floor_s_half_gradient_block_gives_the_same_results(monkeypatch):
+    """Triton 3.6 spills at 64 registers in the 16-bit soft-capped fused pass at T != 1
+    with statistics and the gradient written in the pass; there the gradient walk takes
+    half blocks (``launch.TRITON_BEFORE_3_7``). The interpreter runs that configuration
+    here: the same loss, statistics and gradients as the full block, bit for bit."""
+    from gft_kernels import fused_linear_gft_loss
+    from gft_kernels.backends.triton import launch
+    from tests.helpers import device_for
+
+    dev = device_for("triton")
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 24, 16, generator=gen).to(dev, torch.bfloat16)
+    weight = (torch.randn(5000, 16, generator=gen) / 4).to(dev, torch.bfloat16)
+    targets = torch.randint(0, 5000, (2, 24), generator=gen).to(dev)
+    advantages = torch.tensor([0.7, -1.2], device=dev)
+    blocks = []
+    original = launch.token_pass_launch
+
+    def spy(*args, **kwargs):
+        built = original(*args, **kwargs)
+        blocks.append(built[2]["GRAD_BLOCK"])
+        return built
+
+    monkeypatch.setattr(launch, "token_pass_launch", spy)
+    results = []
+    for before_3_7 in (False, True):
+        monkeypatch.setattr(launch, "TRITON_BEFORE_3_7", before_3_7)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, stats = fused_linear_gft_loss(
+            h,
+            w,
+            targets,
+            advantages,
+            backend="triton",
+            temperature=0.7,
+            logit_softcap=30.0,
+            return_stats=True,
+        )
+        loss.backward()
+        results.append((loss.detach(), stats.entropy, stats.logprobs, h.grad, w.grad))
+    assert blocks[0] == 2 * blocks[-1]  # the half block was launched
+    for full, half in zip(*results):
+        assert torch.equal(full, half)

@@ -14,6 +14,7 @@ segments (:func:`row_segments`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -54,6 +55,11 @@ PROGRAMS_PER_SM_WITH_GRAD = 2
 # kernels' accuracy relies on: those places call ``tl.fma`` or keep separate products
 # on purpose (``fma_math``, tested in tests/test_fma_math.py).
 ENABLE_FP_FUSION = True
+# Triton before 3.7 (3.6 is the oldest supported) spills 8 bytes at that budget in one
+# family: the 16-bit soft-capped fused pass at T != 1 (fixed references) with statistics
+# and the gradient written alike (same skew). There its gradient walk takes half blocks
+# (8-byte accesses), which ptxas fits in 64 registers; Triton 3.9 keeps the full block.
+TRITON_BEFORE_3_7 = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) < (3, 7)
 
 
 def compile_options(num_warps: int, **options: int) -> Dict[str, Any]:
@@ -204,6 +210,15 @@ def _statistics_meta(
     )
 
 
+def _fused_grad_block(cfg: LaunchConfig, skew_agrees: bool, stats_on_fixed_refs: bool) -> int:
+    """Elements per trip of the gradient walk inside the fused pass."""
+    if not skew_agrees:
+        return max(cfg.grad_block // 2, cfg.vec)
+    if TRITON_BEFORE_3_7 and stats_on_fixed_refs:
+        return max(cfg.grad_block // 2, cfg.vec)
+    return cfg.grad_block
+
+
 def token_pass_launch(
     logits: LogitsRows,
     tokens: TokenInputs,
@@ -261,7 +276,7 @@ def token_pass_launch(
         SAME_SKEW=skew_agrees,
         # With skews that differ the stores are element by element, each with its own
         # address: at the full block ptxas spilled in the 16-bit variants (sm_80).
-        GRAD_BLOCK=cfg.grad_block if skew_agrees else max(cfg.grad_block // 2, cfg.vec),
+        GRAD_BLOCK=_fused_grad_block(cfg, skew_agrees, with_stats and meta["FIXED_REF"]),
     )
     registers = {"maxnreg": fused_pass_registers(cfg.num_warps)} if write_grad else {}
     meta.update(compile_options(cfg.num_warps, **registers))
