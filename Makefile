@@ -48,6 +48,7 @@ $(TRITON_FLOOR_STAMP): $(STAMP)
 aot: $(STAMP) $(TRITON_FLOOR_STAMP)
 	$(PY) -m benchmarks.static.aot --cache-dir $(VENV)/aot-cache
 	PYTHONPATH=$(TRITON_FLOOR_DIR) $(PY) -m benchmarks.static.aot --arch 90 --cache-dir $(VENV)/aot-cache
+	$(PY) -m benchmarks.static.aot --modules benchmarks.static.peers --report-only --no-rows --cache-dir $(VENV)/aot-cache
 
 # On a CUDA machine, offline: the interpreter's own torch and Triton, the checkout from
 # PYTHONPATH, optional peers from a folder of wheels (GPU_CHECK_ARGS="--wheels DIR", the

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.static import sass
+from benchmarks.static import machines, report, sass, worker
+from benchmarks.static.records import HotLoop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,18 +175,232 @@ def test_ptxas_report_and_resource_usage_are_parsed():
     assert (fields["REG"], fields["SHARED"], fields["LOCAL"]) == (27, 1024, 8)
 
 
-def test_ceiling_reproduces_the_issue_figures():
-    # H100 SXM5: 132 SMs x 4 warp-instructions/clk x 1.98 GHz x 32 lanes, 3.35 TB/s, bf16
-    # read-only (2 B per element), 8 elements per thread per trip. By hand: 28.2 instr per
-    # element -> 132*4*1.98e9*32/28.2*2/3.35e12 = 0.708; 35.4 -> 0.564; 17.6 -> capped at 1.
-    h100 = sass.MACHINES[90]
-    assert sass.ceiling(17.6 * 8, 0, 8, 2, h100).ceiling == 1.0
-    assert sass.ceiling(28.2 * 8, 0, 8, 2, h100).ceiling == pytest.approx(0.708, abs=0.002)
-    assert sass.ceiling(35.4 * 8, 0, 8, 2, h100).ceiling == pytest.approx(0.564, abs=0.002)
-    # MUFU: 16 results/clk/SM; 2 exp per element with a 4 B element is far from binding,
-    # 8 per element of 2 B is 132*16*1.98e9/8*2/3.35e12 = 0.312.
-    bound = sass.ceiling(8 * 8, 8 * 8, 8, 2, h100)
-    assert bound.bound == "mufu" and bound.ceiling == pytest.approx(0.312, abs=0.002)
+def test_ceiling_reproduces_published_rates_per_architecture():
+    # Rates from the data sheets, worked by hand (not from the tool): SMs x clock x lanes.
+    # H100 SXM5 and H200: 132 SMs, 1.98 GHz, 128 issue lanes (4 warp-instructions x 32),
+    # 128 FP32 lanes, 16 MUFU; 3.35 and 4.8 TB/s. A100 SXM4: 108 SMs, 1.41 GHz, 128 issue
+    # lanes, 64 FP32 lanes, 16 MUFU; 2.039 TB/s.
+    h100, h200, a100 = machines.H100, machines.H200, machines.A100
+    assert machines.MACHINES == {80: (a100,), 90: (h100, h200)}
+
+    def issue_only(per_element, bytes_per_element, machine):
+        counts = {"issue": per_element * 8}
+        return machines.loop_ceiling(counts, 8, bytes_per_element, machine)
+
+    # 28.2 instructions per bf16 element (2 B, read once): 132*1.98e9*128/28.2*2 = 2.373e12
+    # B/s, 0.708 of 3.35e12 and 0.494 of 4.8e12; 17.6 per element reaches HBM on the H100
+    # (1.135) but not on the H200 (0.792).
+    assert issue_only(28.2, 2, h100).ceiling == pytest.approx(0.708, abs=0.002)
+    assert issue_only(28.2, 2, h200).ceiling == pytest.approx(0.494, abs=0.002)
+    assert issue_only(17.6, 2, h100).ceiling == 1.0
+    low = issue_only(17.6, 2, h200)
+    assert low.bound == "issue" and low.ceiling == pytest.approx(0.792, abs=0.002)
+    # A loop of 16 instructions per element, 12 of them FP32 (FFMA/FADD/FMUL): on the A100
+    # issue allows 108*1.41e9*128/16*2 = 2.437e12 B/s (1.195 of 2.039e12) but the FP32
+    # pipe 108*1.41e9*64/12*2 = 1.624e12 (0.797); on the H100 the FP32 pipe runs at the
+    # issue rate (128 lanes) and the loop reaches HBM.
+    mixed = {"issue": 16 * 8, "fp32": 12 * 8}
+    on_a100 = machines.loop_ceiling(mixed, 8, 2, a100)
+    assert on_a100.bound == "fp32" and on_a100.ceiling == pytest.approx(0.797, abs=0.002)
+    assert on_a100.pipes["issue"] == pytest.approx(1.195, abs=0.002)
+    assert machines.loop_ceiling(mixed, 8, 2, h100).bound == "hbm"
+    # MUFU, 16 results per SM per clock: 8 per 2-byte element is 132*16*1.98e9/8*2 =
+    # 1.045e12 B/s, 0.312 of the H100's HBM and 0.218 of the H200's.
+    mufu = {"issue": 8 * 8, "mufu": 8 * 8}
+    assert machines.loop_ceiling(mufu, 8, 2, h100).ceiling == pytest.approx(0.312, abs=0.002)
+    on_h200 = machines.loop_ceiling(mufu, 8, 2, h200)
+    assert on_h200.bound == "mufu" and on_h200.ceiling == pytest.approx(0.218, abs=0.002)
+
+
+def test_opcodes_are_classed_into_pipes():
+    histogram = {
+        "FFMA": 3, "FADD": 2, "FMUL": 1,  # fp32
+        "MUFU": 2,  # special functions
+        "FMNMX": 4, "FSETP": 1, "ISETP": 1,  # compare, minimum, maximum
+        "FSEL": 5, "IMAD": 7, "F2FP": 1, "LDG": 1, "BRA": 1,  # issue only
+    }  # fmt: skip
+    assert machines.pipe_counts(histogram) == {
+        "issue": 29.0,
+        "fp32": 6.0,
+        "mufu": 2.0,
+        "compare": 6.0,
+    }
+
+
+def test_whole_row_pays_for_head_and_tail_blocks():
+    # A walk of 8192-element blocks with an aligned head and a tail outside its loop: at
+    # V = 50257 it runs 6 whole blocks + 2 = 8 blocks' work for 6.13 blocks of data, so a
+    # loop that allows 2x HBM bandwidth allows 2 * 50257 / 65536 = 1.534x over the row,
+    # and one at 1x loses 23%. A masked loop without edges runs ceil(V / 8192) = 7 blocks.
+    assert machines.blocks_per_row(50257, 8192, 2) == 8
+    assert machines.blocks_per_row(50257, 8192, 0) == 7
+    assert machines.blocks_per_row(262144, 8192, 2) == 34  # the empty tail still runs
+    h100 = machines.H100
+    lanes = h100.sms * h100.clock_hz * 128
+    # Instructions per thread per trip (512 threads, 16 elements each) for exactly 2x.
+    per_trip = lanes * 16 * 2 / (2 * h100.hbm_bytes_per_s)
+    walk = machines.Phase({"issue": per_trip}, 512, 8192, 2, 2)
+    loop = machines.loop_ceiling(walk.counts, 16, 2, h100)
+    assert loop.pipes["issue"] == pytest.approx(2.0)
+    row = machines.row_ceiling([walk], 50257, h100)
+    assert row.pipes["issue"] == pytest.approx(2 * 50257 / 65536)
+    at_one = machines.Phase({"issue": per_trip * 2}, 512, 8192, 2, 2)
+    assert machines.row_ceiling([at_one], 50257, h100).ceiling == pytest.approx(0.767, abs=0.001)
+    # Two walks of one row (statistics, then the gradient): pipe times add, bytes add.
+    both = machines.row_ceiling([walk, walk], 50257, h100)
+    assert both.pipes["issue"] == pytest.approx(row.pipes["issue"])
+    slower = machines.row_ceiling([walk, at_one], 50257, h100)
+    assert slower.pipes["issue"] == pytest.approx(2 * (2 * 50257 / 65536) / 3)
+
+
+# A planted pair of loops in /src/plant.py: the kernel's loop (lines 28-29: load, exp,
+# store) and, inlined from `zero`, a zero-fill loop (lines 22-23). ptxas lays the zero-fill
+# loop out first and unrolls it twice, so its two stores per trip match the kernel loop's
+# two memory operations in the PTX, which lists the kernel's loop first: pairing by
+# position would give the kernel's loop the zero-fill's counts.
+PLANT_ZERO = """\
+@triton.jit
+def zero(p, n):
+    for s in range(0, n, 32):
+        tl.store(p + s, 0.0)
+"""  # lines 20-23
+PLANT_KERNEL = """\
+@triton.jit
+def k(x, y, n):
+    for s in range(0, n, 32):
+        tl.store(y + s, tl.exp2(tl.load(x + s)))
+    zero(y, n)
+"""  # lines 26-30
+
+PLANT_ZERO_SASS = """\
+.L_x_0:
+\t//## File "/src/plant.py", line 23
+        /*0020*/                   STG.E desc[UR4][R2.64], RZ ;
+        /*0030*/                   STG.E desc[UR4][R2.64+0x80], RZ ;
+\t//## File "/src/plant.py", line 22
+        /*0040*/                   IADD3 R0, R0, 0x40, RZ ;
+        /*0050*/                   ISETP.GE.AND P0, PT, R0, R5, PT ;
+        /*0060*/              @!P0 BRA `(.L_x_0) ;
+"""
+PLANT_KERNEL_SASS = """\
+.L_x_1:
+\t//## File "/src/plant.py", line 29
+        /*0100*/                   LDG.E R4, desc[UR4][R8.64] ;
+        /*0110*/                   FMUL R4, R4, 1 ;
+        /*0120*/                   MUFU.EX2 R4, R4 ;
+        /*0130*/                   STG.E desc[UR4][R10.64], R4 ;
+\t//## File "/src/plant.py", line 28
+        /*0140*/                   IADD3 R0, R0, 0x20, RZ ;
+        /*0150*/                   ISETP.GE.AND P0, PT, R0, R5, PT ;
+        /*0160*/              @!P0 BRA `(.L_x_1) ;
+        /*0170*/                   EXIT ;
+"""
+PLANT_PTX = """\
+\t.file\t1 "/src/plant.py"
+$L__BB0_1:
+\t.loc\t1 29 12
+\tld.global.b32 %r1, [%rd1];
+\tex2.approx.f32 %r2, %r1;
+\tst.global.b32 [%rd2], %r2;
+\t.loc\t1 28 5
+\t@%p1 bra \t$L__BB0_1;
+$L__BB0_2:
+\t.loc\t1 23 9
+\tst.global.b32 [%rd3], %r0;
+\t.loc\t1 22 5
+\t@%p2 bra \t$L__BB0_2;
+\tret;
+"""
+
+
+def _plant(kernel_block: int = 32) -> list:
+    """(HotLoop, source loop) pairs of the planted kernel, as declared_loops gives them."""
+    kernel_loop = sass.source_loops("k", PLANT_KERNEL, "/src/plant.py", 26)[0]
+    zero_loop = sass.source_loops("zero", PLANT_ZERO, "/src/plant.py", 20)[0]
+    return [
+        (HotLoop("exp", 8, kernel_block), kernel_loop),
+        (HotLoop("zero-fill", 4, 32, "zero"), zero_loop),
+    ]
+
+
+def _row(entries: list) -> dict:
+    row = {"error": None, "spill_stores": 0, "spill_loads": 0, "local": 0, "stack": 0}
+    row.update(kernel="k", variant="plant", arch=90, dtype="bf16", loops=entries)
+    machines.evaluate([row], machines.GATE_MACHINES)
+    return row
+
+
+def test_planted_loops_are_paired_by_source_line_not_position():
+    text = PLANT_ZERO_SASS + PLANT_KERNEL_SASS
+    zero_sass, kernel_sass = sass.find_loops(text)
+    kernel_ptx, zero_ptx = sass.find_ptx_loops(PLANT_PTX)
+    # The trap positional pairing falls into: the old total of memory operations matches.
+    assert sass.global_memory_ops(zero_sass) == sass.global_memory_ops(kernel_ptx) == 2
+    assert sass.unroll_factor(zero_sass, [kernel_ptx]) is None  # loads 0 vs 1
+    assert sass.unroll_factor(zero_sass, [zero_ptx]) == 2
+    exp, zero = worker.measure_loops(_plant(), 32, text, PLANT_PTX)
+    assert (exp["name"], exp["source"], exp["unroll"]) == ("exp", "k:28", 1)
+    assert exp["histogram"]["MUFU"] == 1 and exp["histogram"]["LDG"] == 1
+    assert exp["instructions"] == 7 and exp["memory_bytes"] == 8
+    assert (zero["name"], zero["source"], zero["unroll"]) == ("zero-fill", "zero:22", 2)
+    assert zero["instructions"] == 2.5 and "LDG" not in zero["histogram"]
+    assert report.failures(_row([exp, zero]), 0.85) == []
+
+
+def test_a_recorded_loop_missing_from_the_sass_fails_the_gate():
+    # The zero-fill loop compiled out (or never reached): its record names a loop the
+    # SASS does not have. Before, such an entry carried no ceiling and passed.
+    exp, zero = worker.measure_loops(_plant(), 32, PLANT_KERNEL_SASS, PLANT_PTX)
+    assert zero["sass_loops"] == 0 and "instructions" not in zero
+    why = report.failures(_row([exp, zero]), 0.85)
+    assert why == ["missing loop: 'zero-fill' (zero:22) is not in the SASS"]
+    # Recorded as compiled out, the same SASS passes; a compiled-out record whose loop
+    # is there fails.
+    pairs = _plant()
+    pairs[1] = (HotLoop("zero-fill", 4, 32, "zero", compiled=False), pairs[1][1])
+    assert (
+        report.failures(_row(worker.measure_loops(pairs, 32, PLANT_KERNEL_SASS, PLANT_PTX)), 0.85)
+        == []
+    )
+    both = PLANT_ZERO_SASS + PLANT_KERNEL_SASS
+    why = report.failures(_row(worker.measure_loops(pairs, 32, both, PLANT_PTX)), 0.85)
+    assert len(why) == 1 and "recorded as compiled out" in why[0]
+
+
+def test_a_record_with_the_wrong_block_fails_on_its_traffic():
+    # Twice the elements per trip (a 2-warp block on a 1-warp launch): the record says
+    # 8 B x 2 elements per thread, the SASS moves 4 B in and 4 B out per trip.
+    exp, zero = worker.measure_loops(
+        _plant(kernel_block=64), 32, PLANT_ZERO_SASS + PLANT_KERNEL_SASS, PLANT_PTX
+    )
+    assert exp["instructions_per_element"] == 3.5  # half the true 7: the wrong figure
+    why = report.failures(_row([exp, zero]), 0.85)
+    assert why == [
+        "traffic: loop 'exp' (k:28) moves 8 B per thread per trip, its record 8 B x "
+        "2 elements = 16 B"
+    ]
+
+
+def test_the_sm90_gate_uses_the_h100_model_and_can_use_the_h200():
+    # 20 instructions per bf16 element: 132*1.98e9*128/20*2 = 3.345e12 B/s, 99.9% of the
+    # H100's 3.35 TB/s but 69.7% of the H200's 4.8 TB/s.
+    entry = {
+        "name": "walk", "source": "k:28", "bytes_per_element": 2, "elements_per_thread": 8,
+        "compiled": True, "sass_loops": 1, "histogram": {"IMAD": 160},
+        "instructions_per_element": 20.0, "min_ceiling": None,
+    }  # fmt: skip
+    row = _row([entry])
+    assert machines.GATE_MACHINES[90] is machines.H100
+    assert entry["models"]["H100"]["ceiling"] == pytest.approx(0.999, abs=0.001)
+    assert entry["models"]["H200"]["ceiling"] == pytest.approx(0.697, abs=0.001)
+    assert report.failures(row, 0.85) == []
+    machines.evaluate([row], {90: machines.H200})
+    assert report.failures(row, 0.85) == [
+        "ceiling: loop 'walk', 20.0 instr/elem, caps H200 at 70% of HBM (issue-bound) < 85%"
+    ]
+    # A loop's own gate of 0 (a peer's kernel, reported only) never fails.
+    entry["min_ceiling"] = 0.0
+    assert report.failures(row, 0.85) == []
 
 
 def _run_aot(tmp_path: Path, modules: str) -> tuple:
@@ -213,9 +428,13 @@ def _cuda_compile_unavailable() -> str:
 def test_sample_kernels_compile_for_sm90_and_the_gate_says_why(tmp_path):
     """tests/aot_sample_kernels.py: loops whose content is known from their source."""
     proc, rows = _run_aot(tmp_path, "tests.aot_sample_kernels")
-    assert set(rows) == {"sum_exp/bf16/exps=1", "sum_exp/bf16/exps=6", "wide/bf16/one-warp"}, (
-        proc.stdout + proc.stderr
-    )
+    assert set(rows) == {
+        "sum_exp/bf16/exps=1",
+        "sum_exp/bf16/exps=6",
+        "sum_exp/bf16/copy-compiled-out",
+        "sum_exp/bf16/wrong-block",
+        "wide/bf16/one-warp",
+    }, proc.stdout + proc.stderr
     for row in rows.values():
         assert row["error"] is None
         # ptxas' report and cuobjdump's resource table are two readings of one binary.
@@ -232,19 +451,34 @@ def test_sample_kernels_compile_for_sm90_and_the_gate_says_why(tmp_path):
         assert exp_sum["elements_per_thread"] == copy["elements_per_thread"] == 8
         assert exp_sum["histogram"]["LDG"] == 1
         assert exp_sum["histogram"]["MUFU"] == 8 * exps
+        assert exp_sum["memory_bytes"] == 16 and copy["memory_bytes"] == 32
         assert copy["histogram"]["LDG"] == copy["histogram"]["STG"] == 1
         assert copy["source"].startswith("_copy_row:")
     # One exp per bf16 element is far from any limit; six saturate the MUFU unit at
-    # 132*16*1.98e9/6*2/3.35e12 = 41.6% of H100 bandwidth.
-    assert rows["sum_exp/bf16/exps=1"]["loops"][0]["ceiling"] == 1.0
+    # 132*16*1.98e9/6*2 = 1.394e12 B/s: 41.6% of the H100's 3.35 TB/s, 29.0% of the
+    # H200's 4.8 TB/s (the H100 is the gate's model).
+    light = rows["sum_exp/bf16/exps=1"]["loops"][0]
+    assert light["models"]["H100"]["ceiling"] == light["models"]["H200"]["ceiling"] == 1.0
     heavy = rows["sum_exp/bf16/exps=6"]["loops"][0]
+    assert heavy["models"]["H100"]["bound"] == heavy["models"]["H200"]["bound"] == "mufu"
+    assert heavy["models"]["H100"]["ceiling"] == pytest.approx(0.416, abs=0.002)
+    assert heavy["models"]["H200"]["ceiling"] == pytest.approx(0.290, abs=0.002)
+    assert heavy["gate_machine"] == "H100"
     assert heavy["bound"] == "mufu" and heavy["ceiling"] == pytest.approx(0.416, abs=0.002)
+    # The planted records: a loop recorded as compiled that COPY=False removed, and a
+    # block twice the one launched (its loops move half the bytes the record says).
+    missing = rows["sum_exp/bf16/copy-compiled-out"]["loops"][1]
+    assert missing["name"] == "copy" and missing["sass_loops"] == 0
+    wrong = rows["sum_exp/bf16/wrong-block"]["loops"][0]
+    assert wrong["elements_per_thread"] == 16 and wrong["memory_bytes"] == 16
     # 8192 fp32 accumulators on one warp (256 per thread) cannot fit in 255 registers.
     wide = rows["wide/bf16/one-warp"]
     assert wide["spill_stores"] > 0 and wide["stack"] > 0
     assert proc.returncode == 1
     assert "ceiling: loop 'exp-sum'" in proc.stdout and "spills:" in proc.stdout
-    assert "make aot: FAILED (2 of 3 compilations" in proc.stdout
+    assert "missing loop: 'copy' (_copy_row:" in proc.stdout
+    assert "traffic: loop 'exp-sum'" in proc.stdout
+    assert "make aot: FAILED (4 of 5 compilations" in proc.stdout
 
 
 GATES_SCRIPT = """
@@ -325,3 +559,55 @@ def test_every_launch_names_the_fp_fusion_switch():
     kernels = json.loads(proc.stdout)
     assert {kernel for kernel, _ in kernels} == {"token_pass", "partial_stats", "row_grad"}
     assert {fusion for _, fusion in kernels} == {"True"}
+
+
+def test_row_table_combines_the_fused_pass_walks():
+    # A fused pass (statistics then gradient) and the standalone gradient kernel, each walk
+    # at exactly 1x the H200's bandwidth over its loop alone: over a row of 50257 the
+    # statistics pay 8 blocks of 8192 for 6.13 (76.7%), the gradient 14 of 4096 for 12.27
+    # (87.6%), the two together (2 + 4 bytes per element) 76.7% x 2/6 + 87.6% x 4/6
+    # averaged by time: 6 / (2/0.767 + 4/0.876) = 83.7%.
+    h200 = machines.H200
+    lanes = h200.sms * h200.clock_hz * 128
+
+    def walk(name, bytes_per_element, block, threads):
+        per_thread = block / threads
+        per_trip = lanes * per_thread * bytes_per_element / h200.hbm_bytes_per_s
+        return {
+            "name": name, "source": f"f:{block}", "bytes_per_element": bytes_per_element,
+            "elements_per_iteration": block, "elements_per_thread": per_thread,
+            "threads": threads, "edge_blocks": 2, "compiled": True, "sass_loops": 1,
+            "histogram": {"IMAD": per_trip}, "instructions_per_element": per_trip / per_thread,
+        }  # fmt: skip
+
+    fused = {"kernel": "token_pass", "variant": "bf16/T=1/stats/grad-in-pass", "arch": 90}
+    fused.update(dtype="bf16", error=None)
+    fused["loops"] = [walk("stats", 2, 8192, 512), walk("gradient", 4, 4096, 512)]
+    text = report.row_table([fused], vocabs=(50257, 262144))
+    lines = {
+        line.split()[0] + " " + line.split()[3]: line.split() for line in text.splitlines()[4:]
+    }
+    assert lines["token_pass/stats H200"][4:8] == ["100%", "hbm", "77%", "issue"]
+    assert lines["token_pass/gradient H200"][6:8] == ["88%", "issue"]
+    assert lines["token_pass/stats+gradient H200"][4:7] == ["-", "84%", "issue"]
+    # 262144 = 32 whole blocks: the head and the empty tail still cost 2 (94.1%).
+    assert lines["token_pass/stats H200"][8:10] == ["94%", "issue"]
+    assert lines["token_pass/stats H100"][6:8] == ["100%", "hbm"]
+
+
+def test_a_function_inlined_twice_keeps_its_unroll_factor():
+    # `zero` inlined at two call sites: two PTX loops (one store each) and two SASS loops
+    # unrolled twice (two stores each). Each SASS copy compiles one PTX copy: against both
+    # summed its factor would read 1 and double its counts per trip.
+    second_copy = PLANT_ZERO_SASS.replace(".L_x_0", ".L_x_9").replace("/*00", "/*02")
+    text = PLANT_ZERO_SASS + second_copy + PLANT_KERNEL_SASS
+    ptx = PLANT_PTX.replace(
+        "\tret;\n",
+        "$L__BB0_3:\n\t.loc\t1 23 9\n\tst.global.b32 [%rd4], %r0;\n"
+        "\t.loc\t1 22 5\n\t@%p3 bra \t$L__BB0_3;\n\tret;\n",
+    )
+    assert len(sass.find_loops(text)) == 3 and len(sass.find_ptx_loops(ptx)) == 3
+    exp, zero = worker.measure_loops(_plant(), 32, text, ptx)
+    assert zero["sass_loops"] == 2 and zero["unroll"] == 2
+    assert zero["instructions"] == 2.5 and zero["memory_bytes"] == 4
+    assert report.failures(_row([exp, zero]), 0.85) == []

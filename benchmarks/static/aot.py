@@ -9,14 +9,20 @@ default), then read (:mod:`benchmarks.static.worker`):
 
 - registers, spills and stack from the ptxas report, local and shared memory from
   ``cuobjdump --dump-resource-usage`` (plus the shared memory Triton allocates itself);
-- each hot loop from the SASS (``nvdisasm``): instructions per trip over the elements one
-  thread handles per trip (``elements_per_iteration / (num_warps * 32)``) gives the
-  instructions per element, and with the loop's bytes per element the fraction of HBM
-  bandwidth that instruction issue (and the MUFU unit) allows (:mod:`benchmarks.static.sass`).
+- each hot loop from the SASS (``nvdisasm -g``), paired with its ``for`` statement by the
+  source line of its backward branch: instructions per trip over the elements one thread
+  handles per trip (``elements_per_iteration / (num_warps * 32)``) gives the instructions
+  per element, per pipe (:mod:`benchmarks.static.sass`);
+- what that allows on each GPU of the compilation's architecture, per pipe (issue, FP32,
+  MUFU, compare), for the loop alone and for whole rows of common vocabulary sizes
+  (:mod:`benchmarks.static.machines`: sm_80 on the A100, sm_90 on the H100 and H200).
 
-Exits 1 on a compile failure, a spill, local memory, or a loop of a gated dtype (bf16) whose
-sm_90 ceiling is below ``--min-ceiling`` (0.85); the table and the summary say why
-(:mod:`benchmarks.static.report`).
+Exits 1 on a compile failure, a spill, local memory, a loop recorded as compiled that the
+SASS lacks (or the reverse), a loop whose loads and stores disagree with its record, or a
+loop of a gated dtype (bf16) whose sm_90 ceiling on the H100 (``--gate-machine``) is below
+``--min-ceiling`` (0.85); the table and the summary say why
+(:mod:`benchmarks.static.report`). ``--report-only`` prints the same and exits 0 (the
+peers' kernels, :mod:`benchmarks.static.peers`, are reported, not gated).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchmarks.static import report, worker
+from benchmarks.static import machines, report, worker
 
 DEFAULT_ARCHS = (80, 90)
 # The library's launches (benchmarks/static/variants.py); --modules names others (tests).
@@ -97,6 +103,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--min-ceiling", type=float, default=report.MIN_CEILING)
+    parser.add_argument(
+        "--gate-machine",
+        default=machines.GATE_MACHINES[report.GATED_ARCH].name,
+        choices=[m.name for m in machines.MACHINES[report.GATED_ARCH]],
+        help=f"whose model the sm_{report.GATED_ARCH} bandwidth gate uses",
+    )
+    parser.add_argument(
+        "--no-rows", action="store_true", help="leave out the whole-row ceilings table"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="print the tables and failures, exit 0 (for kernels that are not ours)",
+    )
     parser.add_argument("--json", help="write every result (loop histograms included) here")
     parser.add_argument("--dump-dir", help="keep each compilation's SASS and PTX here")
     parser.add_argument(
@@ -118,14 +138,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not rows:
         print(f"no variant matches --filter {args.filter!r}")
         return 1
+    gate = dict(machines.GATE_MACHINES)
+    gate[report.GATED_ARCH] = machines.BY_NAME[args.gate_machine]
+    machines.evaluate(rows, gate)
     print(report.table(rows, args.min_ceiling))
     if args.breakdown:
         print(report.breakdown(rows))
+    if not args.no_rows:
+        print(report.row_table(rows))
     print(report.summary(rows, args.min_ceiling))
-    print(report.machines_note())
+    print(report.machines_note(gate))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     failed = [row for row in rows if report.failures(row, args.min_ceiling)]
+    if args.report_only:
+        print(
+            f"make aot (report only): {len(failed)} of {len(rows)} compilations would fail "
+            f"the gate, triton {triton.__version__}"
+        )
+        return 0
     if failed:
         print(
             f"make aot: FAILED ({len(failed)} of {len(rows)} compilations, triton "

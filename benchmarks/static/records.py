@@ -51,6 +51,12 @@ class HotLoop:
         ordinal: which of that function's loops, counted in source order from 0.
         min_ceiling: this loop's own bandwidth gate, where physics sets a lower one than
             the check's default (e.g. a loop bound by the exp/tanh unit); None: the default.
+        compiled: whether the variant's constexprs keep the loop (False: compiled out, e.g.
+            the gradient walk without ``WRITE_GRAD``). A loop recorded as compiled that the
+            SASS lacks, or one recorded as compiled out that the SASS has, fails the check.
+        edge_blocks: masked blocks the walk runs outside its loop, each at a full block's
+            cost (2: an aligned head and a tail, as ``write_grad_row`` does); 0: a masked
+            loop of ``ceil(n / block)`` trips. Used by the whole-row ceilings.
     """
 
     name: str
@@ -59,6 +65,8 @@ class HotLoop:
     function: Optional[str] = None
     ordinal: int = 0
     min_ceiling: Optional[float] = None
+    compiled: bool = True
+    edge_blocks: int = 0
 
 
 @dataclass(frozen=True)

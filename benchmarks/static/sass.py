@@ -1,4 +1,4 @@
-"""Reading compiled CUDA kernels: ptxas report, resource usage, SASS loops, bandwidth ceiling.
+"""Reading compiled CUDA kernels: ptxas report, resource usage, SASS loops and their traffic.
 
 Pure text processing (no Triton, no GPU), used by :mod:`benchmarks.static.aot`:
 
@@ -8,8 +8,10 @@ Pure text processing (no Triton, no GPU), used by :mod:`benchmarks.static.aot`:
   their source lines, and the loops (backward branches) among them;
 - :func:`source_loops` / :func:`attribute_loop`: which ``for`` statement of the kernel's
   source a SASS loop compiles;
-- :class:`Machine` / :func:`ceiling`: the fraction of HBM bandwidth a loop can reach when
-  instruction issue (or the special-function unit) is the only other limit.
+- :func:`memory_bytes`: the bytes a loop body's global loads and stores move per thread.
+
+What a loop's counts allow on a given GPU is :mod:`benchmarks.static.machines`' business:
+this module knows no machine, so a change of the model does not invalidate cached counts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import ast
 import re
 import textwrap
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 _LINE_RE = re.compile(r'//## File "(?P<file>[^"]+)", line (?P<line>\d+)')
@@ -242,24 +244,60 @@ def find_ptx_loops(text: str) -> List[Loop]:
     return _loops(parse_ptx(text), _label_target(labels, "bra", _PTX_TARGET_RE))
 
 
-_GLOBAL_SASS = ("LDG", "STG", "ATOMG", "REDG", "RED")
-_GLOBAL_PTX = ("ld.global", "st.global", "atom.global", "red.global")
+_LOADS_SASS = ("LDG",)
+_STORES_SASS = ("STG", "ATOMG", "REDG", "RED")
+_LOADS_PTX = ("ld.global",)
+_STORES_PTX = ("st.global", "atom.global", "red.global")
+
+
+def _is_load(i: Instruction) -> bool:
+    return i.family in _LOADS_SASS or i.opcode.startswith(_LOADS_PTX)
+
+
+def _is_store(i: Instruction) -> bool:
+    return i.family in _STORES_SASS or i.opcode.startswith(_STORES_PTX)
 
 
 def global_memory_ops(loop: Loop) -> int:
     """Global loads, stores and atomics in a SASS or PTX loop body."""
-    return sum(1 for i in loop.body if i.family in _GLOBAL_SASS or i.opcode.startswith(_GLOBAL_PTX))
+    return sum(1 for i in loop.body if _is_load(i) or _is_store(i))
 
 
 def unroll_factor(sass_loop: Loop, ptx_loops: Sequence[Loop]) -> Optional[int]:
     """How many source-loop trips one trip of ``sass_loop`` runs (ptxas unrolls simple
-    loops), from its global memory operations over those of the PTX loop(s) it compiles;
-    None when that ratio is not a whole number (or there is no memory operation)."""
-    ptx = sum(global_memory_ops(lp) for lp in ptx_loops)
-    sass_ops = global_memory_ops(sass_loop)
-    if not ptx or not sass_ops or sass_ops % ptx:
-        return None
-    return sass_ops // ptx
+    loops): its global loads over those of the PTX loop(s) it compiles, and likewise its
+    stores. None unless both ratios are the same whole number (or there is no memory
+    operation): a SASS loop whose loads and stores do not scale together is not the
+    compiled form of those PTX loops."""
+    ratios = set()
+    for kind in (_is_load, _is_store):
+        ptx = sum(1 for lp in ptx_loops for i in lp.body if kind(i))
+        ops = sum(1 for i in sass_loop.body if kind(i))
+        if ptx == ops == 0:
+            continue
+        if not ptx or not ops or ops % ptx:
+            return None
+        ratios.add(ops // ptx)
+    return ratios.pop() if len(ratios) == 1 else None
+
+
+_WIDTH_RE = re.compile(r"\.(?:(?P<bits>128|64)|[US](?P<small>8|16))\b")
+
+
+def access_bytes(ins: Instruction) -> int:
+    """Bytes one thread moves with a SASS global load or store (``LDG.E.128``: 16,
+    ``.64``: 8, ``.U16``/``.S16``: 2, ``.U8``/``.S8``: 1, no width: 4); 0 for others."""
+    if not (ins.family in _LOADS_SASS or ins.family in _STORES_SASS):
+        return 0
+    m = _WIDTH_RE.search(ins.opcode)
+    if m is None:
+        return 4
+    return int(m.group("bits") or m.group("small")) // 8
+
+
+def memory_bytes(loop: Loop) -> int:
+    """Bytes a thread loads and stores per trip of a SASS loop (both sides of a branch)."""
+    return sum(access_bytes(i) for i in loop.body)
 
 
 @dataclass(frozen=True)
@@ -360,78 +398,3 @@ def parse_resource_usage(text: str, kernel: str) -> Dict[str, int]:
                     fields[key] = int(value)
             return fields
     raise ValueError(f"resource usage: no entry for function {kernel!r} in {text!r}")
-
-
-@dataclass(frozen=True)
-class Machine:
-    """The GPU a compute capability's ceiling is computed for.
-
-    ``issue_per_clock``: warp instructions an SM issues per clock (one per scheduler);
-    ``mufu_per_clock``: special-function results (ex2, lg2, rcp...) per SM per clock.
-    """
-
-    name: str
-    sms: int
-    clock_hz: float
-    hbm_bytes_per_s: float
-    issue_per_clock: int = 4
-    mufu_per_clock: int = 16
-    warp_size: int = 32
-
-
-# Published figures: H100 SXM5 (132 SMs, 1.98 GHz max boost, 3.35 TB/s HBM3) and A100 SXM4
-# 80GB (108 SMs, 1.41 GHz boost, 2.039 TB/s HBM2e); both issue 4 warp instructions and 16
-# MUFU results per SM per clock.
-MACHINES: Dict[int, Machine] = {
-    90: Machine("H100 SXM5", 132, 1.98e9, 3.35e12),
-    80: Machine("A100 SXM4 80GB", 108, 1.41e9, 2.039e12),
-}
-
-
-@dataclass
-class LoopCeiling:
-    """Bandwidth bounds of one loop; fractions of HBM bandwidth, capped at 1."""
-
-    instructions_per_element: float
-    mufu_per_element: float
-    issue: float
-    mufu: float
-    ceiling: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ceiling = min(self.issue, self.mufu)
-
-    @property
-    def bound(self) -> str:
-        if self.ceiling >= 1.0:
-            return "hbm"
-        return "issue" if self.issue <= self.mufu else "mufu"
-
-
-def ceiling(
-    instructions: int,
-    mufu: int,
-    elements_per_thread: float,
-    bytes_per_element: float,
-    machine: Machine,
-) -> LoopCeiling:
-    """Bounds of a loop whose body of ``instructions`` (``mufu`` of them MUFU) handles
-    ``elements_per_thread`` elements per thread per trip, moving ``bytes_per_element``.
-
-    Issue: ``sms * issue_per_clock * clock * warp_size / (instructions / elements)`` elements
-    per second; MUFU: ``sms * mufu_per_clock * clock / (mufu / elements)``. Each times the
-    bytes per element, over HBM bandwidth. Assumes full issue every clock (no stalls): an
-    upper bound, not a prediction.
-    """
-    per_element = instructions / elements_per_thread
-    mufu_per_element = mufu / elements_per_thread
-    rate = machine.sms * machine.clock_hz
-    issue_elems = rate * machine.issue_per_clock * machine.warp_size / per_element
-    mufu_elems = rate * machine.mufu_per_clock / mufu_per_element if mufu else float("inf")
-    hbm = machine.hbm_bytes_per_s
-    return LoopCeiling(
-        per_element,
-        mufu_per_element,
-        min(1.0, issue_elems * bytes_per_element / hbm),
-        min(1.0, mufu_elems * bytes_per_element / hbm),
-    )

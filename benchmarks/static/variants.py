@@ -67,13 +67,18 @@ def _stats_loops(
     gate = None
     if params.logit_softcap is not None and softcap_kind(params) == 3 and size == 2:
         gate = WIDE_SOFTCAP_GATES.get((params.unit_temperature, with_entropy))
-    if fixed_reference(params, dtype):
-        running_max = HotLoop("stats-fallback", None, cfg.block_v, "_summarize_running_max")
+    # Both walks run an aligned head block and a tail block outside their loop.
+    fixed = fixed_reference(params, dtype)
+    if fixed:
+        running_max = HotLoop(
+            "stats-fallback", None, cfg.block_v, "_summarize_running_max", edge_blocks=2
+        )
     else:
         running_max = HotLoop(
-            "stats", size, cfg.block_v, "_summarize_running_max", min_ceiling=gate
+            "stats", size, cfg.block_v, "_summarize_running_max", min_ceiling=gate, edge_blocks=2
         )
-    return [running_max, HotLoop("stats", size, cfg.block_v, "_walk")]
+    walk = HotLoop("stats", size, cfg.block_v, "_walk", compiled=fixed, edge_blocks=2)
+    return [running_max, walk]
 
 
 def aot_variants() -> List[Any]:
@@ -123,8 +128,17 @@ def aot_variants() -> List[Any]:
                                 grad_block = meta["GRAD_BLOCK"]
                                 loops = [
                                     *_stats_loops(size, cfg, params, dtype, with_stats),
-                                    HotLoop("zero-fill", size, grad_block, "zero_row"),
-                                    HotLoop("gradient", 2 * size, grad_block, "write_grad_row"),
+                                    HotLoop(
+                                        "zero-fill", size, grad_block, "zero_row", compiled=write
+                                    ),
+                                    HotLoop(
+                                        "gradient",
+                                        2 * size,
+                                        grad_block,
+                                        "write_grad_row",
+                                        compiled=write,
+                                        edge_blocks=2,
+                                    ),
                                 ]
                                 switches = [
                                     pname,
@@ -178,9 +192,17 @@ def aot_variants() -> List[Any]:
                                 row_grad_kernel,
                                 args,
                                 meta,
+                                # The launch's own block (8 warps), not cfg.grad_block:
+                                # launch_config's default is the 16-warp fused pass's.
                                 [
-                                    HotLoop("zero-fill", size, cfg.grad_block, "zero_row"),
-                                    HotLoop("gradient", 2 * size, cfg.grad_block, "write_grad_row"),
+                                    HotLoop("zero-fill", size, meta["BLOCK_V"], "zero_row"),
+                                    HotLoop(
+                                        "gradient",
+                                        2 * size,
+                                        meta["BLOCK_V"],
+                                        "write_grad_row",
+                                        edge_blocks=2,
+                                    ),
                                 ],
                             )
                         )

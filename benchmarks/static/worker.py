@@ -2,12 +2,15 @@
 
 One process handles a batch of ``(variant index, arch)`` tasks: it compiles each variant
 with ``triton.compile`` for ``sm_<arch>`` (capturing the ptxas report), reads the resource
-table with ``cuobjdump``, and disassembles the whole batch with one ``nvdisasm`` call per
-architecture (the disassembler's start-up, not the kernels, is what costs). Each SASS loop
-is paired with the PTX loop it compiles, in order; the PTX carries the source lines, which
-name the ``for`` statement. When the pairing does not hold up (a different number of
-loops, memory operations that are no whole multiple), that variant is disassembled again
-with line information and its loops are matched by source line instead.
+table with ``cuobjdump`` and disassembles the kernel with line information (``nvdisasm -c
+-g``). Each SASS loop is paired with the source loop its backward branch's line falls in
+(the innermost ``for`` statement of the kernel or of a jit function inlined into it, by
+file and line range): never by position, so a loop ptxas lays out elsewhere cannot take
+another's place. The PTX loops of the same source loop give the unroll factor.
+
+The rows carry counts only (instructions and opcode families per source trip, bytes per
+trip): what they allow on a GPU is computed afterwards (:mod:`benchmarks.static.machines`),
+so the cache survives a change of the machine model.
 """
 
 from __future__ import annotations
@@ -129,22 +132,19 @@ def analyse_batch(tasks: Sequence[Task]) -> List[Dict[str, Any]]:
             rows[(index, arch)] = row
         else:
             compiled.append(((index, arch), variant, row, kernel, cache))
-    for arch in sorted({task[1] for task, *_ in compiled}):
-        group = [c for c in compiled if c[0][1] == arch]
-        listings = _disassemble([kernel for _, _, _, kernel, _ in group], arch)
-        for (task, variant, row, kernel, cache), instructions in zip(group, listings):
-            try:
-                row["loops"] = loop_entries(variant, arch, instructions, kernel)
-            except ValueError as err:  # a record that does not describe its kernel
-                row["error"] = str(err)
-            if _WORKER["dump_dir"]:
-                _dump(variant, task, kernel)
-            if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(row))
-                tmp.replace(cache)
-            rows[task] = row
+    for task, variant, row, kernel, cache in compiled:
+        try:
+            row["loops"] = loop_entries(variant, _disassemble_with_lines(kernel), kernel)
+        except ValueError as err:  # a record that does not describe its kernel
+            row["error"] = str(err)
+        if _WORKER["dump_dir"]:
+            _dump(variant, task, kernel)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(row))
+            tmp.replace(cache)
+        rows[task] = row
     return [rows[task] for task in tasks]
 
 
@@ -182,27 +182,6 @@ def _resources(variant: Any, arch: int) -> Tuple[Dict[str, Any], Any]:
         registers_cuobjdump=resources.get("REG"),
     )
     return row, kernel
-
-
-def _raw_arch(arch: int) -> str:
-    """nvdisasm's name of the architecture Triton compiled for (sm_90 -> SM90a)."""
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
-
-    return sm_arch_from_capability(arch).replace("sm_", "SM")
-
-
-def _disassemble(kernels: Sequence[Any], arch: int) -> List[List[sass.Instruction]]:
-    """SASS instructions of each kernel, from one raw ``nvdisasm`` run over all of them."""
-    texts = [sass.elf_section(k.asm["cubin"], f".text.{k.metadata.name}") for k in kernels]
-    starts, offset = [], 0
-    for text in texts:
-        starts.append(offset)
-        offset += len(text)
-    with tempfile.TemporaryDirectory(prefix="gft-aot-") as tmp:
-        blob = pathlib.Path(tmp) / "text.bin"
-        blob.write_bytes(b"".join(texts))
-        listing = _run_tool(_tool("nvdisasm"), "-b", _raw_arch(arch), str(blob))
-    return sass.split_raw_sass(listing, starts)
 
 
 def _disassemble_with_lines(kernel: Any) -> str:
@@ -279,32 +258,11 @@ def declared_loops(variant: Any) -> List[Tuple[Any, sass.SourceLoop]]:
 Found = Dict[sass.SourceLoop, List[Tuple[sass.Loop, Optional[int]]]]
 
 
-def _pair_in_order(
-    sass_loops: Sequence[sass.Loop], ptx_loops: Sequence[sass.Loop], declared
-) -> Optional[Tuple[Found, List[sass.Loop]]]:
-    """SASS loops matched to PTX loops in order, with unroll factors; None if implausible."""
-    if len(sass_loops) != len(ptx_loops):
-        return None
-    found: Found = {}
-    unmatched = []
-    for sass_loop, ptx_loop in zip(sass_loops, ptx_loops):
-        ops, ptx_ops = sass.global_memory_ops(sass_loop), sass.global_memory_ops(ptx_loop)
-        if ops == ptx_ops == 0:
-            unroll = None
-        elif ptx_ops and ops and ops % ptx_ops == 0:
-            unroll = ops // ptx_ops
-        else:
-            return None
-        source = sass.attribute_loop(ptx_loop, declared)
-        if source is None:
-            unmatched.append(sass_loop)
-        else:
-            found.setdefault(source, []).append((sass_loop, unroll))
-    return found, unmatched
-
-
-def _pair_by_line(text: str, ptx_loops: Sequence[sass.Loop], declared) -> Tuple[Found, list]:
-    """SASS loops (``nvdisasm -g`` text) matched to source loops by their source lines."""
+def pair_by_line(text: str, ptx_loops: Sequence[sass.Loop], declared) -> Tuple[Found, list]:
+    """SASS loops (``nvdisasm -c -g`` text) matched to the declared source loops by the
+    source line of their backward branch (:func:`sass.attribute_loop`), each with its
+    unroll factor against the PTX loops of the same source loop (None unless exactly one
+    factor fits); and the SASS loops that match none."""
     ptx_by_source: Dict[sass.SourceLoop, List[sass.Loop]] = {}
     for loop in ptx_loops:
         source = sass.attribute_loop(loop, declared)
@@ -316,32 +274,37 @@ def _pair_by_line(text: str, ptx_loops: Sequence[sass.Loop], declared) -> Tuple[
         source = sass.attribute_loop(loop, declared)
         if source is None:
             unmatched.append(loop)
-        else:
-            unroll = sass.unroll_factor(loop, ptx_by_source.get(source, []))
-            found.setdefault(source, []).append((loop, unroll))
+            continue
+        # A function inlined twice has a PTX loop per copy: the SASS loop compiles one of
+        # them, so each is compared alone (summed, they would halve the factor).
+        factors = {sass.unroll_factor(loop, [p]) for p in ptx_by_source.get(source, [])}
+        factors.discard(None)
+        unroll = factors.pop() if len(factors) == 1 else None
+        found.setdefault(source, []).append((loop, unroll))
     return found, unmatched
 
 
-def loop_entries(
-    variant: Any, arch: int, instructions: Sequence[sass.Instruction], kernel: Any
+WARP_SIZE = 32
+
+
+def loop_entries(variant: Any, sass_text: str, kernel: Any) -> List[Dict[str, Any]]:
+    """One entry per loop record of ``variant`` (see :func:`measure_loops`)."""
+    threads = variant.num_warps * WARP_SIZE
+    return measure_loops(declared_loops(variant), threads, sass_text, kernel.asm["ptx"])
+
+
+def measure_loops(
+    pairs: Sequence[Tuple[Any, sass.SourceLoop]], threads: int, sass_text: str, ptx_text: str
 ) -> List[Dict[str, Any]]:
-    """One entry per loop record of ``variant``, measured on its SASS loop(s).
+    """One entry per ``(HotLoop record, source loop)`` pair, measured on its SASS loop(s)
+    (``sass_text``: ``nvdisasm -c -g`` output), then one per SASS loop matching no record.
 
     ptxas unrolls simple loops (a SASS trip then runs several source trips, with the
     remainder after it); counts are per source trip. Of several SASS loops for one source
     loop (a jit function inlined twice), the most unrolled, then the longest, is reported.
     """
-    pairs = declared_loops(variant)
     declared = [source for _, source in pairs]
-    machine = sass.MACHINES.get(arch)
-    threads = variant.num_warps * (machine.warp_size if machine else 32)
-    ptx_loops = sass.find_ptx_loops(kernel.asm["ptx"])
-    paired = _pair_in_order(sass.find_raw_loops(instructions), ptx_loops, declared)
-    matching = "ptx order"
-    if paired is None:
-        paired = _pair_by_line(_disassemble_with_lines(kernel), ptx_loops, declared)
-        matching = "source line"
-    found, unmatched = paired
+    found, unmatched = pair_by_line(sass_text, sass.find_ptx_loops(ptx_text), declared)
     entries = []
     for spec, source in pairs:
         loops = found.get(source, [])
@@ -349,14 +312,16 @@ def loop_entries(
             "name": spec.name,
             "source": f"{source.function}:{source.first}",
             "bytes_per_element": spec.bytes_per_element,
+            "elements_per_iteration": spec.elements_per_iteration,
             "elements_per_thread": spec.elements_per_iteration / threads,
+            "threads": threads,
+            "compiled": spec.compiled,
+            "edge_blocks": spec.edge_blocks,
             "sass_loops": len(loops),
-            "matched_by": matching,
             "min_ceiling": spec.min_ceiling,
         }
         entries.append(entry)
         if not loops:
-            entry["note"] = "no SASS loop (a single trip, or compiled out)"
             continue
         # A SASS loop that holds another loop is not the compiled form of a source loop
         # without one (ptxas may lay code of an inlined function out inside a loop that
@@ -370,26 +335,11 @@ def loop_entries(
         entry.update(
             unroll=unroll,
             instructions=per_trip,
-            mufu=main.count_family("MUFU") / unroll,
             nested=main.nested,
             histogram={k: v / unroll for k, v in main.histogram().most_common()},
             instructions_per_element=per_trip / entry["elements_per_thread"],
+            memory_bytes=sass.memory_bytes(main) / unroll,
         )
-        if machine and spec.bytes_per_element:
-            bounds = sass.ceiling(
-                per_trip,
-                entry["mufu"],
-                entry["elements_per_thread"],
-                spec.bytes_per_element,
-                machine,
-            )
-            entry.update(
-                mufu_per_element=bounds.mufu_per_element,
-                ceiling_issue=bounds.issue,
-                ceiling_mufu=bounds.mufu,
-                ceiling=bounds.ceiling,
-                bound=bounds.bound,
-            )
     for loop in unmatched:
         entries.append(
             {
