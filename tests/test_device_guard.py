@@ -144,12 +144,14 @@ def test_non_cpu_flags_take_the_device_side_assert_by_default(monkeypatch):
 
 
 def test_gpu_check_runs_the_device_side_assert_test(tmp_path):
-    """``make gpu-check`` runs the whole suite without the interpreter and without
+    """``make gpu-check`` runs this module without the interpreter and without
     ``GFT_KERNELS_SYNC_CHECKS`` in its environment, so the GPU test below runs there."""
-    tests = gpu_check.check_steps(tmp_path / "venv", tmp_path / "out", [])[0]
-    assert tests.argv[1:4] == ["-m", "pytest", "tests"]
-    assert not {"-k", "-m", "--deselect", "--ignore"} & set(tests.argv[4:])
+    tests = gpu_check.check_steps("python3", tmp_path / "out", [])[0]
+    assert tests.argv[1:3] == ["-m", "pytest"]
+    assert "tests/test_device_guard.py" in tests.argv[3:]
+    assert not {"-k", "-m", "--deselect", "--ignore"} & set(tests.argv[3:])
     assert "GFT_KERNELS_SYNC_CHECKS" not in tests.env
+    assert tests.env.get("TRITON_INTERPRET", "unset") is None
     marks = {m.name for m in test_default_checks_raise_a_device_side_assert.pytestmark}
     assert marks == {"skipif"}, "no marker that a plain run deselects"
 
