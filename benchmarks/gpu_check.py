@@ -118,7 +118,7 @@ GPU_TESTS_LEFT_OUT = {
     "tests/test_integration_trl_ranks.py": "trainer integrations (packages the GPU machine lacks)",
 }
 # Wall-clock limits of the steps (seconds): about 8 minutes in all.
-LIMITS = {"wheels": 60, "native": 90, "tests": 180, "sanitizer": 45, "bench": 150}
+LIMITS = {"wheels": 30, "native": 60, "tests": 180, "sanitizer": 45, "bench": 150}
 TIMEOUT_RC = 124  # what a step that ran past its limit returns, like timeout(1)
 
 

@@ -154,6 +154,8 @@ def test_the_offline_dry_run_resolves_with_what_is_installed(tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / "R.md").exists()
     total = float(proc.stdout.split("time limits add up to ")[1].split()[0])
     assert total <= 8 * 60
+    # With a wheel folder and compute-sanitizer too, every step's limit together.
+    assert sum(gpu_check.LIMITS.values()) <= 8 * 60
 
 
 def test_gpu_tests_cover_every_module_that_runs_on_cuda():
