@@ -12,6 +12,20 @@ from gft_kernels._options import LOSS_AGG_MODES
 MODES = LOSS_AGG_MODES
 
 
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """The variables transformers and accelerate read to detect distributed training (the
+    process group itself is initialised by the worker), and one torch thread per rank."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+
+
 def shard_bounds(vocab: int, world: int):
     """Uneven contiguous blocks: rank r gets a share growing with r."""
     weights = list(range(1, world + 1))

@@ -28,6 +28,8 @@ from typing import Any, Dict, List
 import torch
 import torch.distributed as dist
 
+from tests.dist_workers import rank_environment
+
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     try:
@@ -133,15 +135,7 @@ def trainer_worker(
 ) -> None:
     # transformers and accelerate detect distributed training from these variables; the
     # process group itself is initialised here (file rendezvous) and then reused by both.
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {run["name"]: train(run, world, out_dir) for run in runs}

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.dist_workers import rank_environment
+
 WORLD = 2
 
 
@@ -43,15 +45,7 @@ def run_ranks(target: Callable[..., None], args: tuple, timeout: float) -> List[
 
 
 def _start(rank: int, world: int, init_file: str, port: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port)
     # A short collective timeout: a rank left waiting errors out instead of sleeping until
     # run_ranks kills it.
     dist.init_process_group(
