@@ -23,11 +23,15 @@ from torch import Tensor
 TRITON_FLOOR: Tuple[int, int] = (3, 6)
 
 
+def triton_release(version: str) -> Tuple[int, ...]:
+    """``(major, minor)`` of a Triton version string ("3.10.0+git..." -> (3, 10))."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
 def check_triton_version(version: str) -> None:
     """Raise ``ImportError`` naming the floor when ``version`` is older than it: an older
     Triton fails later, inside a kernel's compilation, with a message about the kernel."""
-    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-    if found < TRITON_FLOOR:
+    if triton_release(version) < TRITON_FLOOR:
         floor = ".".join(map(str, TRITON_FLOOR))
         raise ImportError(
             f"gft_kernels' Triton kernels need triton >= {floor}; found triton {version}"

@@ -14,7 +14,6 @@ segments (:func:`row_segments`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -22,6 +21,7 @@ import torch
 import triton
 
 from gft_kernels.backends.base import GradRows, RowParams, TokenInputs
+from gft_kernels.backends.triton import triton_release
 from gft_kernels.backends.triton.common import LOG2E_VALUE as LOG2E
 
 
@@ -59,7 +59,7 @@ ENABLE_FP_FUSION = True
 # family: the 16-bit soft-capped fused pass at T != 1 (fixed references) with statistics
 # and the gradient written alike (same skew). There its gradient walk takes half blocks
 # (8-byte accesses), which ptxas fits in 64 registers; Triton 3.9 keeps the full block.
-TRITON_BEFORE_3_7 = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) < (3, 7)
+TRITON_BEFORE_3_7 = triton_release(triton.__version__) < (3, 7)
 
 
 def compile_options(num_warps: int, **options: int) -> Dict[str, Any]:
