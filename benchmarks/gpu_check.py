@@ -64,9 +64,11 @@ INDEX_ENV = "TORCH_CUDA_INDEX"
 STATE_FILE = "gpu_check.json"  # what the steps found, read back by the record step
 # Probe of an interpreter's torch, printed as one JSON line.
 TORCH_PROBE = (
-    "import json, torch; print(json.dumps({'version': torch.__version__, "
+    "import importlib.util, json, torch; print(json.dumps({'version': torch.__version__, "
     "'cuda': torch.version.cuda, 'available': torch.cuda.is_available(), "
-    "'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))"
+    "'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "
+    "'triton': __import__('triton').__version__ if importlib.util.find_spec('triton') "
+    "else None}))"
 )
 # Which of the named modules an interpreter finds (with the step's PYTHONPATH).
 MODULE_PROBE = (
@@ -710,13 +712,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return 3
     state["torch"] = torch_info
-    triton_probe = subprocess.run(
-        [python, "-c", "import triton; print(triton.__version__)"],
-        env=_environment(env),
-        capture_output=True,
-        text=True,
-    )
-    state["triton"] = triton_probe.stdout.strip() or None
+    state["triton"] = torch_info.get("triton")
     failed = 0
     for step in checks:
         rc = run_step(step, out)
