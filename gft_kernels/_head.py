@@ -6,10 +6,11 @@ and, in the same buffer and the same launch, into the logits-gradient ``G_c``; t
 ``dh_c = G_c W`` and ``dW += G_c^T h_c``. Memory: one ``chunk x V`` buffer plus the
 gradients, never ``N x V``.
 
-A future ``blockwise`` strategy (a GPU kernel that keeps each logits tile in registers /
-shared memory and never writes it to HBM, as Cut Cross-Entropy does) plugs in here: it
-takes the arguments of :func:`chunked_head` and is added to :data:`HEAD_STRATEGIES`; the public
-function, the custom op and the autograd formula above it stay as they are.
+``blockwise`` (:mod:`gft_kernels._head_blockwise`; Triton): logit tiles are formed with
+``tl.dot`` and folded into per-token statistics in registers, then recomputed for the
+gradients; no ``chunk x V`` buffer exists. ``blockwise_exact`` is the same without
+gradient filtering. Every strategy takes the arguments of :func:`chunked_head`; the
+public function, the custom op and the autograd formula above them are shared.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def _carries_loss(
     return keep
 
 
-def _compact_index(inputs: HeadInputs, per_token_adv: torch.Tensor, vocab: int) -> torch.Tensor:
+def compact_index(inputs: HeadInputs, per_token_adv: torch.Tensor, vocab: int) -> torch.Tensor:
     """Tokens that can carry loss, plus any holding a bad value (so that the kernels still
     see and report it); the call's one host synchronisation."""
     p = inputs.params
@@ -168,7 +169,7 @@ def chunked_head(
     index = None
     if compact and not with_stats and not must_not_sync(hidden.device):
         vocab = weight.shape[0] if shard is None else shard.total
-        index = _compact_index(inputs, adv, vocab)
+        index = compact_index(inputs, adv, vocab)
         hidden, targets, adv = hidden.index_select(0, index), targets[index], adv[index]
         mask = None if mask is None else mask[index]
         weights = None if weights is None else weights[index]
@@ -251,13 +252,20 @@ def chunked_head(
 
 
 def blockwise_head(*args, **kwargs) -> HeadOutputs:
-    raise NotImplementedError(
-        "head: 'blockwise' (a GPU kernel that never writes logits tiles to memory) is a "
-        "reserved slot and not implemented yet; use head='chunked'"
-    )
+    """The blockwise head (:mod:`gft_kernels._head_blockwise`, imported on first use: it
+    loads Triton)."""
+    from gft_kernels._head_blockwise import blockwise_head as run
+
+    return run(*args, **kwargs)
+
+
+def blockwise_exact_head(*args, **kwargs) -> HeadOutputs:
+    """The blockwise head without gradient filtering."""
+    return blockwise_head(*args, filter_gradients=False, **kwargs)
 
 
 HEAD_STRATEGIES: Dict[str, Callable[..., HeadOutputs]] = {
     "chunked": chunked_head,
     "blockwise": blockwise_head,
+    "blockwise_exact": blockwise_exact_head,
 }
