@@ -94,7 +94,8 @@ class HeadOperands:
 
 def vocab_splits(n_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Vocabulary splits of the statistics launch: 1, or more when the token blocks alone
-    cannot fill the GPU (as :func:`launch.row_segments` splits rows)."""
+    cannot fill the GPU (as :func:`launch.row_segments` splits rows). A tile is a GEMM
+    tile over all of ``H``, work enough for a program: a split may hold a single tile."""
     wanted = launch.MIN_PROGRAMS
     if wanted is None:
         if device.type != "cuda":
@@ -102,7 +103,7 @@ def vocab_splits(n_blocks: int, n_tiles: int, device: torch.device) -> int:
         wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     if n_blocks == 0 or n_blocks >= wanted:
         return 1
-    return max(1, min(triton.cdiv(wanted, n_blocks), n_tiles // launch.MIN_SEGMENT_BLOCKS))
+    return max(1, min(triton.cdiv(wanted, n_blocks), n_tiles))
 
 
 def _common(ops: HeadOperands, params: RowParams, tiles: HeadTiles, dtype: torch.dtype):
