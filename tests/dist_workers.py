@@ -104,6 +104,32 @@ def vocab_parallel_worker(rank: int, world: int, init_file: str, out_dir: str, b
     _finish()
 
 
+def blockwise_vocab_parallel_worker(
+    rank: int, world: int, init_file: str, out_dir: str, backend: str
+):
+    """The fused head of :func:`vocab_parallel_worker` with ``head="blockwise"`` (Triton:
+    the interpreter on CPU, as the parent process sets it)."""
+    from gft_kernels import fused_linear_gft_loss
+
+    _init(rank, world, init_file)
+    x = make_inputs()
+    cuts = shard_bounds(x["logits"].shape[-1], world)
+    cols = slice(cuts[rank], cuts[rank + 1])
+    results = {}
+    for mode in MODES:
+        kw = dict(loss_options(mode, backend), process_group=dist.group.WORLD)
+        h = x["h"].clone().requires_grad_(True)
+        w = x["w"][cols].clone().requires_grad_(True)
+        b = x["b"][cols].clone().requires_grad_(True)
+        loss = fused_linear_gft_loss(
+            h, w, x["targets"], x["adv"], x["mask"], bias=b, head="blockwise", **kw
+        )
+        (loss * upstream_gradient(loss)).sum().backward()
+        results[("linear", mode)] = dict(loss=loss.detach(), h=h.grad, w=w.grad, b=b.grad)
+    torch.save(dict(cuts=cuts, results=results), os.path.join(out_dir, f"rank{rank}.pt"))
+    _finish()
+
+
 def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, backend: str):
     """Each rank holds half the sequences; DDP averages the gradients."""
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -57,6 +57,29 @@ def test_vocab_parallel_matches_single_process(world, tmp_path):
             close(got["b"], b.grad[cols], f"{mode} bias grad rank {r}")
 
 
+def test_vocab_parallel_blockwise_head_matches_single_process(tmp_path):
+    """The blockwise head on vocabulary shards (uneven, one of them a partial tile): the
+    statistics combine across ranks, dh is summed, dW and db stay local."""
+    world = 3
+    ranks = spawn(workers.blockwise_vocab_parallel_worker, world, tmp_path, "triton")
+    x = workers.make_inputs()
+    cuts = ranks[0]["cuts"]
+    for mode in workers.MODES:
+        h = x["h"].clone().requires_grad_(True)
+        w = x["w"].clone().requires_grad_(True)
+        b = x["b"].clone().requires_grad_(True)
+        kw = workers.loss_options(mode, "torch")
+        lin = fused_linear_gft_loss(h, w, x["targets"], x["adv"], x["mask"], bias=b, **kw)
+        (lin * workers.upstream_gradient(lin)).sum().backward()
+        for r, out in enumerate(ranks):
+            cols = slice(cuts[r], cuts[r + 1])
+            got = out["results"][("linear", mode)]
+            close(got["loss"], lin.detach(), f"{mode} fused loss rank {r}")
+            close(got["h"], h.grad, f"{mode} hidden grad rank {r}")
+            close(got["w"], w.grad[cols], f"{mode} weight grad rank {r}")
+            close(got["b"], b.grad[cols], f"{mode} bias grad rank {r}")
+
+
 def test_ddp_global_token_mean_matches_single_process(tmp_path):
     ranks = spawn(workers.ddp_worker, 2, tmp_path, "torch")
     x = workers.make_inputs(batch=4)
