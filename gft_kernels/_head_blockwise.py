@@ -61,7 +61,7 @@ def blockwise_head(
     filter_gradients: bool = True,
 ) -> HeadOutputs:
     """The blockwise head (arguments as :func:`gft_kernels._head.chunked_head`'s; ``rows``
-    must be the Triton backend, ``chunk_size`` None)."""
+    must be the Triton backend; ``chunk_size`` is None: the public function refuses one)."""
     from gft_kernels.backends.triton.blockwise import blockwise_gradients, blockwise_statistics
 
     if rows.name != "triton":
@@ -69,8 +69,6 @@ def blockwise_head(
             "head: 'blockwise' runs Triton kernels: expected backend 'triton' (or 'auto' on "
             f"CUDA tensors; CPU tensors need TRITON_INTERPRET=1), got backend {rows.name!r}"
         )
-    if chunk_size is not None:
-        raise ValueError(f"chunk_size: applies to head='chunked' only, got {chunk_size}")
     hidden, weight, bias, params = inputs.hidden, inputs.weight, inputs.bias, inputs.params
     n_tokens = hidden.shape[0]
     adv = inputs.advantages

@@ -473,7 +473,16 @@ def fused_linear_gft_loss(
         compact_tokens: drop tokens that carry no loss before the first matmul (one host
             sync per call); ``False`` makes the call sync-free, as does tracing it with
             ``torch.compile`` or capturing it into a CUDA graph (chosen automatically).
-        head: head strategy, ``"chunked"`` (``"blockwise"`` is a reserved slot).
+        head: head strategy. ``"chunked"`` (default): token chunks through a GEMM into a
+            ``chunk x V`` buffer and the row pass (any backend). ``"blockwise"``: Triton
+            kernels that form logit tiles with ``tl.dot`` and never write them to memory
+            (no ``chunk x V`` buffer; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``;
+            ``backend="auto"`` picks ``triton``); for 16-bit inputs the gradient products
+            skip vocabulary tiles whose softmax mass is below the dtype's precision (the
+            skipped part of each row's gradient is below ``u |c|`` in L1 norm, ``u`` the
+            unit roundoff). ``"blockwise_exact"``: the same without skipping. Under
+            ``torch.use_deterministic_algorithms(True)`` the blockwise gradients are summed
+            in a fixed order (no atomics; the logits are recomputed once more).
 
     Returns:
         The loss (0-dim, or ``targets``-shaped for ``none``) in fp32 (fp64 for fp64
@@ -515,6 +524,10 @@ def fused_linear_gft_loss(
             )
     if chunk_size is not None:
         _checks.check_positive_int("chunk_size", chunk_size)
+        if head != "chunked":
+            raise ValueError(f"chunk_size: applies to head='chunked' only, got {chunk_size}")
+    if head != "chunked" and backend == "auto":
+        backend = "triton"  # the blockwise heads are Triton kernels
     batch = prepare_tokens(
         hidden,
         targets,

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from transformers import TrainingArguments
 
+from gft_kernels._head import HEAD_STRATEGIES
 from gft_kernels._options import REDUCED_MODES, check_choice, check_int
 from gft_kernels.backends import check_backend_name
 
@@ -29,6 +30,10 @@ class FusedHeadOptions:
     gft_chunk_size: Optional[int] = field(
         default=None, metadata={"help": "Token chunk of the fused head (None: default)."}
     )
+    gft_head: str = field(
+        default="chunked",
+        metadata={"help": "Head strategy: chunked, blockwise or blockwise_exact."},
+    )
     log_token_stats: bool = field(
         default=True, metadata={"help": "Log rectified_fraction and entropy."}
     )
@@ -38,6 +43,12 @@ class FusedHeadOptions:
 
     def check_fused_head_options(self) -> None:
         check_backend_name("gft_backend", self.gft_backend)
+        check_choice("gft_head", self.gft_head, tuple(HEAD_STRATEGIES))
+        if self.gft_head != "chunked" and self.gft_chunk_size is not None:
+            raise ValueError(
+                f"gft_chunk_size: applies to gft_head='chunked' only, got {self.gft_chunk_size} "
+                f"with gft_head={self.gft_head!r}"
+            )
 
 
 @dataclass
@@ -83,6 +94,8 @@ class GFTConfig(TrainingArguments, FusedHeadOptions):
         gft_backend: ``backend`` of ``fused_linear_gft_loss`` (``auto``, ``triton``, ``cpu``,
             ``torch``).
         gft_chunk_size: ``chunk_size`` of ``fused_linear_gft_loss`` (None: its default).
+        gft_head: ``head`` of ``fused_linear_gft_loss``: ``chunked`` (default),
+            ``blockwise`` or ``blockwise_exact`` (Triton kernels, on GPU).
         log_token_stats: log ``rectified_fraction`` and the mean entropy. They come from the
             loss pass itself, but every valid token then reaches the head, including those of
             zero-advantage groups that would otherwise be skipped.

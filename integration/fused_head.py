@@ -10,7 +10,7 @@ final hidden states and the lm_head's weight, never materialising the logits:
   full head weight exists and from where the wrappers reduce its gradient.
 
 The host class provides ``self.accelerator``, ``self.args`` with ``tau``, ``temperature``,
-``log_token_stats``, ``gft_backend``, ``gft_chunk_size`` (and ``check_head`` for
+``log_token_stats``, ``gft_backend``, ``gft_chunk_size``, ``gft_head`` (and ``check_head`` for
 :meth:`FusedHeadMixin._check_head`), and sets ``self.logit_transform``.
 """
 
@@ -333,6 +333,7 @@ class FusedHeadMixin:
             return_stats=args.log_token_stats,
             backend=args.gft_backend,
             chunk_size=args.gft_chunk_size,
+            head=args.gft_head,
             compute_dtype=self._head_compute_dtype(),
             keep_graph_of=keep_graph_of,
         )

@@ -168,6 +168,7 @@ def fused_head_loss(
     return_stats: bool = False,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    head: str = "chunked",
     compute_dtype: Optional[torch.dtype] = None,
     keep_graph_of: Sequence[Optional[torch.Tensor]] = (),
 ) -> Tuple[torch.Tensor, Any]:
@@ -216,6 +217,7 @@ def fused_head_loss(
             return_stats=return_stats,
             backend=backend,
             chunk_size=chunk_size,
+            head=head,
             **(transform.loss_kwargs() if transform is not None else {}),
         )
     return result if return_stats else (result, None)

@@ -77,6 +77,8 @@ class GFTGRPOConfig(GRPOConfig, FusedHeadOptions):
             score samples).
         gft_backend: ``backend`` of ``fused_linear_gft_loss``.
         gft_chunk_size: ``chunk_size`` of ``fused_linear_gft_loss`` (None: its default).
+        gft_head: ``head`` of ``fused_linear_gft_loss``: ``chunked`` (default),
+            ``blockwise`` or ``blockwise_exact`` (Triton kernels, on GPU).
         log_token_stats: log ``rectified_fraction`` and ``entropy`` (from the loss pass).
         check_head: on the first batch, compare the model's own logits with what the fused
             head computes (its weight, bias and the logit transform read from the config),

@@ -170,9 +170,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("tie, bias, mode, max_len, temperature, tau, norm", CASES)
+BLOCKWISE = {"gft_head": "blockwise", "gft_backend": "triton"}
+HEAD_CASES = [(*case, {}) for case in CASES] + [
+    (*CASES[1], BLOCKWISE),  # untied head with a bias
+    (*CASES[2], BLOCKWISE),  # tied, T != 1
+]
+
+
+@pytest.mark.parametrize("tie, bias, mode, max_len, temperature, tau, norm, head", HEAD_CASES)
 def test_three_steps_match_reference_loop(
-    tmp_path, monkeypatch, tie, bias, mode, max_len, temperature, tau, norm
+    tmp_path, monkeypatch, tie, bias, mode, max_len, temperature, tau, norm, head
 ):
     lr = 0.1
     model = tiny_model(tie=tie, bias=bias)
@@ -187,6 +194,7 @@ def test_three_steps_match_reference_loop(
         temperature=temperature,
         tau=tau,
         loss_normalization=norm,
+        **head,
     )
     collator = RecordingCollator(pad_token_id=PAD, max_response_length=max_len)
 
@@ -335,6 +343,10 @@ def test_config_and_trainer_validation(tmp_path):
         gft_args(tmp_path, num_self_samples=-1)
     with pytest.raises(ValueError, match="gft_backend"):
         gft_args(tmp_path, gft_backend="cuda")
+    with pytest.raises(ValueError, match="gft_head"):
+        gft_args(tmp_path, gft_head="tiles")
+    with pytest.raises(ValueError, match="gft_chunk_size: applies to gft_head='chunked' only"):
+        gft_args(tmp_path, gft_head="blockwise", gft_chunk_size=8)
     assert gft_args(tmp_path).remove_unused_columns is False
     model = tiny_model()
     with pytest.raises(ValueError, match="reward_fn"):

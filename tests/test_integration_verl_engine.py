@@ -206,11 +206,15 @@ TWO_RANK_STEPS = [
 
 
 @pytest.mark.distributed
-def test_fused_engine_two_ranks_tied_head(tmp_path):
+@pytest.mark.parametrize("fused_head", [None, "blockwise"])
+def test_fused_engine_two_ranks_tied_head(tmp_path, fused_head):
     """Tied embedding/head, 2 data-parallel ranks, 2 micro-batches of 1 on each: the
-    averaged gradient is the one-process mini-batch gradient."""
+    averaged gradient is the one-process mini-batch gradient, with the chunked head
+    (default) and the blockwise one (``policy_loss.fused_head``; Triton's interpreter)."""
     model_path, responses = tiny_model(tmp_path, tied=True)
-    run = make_run(model_path, responses, steps=TWO_RANK_STEPS, micro_batch_size=1)
+    run = make_run(
+        model_path, responses, steps=TWO_RANK_STEPS, micro_batch_size=1, fused_head=fused_head
+    )
     results = run_actor_update(tmp_path, world=2, **run)
     assert all(r["engine"] == "GFTFSDPEngine" for r in results)
     check_steps(results, TWO_RANK_STEPS, model_path, responses)

@@ -32,7 +32,9 @@ def _actor_config(run: Dict[str, Any], **overrides: Any):
         ppo_micro_batch_size_per_gpu=run["micro_batch_size"],
         use_dynamic_bsz=False,
         policy_loss=GFTPolicyLossConfig(
-            tau=run["tau"], logprob_temperature=run.get("logprob_temperature")
+            tau=run["tau"],
+            logprob_temperature=run.get("logprob_temperature"),
+            fused_head=run.get("fused_head"),
         ),
     )
     kwargs.update(overrides)

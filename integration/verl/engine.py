@@ -38,7 +38,7 @@ from gft_kernels import fused_linear_gft_loss
 
 from ..heads import forward_replaced, head_params, output_head
 from .aggregation import aggregation_weights
-from .policy_loss import LOSS_MODE, resolve_logprob_temperature, resolve_tau
+from .policy_loss import LOSS_MODE, resolve_fused_head, resolve_logprob_temperature, resolve_tau
 
 ENGINE_BACKENDS = ("fsdp", "fsdp2")
 
@@ -154,6 +154,7 @@ class GFTFSDPEngine(FSDPEngineWithLMHead):
         if temperature is None:
             temperature = _scalar_temperature(micro_batch["temperature"])
         tau = resolve_tau(config)
+        fused_head = resolve_fused_head(config)
 
         fields = ["response_mask", "old_log_probs", "advantages"]
         if "rollout_is_weights" in micro_batch:
@@ -216,6 +217,7 @@ class GFTFSDPEngine(FSDPEngineWithLMHead):
                     temperature=temperature,
                     loss_agg_mode="sum",
                     return_stats=True,
+                    head=fused_head,
                 )
             result["loss"], result["stats"] = loss, stats
             return loss

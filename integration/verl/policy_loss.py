@@ -70,12 +70,17 @@ class GFTPolicyLossConfig(PolicyLossConfig):
             (its update sets the temperature to 1, so ``log p`` is the model's own at any
             rollout temperature). Only the fused engine can take a temperature of its
             own; verl's logits path (this plug-in alone) refuses any value.
+        fused_head: the fused engine's head strategy (``head`` of
+            ``fused_linear_gft_loss``): None (default) is ``"chunked"``; ``"blockwise"``
+            or ``"blockwise_exact"`` (Triton, on GPU). verl's logits path forms the logits
+            itself and refuses any value.
     """
 
     loss_mode: str = LOSS_MODE
     tau: Optional[float] = None
     tao: Optional[float] = None
     logprob_temperature: Optional[float] = None
+    fused_head: Optional[str] = None
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)
@@ -89,6 +94,8 @@ class GFTPolicyLossConfig(PolicyLossConfig):
             )
         if self.logprob_temperature is not None:
             _check_temperature("policy_loss.logprob_temperature", self.logprob_temperature)
+        if self.fused_head is not None:
+            _check_head("policy_loss.fused_head", self.fused_head)
         resolved = tau if tau is not None else tao if tao is not None else DEFAULT_TAU
         # verl's configs freeze their fields after construction.
         object.__setattr__(self, "tau", resolved)
@@ -124,6 +131,20 @@ def resolve_logprob_temperature(config: Any) -> Optional[float]:
     """``policy_loss.logprob_temperature`` of an actor config, or None (rollout's)."""
     value = _get(_get(config, "policy_loss"), "logprob_temperature")
     return None if value is None else _check_temperature("policy_loss.logprob_temperature", value)
+
+
+def _check_head(name: str, value: Any) -> str:
+    from gft_kernels._head import HEAD_STRATEGIES
+
+    if value not in HEAD_STRATEGIES:
+        raise ValueError(f"{name}: expected one of {', '.join(HEAD_STRATEGIES)}, got {value!r}")
+    return value
+
+
+def resolve_fused_head(config: Any) -> str:
+    """``policy_loss.fused_head`` of an actor config (``"chunked"`` when unset)."""
+    value = _get(_get(config, "policy_loss"), "fused_head")
+    return "chunked" if value is None else _check_head("policy_loss.fused_head", value)
 
 
 def gft_token_coefficients(
@@ -194,6 +215,13 @@ def gft_policy_loss(
             "temperature of its own; verl's logits path gives this loss log p at the rollout "
             f"temperature. Got {resolve_logprob_temperature(config)}: use the fused engine, "
             "or leave it unset (and set the rollout temperature)"
+        )
+    if _get(_get(config, "policy_loss"), "fused_head") is not None:
+        raise ValueError(
+            "policy_loss.fused_head: only the fused engine (actor_rollout_ref.model."
+            "external_lib=gft_kernels.integration.verl.use_fused_engine) has a fused head; "
+            "verl's logits path forms the logits itself. Use the fused engine, or leave it "
+            "unset"
         )
     mask = response_mask.to(torch.bool)
     weights = aggregation_weights(
