@@ -24,8 +24,10 @@ each with a time limit, fit in about 8 minutes:
 4. **Sanitizer**: ``compute-sanitizer --tool memcheck`` over a few launches of every kernel
    (:mod:`benchmarks.sanitize`), when the tool is on the PATH.
 5. **Benchmarks**: ``python -m benchmarks --device cuda --cases gpu-check``: bf16 at
-   ``V = 151936``, N from 4096 to 16384, logits level and fused head, with the naive,
-   careful, ``torch.compile`` and Liger peers and the floor rows (bare GEMMs).
+   ``V = 151936``, N from 4096 to 16384, logits level and fused head (both head strategies,
+   ``chunked`` and ``blockwise``), with the naive, careful, ``torch.compile``, Liger, Cut
+   Cross-Entropy and verl peers where installed, and the floor rows (bare GEMMs); the record
+   says per shape which head strategy is faster.
 6. **Record**: a dated section appended to ``benchmarks/RESULTS.md``: the card, the software,
    the commands, the skipped peers, the test summary, the benchmark tables and the
    logits-level rows' achieved bandwidth as a fraction of a measured device-to-device copy.
@@ -98,6 +100,7 @@ GPU_TESTS = (
     "tests/test_gft_loss.py",
     "tests/test_gft_loss_edge_cases.py",
     "tests/test_gft_loss_properties.py",
+    "tests/test_head_blockwise.py",
     "tests/test_head_nan.py",
     "tests/test_inplace_no_backward.py",
     "tests/test_nan_rule.py",
@@ -526,6 +529,53 @@ def bandwidth_table(results: dict) -> str:
     return "\n".join(head + rows)
 
 
+# The fused-head rows compared per shape: our two head strategies and the peers that also
+# keep the logits off memory (or not), against the three bare GEMMs.
+HEAD_ROWS = ("gft:triton", "gft:blockwise", "verl", "cce", "liger", "naive", "floor:gemm")
+
+
+def head_table(results: dict) -> str:
+    """The fused-head rows side by side per shape: forward + backward time, its ratio to
+    the bare GEMMs, peak extra memory, and which head strategy is faster (the default,
+    ``chunked`` = ``gft:triton``, switches to ``blockwise`` only on a measured win)."""
+    rows, verdicts = [], []
+    for result in results.get("results", []):
+        case = result["case"]
+        if case["op"] != "fused_linear_gft_loss":
+            continue
+        times = {}
+        for name in HEAD_ROWS:
+            impl = result["impls"].get(name) or {}
+            median = (impl.get("median_ms") or {}).get("fwd_bwd")
+            if impl.get("status") == "ok" and median:
+                times[name] = (median, (impl.get("memory") or {}).get("peak_mb"))
+        gemm = times.get("floor:gemm", (None, None))[0]
+        for name, (median, peak) in times.items():
+            ratio = f"{median / gemm:.2f}" if gemm else "-"
+            peak_text = f"{peak:.0f}" if peak is not None else "-"
+            rows.append(f"| {case['name']} | {name} | {median:.3f} | {ratio} | {peak_text} |")
+        ours = {k: times[k][0] for k in ("gft:triton", "gft:blockwise") if k in times}
+        peers = {k: v[0] for k, v in times.items() if k not in ("floor:gemm", "naive")}
+        if len(ours) == 2 and peers:
+            best = min(peers, key=peers.get)
+            faster = "blockwise" if ours["gft:blockwise"] < ours["gft:triton"] else "chunked"
+            ratio = ours["gft:triton"] / ours["gft:blockwise"]
+            verdicts.append(
+                f"- {case['name']}: {faster} is faster (chunked / blockwise time "
+                f"{ratio:.2f}); fastest of all: {best}"
+            )
+    if not rows:
+        return ""
+    head = [
+        "Fused head strategies and peers (fwd+bwd; / gemm: over the three bare GEMMs; "
+        "peak: extra memory over the inputs, MB):",
+        "",
+        "| case | implementation | fwd+bwd ms | / gemm | peak MB |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(head + rows + [""] + verdicts)
+
+
 def append_record(results_path: Path, section: str) -> None:
     text = results_path.read_text() if results_path.exists() else "# Benchmark results\n"
     results_path.write_text(text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
@@ -539,8 +589,11 @@ def record_from(out: Path, results_path: Path) -> str:
         state["tests"] = pytest_summary((out / "pytest.log").read_text())
     md = out / "results.md"
     results = out / "results.json"
-    bandwidth = bandwidth_table(json.loads(results.read_text())) if results.exists() else ""
-    section = record_section(state, md.read_text() if md.exists() else "", bandwidth)
+    tables = ""
+    if results.exists():
+        parsed = json.loads(results.read_text())
+        tables = "\n\n".join(t for t in (bandwidth_table(parsed), head_table(parsed)) if t)
+    section = record_section(state, md.read_text() if md.exists() else "", tables)
     append_record(results_path, section)
     return section
 

@@ -18,9 +18,14 @@ Peers (what the library is compared with):
   per-token ``log p`` and the GFT coefficient applied in PyTorch (CUDA only).
 * ``cce``: the same composition on Cut Cross-Entropy's ``linear_cross_entropy`` (fused head
   only, CUDA only, when the ``cut-cross-entropy`` package is installed).
+* ``verl``: the same composition on verl's fused linear kernel
+  (``verl.utils.kernel.linear_cross_entropy``: per-token ``log p`` and entropy from logit
+  tiles that never reach memory, what verl's ``use_fused_kernels=True`` runs; fused head
+  only, CUDA only, when ``verl`` is installed).
 
-Ours: ``gft:<backend>`` (``torch``, ``cpu``, ``triton``), and ``gft:inplace`` (logits-level,
-``backend="auto"`` with ``inplace_backward=True``: no extra ``N x V`` buffer).
+Ours: ``gft:<backend>`` (``torch``, ``cpu``, ``triton``), ``gft:inplace`` (logits-level,
+``backend="auto"`` with ``inplace_backward=True``: no extra ``N x V`` buffer) and
+``gft:blockwise`` (fused head, ``head="blockwise"``: logit tiles that never reach memory).
 
 Floors (:mod:`benchmarks.floors`), the least work of the case, timed alike: ``floor:mem``
 (logits level: a read pass and a read-and-write pass) and ``floor:gemm`` (fused head: the
@@ -90,6 +95,12 @@ IMPLS: Tuple[Impl, ...] = (
         mutates_inputs=True,
     ),
     Impl(
+        "gft:blockwise",
+        "gft_kernels, head='blockwise' (Triton: logit tiles from tl.dot, never in memory)",
+        ("fused_linear_gft_loss",),
+        ours=True,
+    ),
+    Impl(
         "liger",
         "Liger-Kernel (fused linear) cross-entropy -> log p, GFT coefficient in PyTorch",
         OPS,
@@ -98,6 +109,11 @@ IMPLS: Tuple[Impl, ...] = (
     Impl(
         "cce",
         "Cut Cross-Entropy linear_cross_entropy -> log p, GFT coefficient in PyTorch",
+        ("fused_linear_gft_loss",),
+    ),
+    Impl(
+        "verl",
+        "verl's fused linear kernel (log p + entropy) -> GFT coefficient in PyTorch",
         ("fused_linear_gft_loss",),
     ),
     Impl(
@@ -180,7 +196,7 @@ def skip_reason(impl: Impl, case: Case, device: torch.device, quick: bool) -> Op
         if device.type != "cpu":
             return "the native C++ kernel takes CPU tensors"
         return native_cpu_reason()
-    if impl.name == "gft:triton" and device.type != "cuda":
+    if impl.name in ("gft:triton", "gft:blockwise") and device.type != "cuda":
         return TRITON_CPU_SKIP
     if impl.name == "gft:inplace":
         from gft_kernels import gft_loss
@@ -201,6 +217,13 @@ def skip_reason(impl: Impl, case: Case, device: torch.device, quick: bool) -> Op
             return CCE_CPU_SKIP
         if cce_version() is None:
             return "cut-cross-entropy is not installed (make gpu-check takes its wheel: --wheels)"
+    if impl.name == "verl":
+        if device.type != "cuda":
+            return "verl's fused kernels need a CUDA device"
+        if _dist_version("verl") is None:
+            return "verl is not installed (pip install verl; not a wheel gpu-check installs)"
+        if TEMPERATURE != 1.0:
+            return "the composed peer reads q = exp(log p), valid at temperature 1 only"
     return None
 
 
@@ -284,6 +307,18 @@ def _cce_fused(x: Inputs) -> torch.Tensor:
     return _gft_from_logprobs(-nll, advantages, x["mask"].reshape(-1))
 
 
+def _verl_fused(x: Inputs) -> torch.Tensor:
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    hidden, targets = x["hidden"], x["targets"]
+    # Entropy comes with log p (verl logs it); only log p carries the loss's gradient.
+    logp, _entropy = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), x["weight"], targets.reshape(-1), 1.0, "none"
+    )
+    advantages = x["advantages"].unsqueeze(-1).expand_as(targets).reshape(-1)
+    return _gft_from_logprobs(logp, advantages, x["mask"].reshape(-1))
+
+
 def _careful_logits(x: Inputs) -> torch.Tensor:
     return careful_gft_loss(*_logits_inputs(x), **DCR_SETTINGS)
 
@@ -303,12 +338,14 @@ def _ours_logits(backend: str, inplace: bool = False) -> LossFn:
     return run
 
 
-def _ours_fused(backend: str) -> LossFn:
+def _ours_fused(backend: str, head: str = "chunked") -> LossFn:
     fused = fused_linear_fn()
     assert fused is not None
+    # An older checkout's function has no head argument: the chunked head is its only one.
+    extra = {"head": head} if head != "chunked" else {}
 
     def run(x: Inputs) -> torch.Tensor:
-        return fused(*_head_inputs(x), backend=backend, chunk_size=None, **LOSS_SETTINGS)
+        return fused(*_head_inputs(x), backend=backend, chunk_size=None, **LOSS_SETTINGS, **extra)
 
     return run
 
@@ -344,12 +381,16 @@ def build(impl: Impl, case: Case) -> LossFn:
     if impl.name.startswith("gft:"):
         if impl.name == "gft:inplace":
             return _ours_logits("auto", inplace=True)
+        if impl.name == "gft:blockwise":
+            return _ours_fused("triton", head="blockwise")
         backend = impl.name.split(":", 1)[1]
         return _ours_logits(backend) if logits_level else _ours_fused(backend)
     if impl.name == "liger":
         return _liger_logits if logits_level else _liger_fused
     if impl.name == "cce":
         return _cce_fused
+    if impl.name == "verl":
+        return _verl_fused
     if impl.name == "careful":
         return _careful_logits if logits_level else _careful_fused
     if impl.name == "floor:mem":

@@ -194,6 +194,32 @@ def test_bandwidth_table_is_traffic_over_time_against_the_measured_copy():
     assert gpu_check.bandwidth_table({"meta": {}, "results": []}) == ""
 
 
+def test_head_table_compares_the_strategies_against_the_gemms():
+    case = {"name": "fused/N16384", "op": "fused_linear_gft_loss", "n": 16384, "vocab": 151936}
+    ok = lambda ms, mb=None: {  # noqa: E731
+        "status": "ok",
+        "median_ms": {"fwd_bwd": ms},
+        "memory": None if mb is None else {"peak_mb": mb},
+    }
+    impls = {
+        "gft:triton": ok(12.0, 900),
+        "gft:blockwise": ok(10.0, 40),
+        "verl": ok(11.0),
+        "floor:gemm": ok(8.0),
+        "cce": {"status": "skipped", "median_ms": None},
+    }
+    table = gpu_check.head_table({"results": [{"case": case, "impls": impls}]})
+    assert "| fused/N16384 | gft:blockwise | 10.000 | 1.25 | 40 |" in table
+    assert "| fused/N16384 | gft:triton | 12.000 | 1.50 | 900 |" in table
+    assert "cce" not in table
+    assert "- fused/N16384: blockwise is faster (chunked / blockwise time 1.20)" in table
+    assert "fastest of all: gft:blockwise" in table
+    impls["gft:blockwise"] = ok(13.0)
+    table = gpu_check.head_table({"results": [{"case": case, "impls": impls}]})
+    assert "chunked is faster" in table and "fastest of all: verl" in table
+    assert gpu_check.head_table({"results": []}) == ""
+
+
 def test_run_step_removes_the_interpreter_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     step = gpu_check.Step(
