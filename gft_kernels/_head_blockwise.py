@@ -132,7 +132,6 @@ def blockwise_head(
         if grad_h is not None and shard is not None:
             torch.distributed.all_reduce(grad_h, group=shard.group)  # dh = sum_r G_r W_r
         if grad_h is not None:
-            grad_h = grad_h.to(hidden.dtype)
             if index is not None:
                 grad_h = grad_h.new_zeros(n_tokens, grad_h.shape[1]).index_copy_(0, index, grad_h)
 

@@ -130,6 +130,21 @@ def test_reduced_precision(dtype, head):
     assert_close(ours, ref, 2e-2)
 
 
+def test_dh_of_a_16_bit_head_is_summed_in_bounded_token_ranges(monkeypatch):
+    """The fp32 scratch of dh holds one token block here (three ranges): the gradients are
+    those of one range, exactly (each token's sums do not depend on the others)."""
+    from gft_kernels.backends.triton import blockwise
+
+    case = blockwise_case(torch.bfloat16)
+    whole, _ = run("blockwise", *case, tau=0.3)
+    block_m = head_launch.head_tiles("grad", torch.bfloat16, DEVICE.type == "cuda").block_m
+    monkeypatch.setattr(blockwise, "DH_SCRATCH_BYTES", 4 * HIDDEN * block_m)
+    assert len(blockwise.token_ranges(BATCH * SEQ, HIDDEN, block_m, False)) == 3
+    ranged, _ = run("blockwise", *case, tau=0.3)
+    assert torch.equal(ranged[1], whole[1])
+    torch.testing.assert_close(ranged[2], whole[2], rtol=0, atol=1e-2)
+
+
 def test_stats_match_the_logits_level_loss():
     h, w, b, targets, adv, mask = blockwise_case()
     kw = dict(tau=0.3, temperature=0.7, return_stats=True)
@@ -219,7 +234,7 @@ def _peaked_case(dtype, other_logit):
     their mass just below the filter's threshold: skipped, yet visible in fp32 sums."""
     g = torch.Generator().manual_seed(3)
     n, hidden, vocab = 40, 19, 200
-    block_n = head_launch.head_tiles("grad", dtype, DEVICE.type == "cuda").block_n
+    block_n = head_launch.head_tiles("grad", torch.float32, DEVICE.type == "cuda").block_n
     h = torch.nn.functional.normalize(torch.randn(n, hidden, generator=g), dim=1) * 5
     w = torch.randn(vocab, hidden, generator=g)
     w[block_n:] *= 0.01
@@ -238,6 +253,9 @@ def test_gradient_filtering_stays_within_its_bound(dtype, other_logit):
     from gft_kernels._head_blockwise import filter_eps
 
     h, w, bias, targets = _peaked_case(dtype, other_logit)
+    # The sums are compared in fp32 (a 16-bit dh would round the moves away): the 16-bit
+    # values as fp32 operands, filtered with the 16-bit dtype's eps.
+    h, w, bias = h.float(), w.float(), bias.float()
     params = RowParams(tau=0.1, temperature=1.0)
     stats = blockwise_statistics(h, w, bias, targets, params, False)
     coef = torch.linspace(-1.5, 2.0, h.shape[0], device=DEVICE)
@@ -247,7 +265,7 @@ def test_gradient_filtering_stays_within_its_bound(dtype, other_logit):
     eps = filter_eps(dtype)
     exact = [t.cpu() for t in blockwise_gradients(*args, deterministic=True, filter_eps=None)]
     filtered = [t.cpu() for t in blockwise_gradients(*args, deterministic=True, filter_eps=eps)]
-    block_n = head_launch.head_tiles("grad", dtype, DEVICE.type == "cuda").block_n
+    block_n = head_launch.head_tiles("grad", torch.float32, DEVICE.type == "cuda").block_n
     tiles = -(-w.shape[0] // block_n)
     h, w, coef = h.cpu(), w.cpu(), coef.cpu()
     slack = 1e-6

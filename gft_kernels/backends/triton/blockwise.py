@@ -2,13 +2,14 @@
 gradients ``dh``, ``dW``, ``db``, with no ``tokens x vocab`` buffer (kernels:
 :mod:`~gft_kernels.backends.triton.head_stats`, :mod:`~gft_kernels.backends.triton.head_grad`).
 
-The extra memory is O(N) vectors (the statistics of each vocabulary split) and the fp32
-sums of the gradients; inputs are validated by the caller.
+The extra memory is O(N) vectors (the statistics of each vocabulary split), the fp32 sums
+of ``dW`` and ``db``, and for 16-bit heads a bounded fp32 scratch for ``dh``
+(:data:`DH_SCRATCH_BYTES`); inputs are validated by the caller.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -68,6 +69,21 @@ def blockwise_statistics(
     return PartialStats(row_max.squeeze(1), sum_exp, sum_exp_1, weighted, target_logit)
 
 
+# fp32 scratch for the sums of dh of 16-bit heads: tokens are taken in ranges whose fp32
+# dh fits this budget (the weight is re-read per range, a few MB against a GEMM's work),
+# so the head's extra memory stays O(N) + this, whatever N x H.
+DH_SCRATCH_BYTES = 32 << 20
+
+
+def token_ranges(n_rows: int, hidden_size: int, block_m: int, fp32_hidden: bool) -> List[slice]:
+    """Token ranges of the gradient launches: all tokens when ``dh`` is summed in place (fp32
+    hidden), else ranges of whole token blocks within :data:`DH_SCRATCH_BYTES`."""
+    if fp32_hidden or n_rows == 0:
+        return [slice(0, n_rows)]
+    step = max(block_m, DH_SCRATCH_BYTES // (4 * hidden_size) // block_m * block_m)
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
 def blockwise_gradients(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -83,56 +99,73 @@ def blockwise_gradients(
     filter_eps: Optional[float],
     vocab_elsewhere: Tuple[int, int] = (0, 0),
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """fp32 ``dh`` ``(N, H)``, ``dW`` ``(V, H)``, ``db`` ``(V,)`` (None where ``need`` says
-    no) of ``sum_t c_t (log-softmax gradient of row t)``: ``coef`` is fp32 ``(N,)``
-    (``w A dcr / T``, 0 for tokens without loss), ``row_max``/``sum_exp`` the row summary.
+    """``dh`` ``(N, H)`` in ``hidden``'s dtype, fp32 ``dW`` ``(V, H)`` and ``db`` ``(V,)``
+    (None where ``need`` says no) of ``sum_t c_t (log-softmax gradient of row t)``: ``coef``
+    is fp32 ``(N,)`` (``w A dcr / T``, 0 for tokens without loss), ``row_max``/``sum_exp``
+    the row summary. Every sum runs in fp32.
 
     ``deterministic``: sums in a fixed order (two launches, the logits recomputed in each)
     instead of fp32 atomics. ``filter_eps``: skip the gradient products of tiles whose
     softmax mass is below ``filter_eps`` per row over the whole vocabulary, which holds
     this block and ``vocab_elsewhere = (columns, blocks)`` on other ranks; None: exact.
     """
-    ops = HeadOperands.of(hidden, weight, bias)
     tiles = head_tiles("grad", hidden.dtype, hidden.is_cuda)
+    n_rows, hidden_size = hidden.shape
+    n_cols = weight.shape[0]
     need_h, need_w, need_b = need
     need_b = need_b and bias is not None
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    grad_h = torch.zeros(ops.n_rows, ops.hidden_size, **f32) if need_h else None
-    grad_w = torch.zeros(ops.n_cols, ops.hidden_size, **f32) if need_w else None
-    grad_b = torch.zeros(ops.n_cols, **f32) if need_b else None
-    if ops.n_rows == 0 or not (need_h or need_w or need_b):
+    fp32_hidden = hidden.dtype == torch.float32
+    grad_h = hidden.new_empty(n_rows, hidden_size) if need_h else None
+    grad_w = torch.zeros(n_cols, hidden_size, **f32) if need_w else None
+    grad_b = torch.zeros(n_cols, **f32) if need_b else None
+    ranges = token_ranges(n_rows, hidden_size, tiles.block_m, fp32_hidden)
+    scratch = None
+    if need_h and not fp32_hidden:
+        scratch = torch.empty(max(r.stop - r.start for r in ranges), hidden_size, **f32)
+    if n_rows == 0 or not (need_h or need_w or need_b):
         return grad_h, grad_w, grad_b
     filter_mass = None
     if filter_eps is not None:
         other_columns, other_blocks = vocab_elsewhere
         # Each other block may end in a partial tile: at most one tile more per block.
-        vocab_tiles = triton.cdiv(ops.n_cols + other_columns, tiles.block_n) + other_blocks
+        vocab_tiles = triton.cdiv(n_cols + other_columns, tiles.block_n) + other_blocks
         filter_mass = filter_eps / vocab_tiles
     row_max = row_max.to(torch.float32).contiguous()
     sum_exp = sum_exp.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).contiguous()
-    # coef stands in for a gradient a launch does not write (never read or written).
-    grads = tuple(coef if g is None else g for g in (grad_h, grad_w, grad_b))
     if deterministic:
         launches = [(OWNER_ROWS, (need_h, False, False)), (OWNER_COLUMNS, (False, need_w, need_b))]
     else:
         launches = [(OWNER_ATOMIC, (need_h, need_w, need_b))]
-    for owner, wanted in launches:
-        if not any(wanted):
-            continue
-        grid, args, meta = head_grad_launch(
-            ops,
-            hidden.dtype,
-            local_targets,
-            row_max,
-            sum_exp,
-            coef,
-            grads,
-            wanted,
-            owner,
-            filter_mass,
-            params,
-            tiles,
-        )
-        head_grad_kernel[grid](*args, **meta)
+    for rows in ranges:
+        grad_h_rows = None
+        if need_h:
+            if scratch is None:
+                grad_h_rows = grad_h[rows].zero_()
+            else:
+                grad_h_rows = scratch[: rows.stop - rows.start].zero_()
+        # coef stands in for a gradient a launch does not write (never read or written).
+        grads = tuple(coef if g is None else g for g in (grad_h_rows, grad_w, grad_b))
+        ops = HeadOperands.of(hidden[rows], weight, bias)
+        for owner, wanted in launches:
+            if not any(wanted):
+                continue
+            grid, args, meta = head_grad_launch(
+                ops,
+                hidden.dtype,
+                local_targets[rows],
+                row_max[rows],
+                sum_exp[rows],
+                coef[rows],
+                grads,
+                wanted,
+                owner,
+                filter_mass,
+                params,
+                tiles,
+            )
+            head_grad_kernel[grid](*args, **meta)
+        if scratch is not None:
+            grad_h[rows] = grad_h_rows
     return grad_h, grad_w, grad_b
