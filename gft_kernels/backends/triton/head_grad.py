@@ -229,20 +229,91 @@ def head_grad_kernel(
     caller. Grid: ``(token blocks, vocabulary tiles)`` for ``OWNER`` 0, ``(token blocks,)``
     for 1, ``(vocabulary tiles,)`` for 2. ``row_max``/``sum_exp``/``coef`` are fp32
     ``(n_rows,)``, ``local_targets`` int64 (-1: the target is in no tile here)."""
+    # One tile pair per program (atomics), or one axis walked in order by its owner.
     if OWNER == 0:
-        first_block, last_block = tl.program_id(0), tl.program_id(0) + 1
-        first_tile, last_tile = tl.program_id(1), tl.program_id(1) + 1
+        _grad_tile(
+            tl.program_id(0),
+            tl.program_id(1),
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            local_targets_ptr,
+            row_max_ptr,
+            sum_exp_ptr,
+            coef_ptr,
+            grad_hidden_ptr,
+            grad_weight_ptr,
+            grad_bias_ptr,
+            n_rows,
+            n_cols,
+            hidden_size,
+            stride_hidden_row,
+            stride_hidden_col,
+            stride_weight_row,
+            stride_weight_col,
+            inv_temperature,
+            logit_scale,
+            cap,
+            tanh_slope,
+            filter_mass,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            HAS_BIAS,
+            TRANSFORM,
+            DOT_PRECISION,
+            UPCAST_DOT,
+            OWNER,
+            NEED_DH,
+            NEED_DW,
+            NEED_DB,
+            FILTER,
+        )
     elif OWNER == 1:
-        first_block, last_block = tl.program_id(0), tl.program_id(0) + 1
-        first_tile, last_tile = 0, tl.cdiv(n_cols, BLOCK_N)
+        for tile in range(0, tl.cdiv(n_cols, BLOCK_N)):
+            _grad_tile(
+                tl.program_id(0),
+                tile,
+                hidden_ptr,
+                weight_ptr,
+                bias_ptr,
+                local_targets_ptr,
+                row_max_ptr,
+                sum_exp_ptr,
+                coef_ptr,
+                grad_hidden_ptr,
+                grad_weight_ptr,
+                grad_bias_ptr,
+                n_rows,
+                n_cols,
+                hidden_size,
+                stride_hidden_row,
+                stride_hidden_col,
+                stride_weight_row,
+                stride_weight_col,
+                inv_temperature,
+                logit_scale,
+                cap,
+                tanh_slope,
+                filter_mass,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                HAS_BIAS,
+                TRANSFORM,
+                DOT_PRECISION,
+                UPCAST_DOT,
+                OWNER,
+                NEED_DH,
+                NEED_DW,
+                NEED_DB,
+                FILTER,
+            )
     else:
-        first_block, last_block = 0, tl.cdiv(n_rows, BLOCK_M)
-        first_tile, last_tile = tl.program_id(0), tl.program_id(0) + 1
-    for block in range(first_block, last_block):
-        for tile in range(first_tile, last_tile):
+        for block in range(0, tl.cdiv(n_rows, BLOCK_M)):
             _grad_tile(
                 block,
-                tile,
+                tl.program_id(0),
                 hidden_ptr,
                 weight_ptr,
                 bias_ptr,
