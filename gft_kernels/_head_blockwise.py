@@ -63,6 +63,7 @@ def blockwise_head(
     """The blockwise head (arguments as :func:`gft_kernels._head.chunked_head`'s; ``rows``
     must be the Triton backend; ``chunk_size`` is None: the public function refuses one)."""
     from gft_kernels.backends.triton.blockwise import blockwise_gradients, blockwise_statistics
+    from gft_kernels.backends.triton.head_stats import NOT_NEEDED_VALUE
 
     if rows.name != "triton":
         raise ValueError(
@@ -90,7 +91,12 @@ def blockwise_head(
     active = (
         token.valid if with_stats else GFT_OBJECTIVE.carries_loss(token.valid, token.advantages)
     )
-    part = blockwise_statistics(hidden, weight, bias, token.local, params, with_stats)
+    # Without stats only the tokens that carry loss need their statistics; without
+    # compaction (sync-free) the others are marked so that their blocks form no tile.
+    stats_targets = token.local
+    if not with_stats and index is None:
+        stats_targets = torch.where(active, token.local, NOT_NEEDED_VALUE)
+    part = blockwise_statistics(hidden, weight, bias, stats_targets, params, with_stats)
     if shard is not None:
         reduce = all_reduce(shard.group)
         part = PartialStats(

@@ -137,9 +137,11 @@ def test_dh_of_a_16_bit_head_is_summed_in_bounded_token_ranges(monkeypatch):
 
     case = blockwise_case(torch.bfloat16)
     whole, _ = run("blockwise", *case, tau=0.3)
-    block_m = head_launch.head_tiles("grad", torch.bfloat16, DEVICE.type == "cuda").block_m
+    on_gpu = DEVICE.type == "cuda"
+    block_m = head_launch.head_tiles("grad-atomic", torch.bfloat16, on_gpu).block_m
     monkeypatch.setattr(blockwise, "DH_SCRATCH_BYTES", 4 * HIDDEN * block_m)
-    assert len(blockwise.token_ranges(BATCH * SEQ, HIDDEN, block_m, False)) == 3
+    ranges = blockwise.token_ranges(BATCH * SEQ, HIDDEN, block_m, False)
+    assert len(ranges) == -(-BATCH * SEQ // block_m)  # 3 under the interpreter
     ranged, _ = run("blockwise", *case, tau=0.3)
     assert torch.equal(ranged[1], whole[1])
     torch.testing.assert_close(ranged[2], whole[2], rtol=0, atol=1e-2)
@@ -234,7 +236,12 @@ def _peaked_case(dtype, other_logit):
     their mass just below the filter's threshold: skipped, yet visible in fp32 sums."""
     g = torch.Generator().manual_seed(3)
     n, hidden, vocab = 40, 19, 200
-    block_n = head_launch.head_tiles("grad", torch.float32, DEVICE.type == "cuda").block_n
+    on_gpu = DEVICE.type == "cuda"
+    # The targets' tile: the first of both deterministic launches (dh's and dW's).
+    block_n = min(
+        head_launch.head_tiles(kernel, torch.float32, on_gpu).block_n
+        for kernel in ("grad-rows", "grad-columns")
+    )
     h = torch.nn.functional.normalize(torch.randn(n, hidden, generator=g), dim=1) * 5
     w = torch.randn(vocab, hidden, generator=g)
     w[block_n:] *= 0.01
@@ -265,8 +272,9 @@ def test_gradient_filtering_stays_within_its_bound(dtype, other_logit):
     eps = filter_eps(dtype)
     exact = [t.cpu() for t in blockwise_gradients(*args, deterministic=True, filter_eps=None)]
     filtered = [t.cpu() for t in blockwise_gradients(*args, deterministic=True, filter_eps=eps)]
-    block_n = head_launch.head_tiles("grad", torch.float32, DEVICE.type == "cuda").block_n
-    tiles = -(-w.shape[0] // block_n)
+    on_gpu = DEVICE.type == "cuda"
+    block_n = head_launch.head_tiles("grad-columns", torch.float32, on_gpu).block_n
+    tiles = -(-w.shape[0] // block_n)  # the dW launch's tiles (its filter threshold)
     h, w, coef = h.cpu(), w.cpu(), coef.cpu()
     slack = 1e-6
     dh_bound = eps * coef.abs()[:, None] * w.float().abs().max(0).values[None, :]

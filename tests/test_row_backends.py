@@ -574,3 +574,70 @@ def test_autotune_candidates_give_the_same_results(monkeypatch, dtype):
             )
         rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True)
         assert len(seen) == len(candidates), "the choice is remembered, not timed again"
+
+
+def _triton_edge_cases():
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for params in (PARAMS[1], RowParams(tau=0.1, temperature=0.7, logit_softcap=5.0)):
+            case = ("triton", dtype, params)
+            cases.append(pytest.param(*case, id="-".join(map(_name, case))))
+    return cases
+
+
+@pytest.mark.parametrize("rows, dtype, params", _triton_edge_cases(), indirect=["rows"])
+@pytest.mark.parametrize("out_layout", ["fresh", "in-place"])
+def test_row_whose_head_does_not_fit_beside_its_tail(rows, dtype, params, out_layout):
+    """A row walk runs its whole aligned blocks, then one masked block for the tail and
+    the head together (common.edge_columns); a row whose tail is one element short of a
+    block has no room for a head of VEC - 1 elements, which takes a block of its own. Row
+    0 here is that row (it starts one element past a 16-byte boundary), in the statistics,
+    the fused gradient and the standalone gradient walks."""
+    from gft_kernels.backends.triton import launch
+
+    cfg = launch.launch_config(dtype, params.logit_softcap is not None)
+    n_cols = cfg.block_v + cfg.vec - 2
+    base = make_logits((2, n_cols + 1), dtype, seed=5)
+    z = base[:, 1:]
+    head = (16 - z.data_ptr() % 16) % 16 // z.element_size()
+    if TRITON_DEVICE.type == "cpu":  # on CUDA the wrapper copies the view (its own phase)
+        assert head == cfg.vec - 1 and (n_cols - head) % cfg.block_v + head > cfg.block_v
+    targets = torch.tensor([1, n_cols - 2])  # one target in row 0's head, one in a tail
+    adv = torch.tensor([0.8, -1.3], dtype=accumulate_dtype(dtype))
+    mask = torch.ones(2, dtype=torch.uint8)
+    valid = torch.ones(2, dtype=torch.bool)
+    out = rows.token_pass(z, targets, adv, mask, params, tokens_per_advantage=1, with_stats=True)
+    loss, logp, q, entropy, _ = fp64_terms(z, targets, adv, valid, params)
+    tol = tolerances(dtype)
+    torch.testing.assert_close(out.logprobs.double(), logp, **tol)
+    torch.testing.assert_close(out.entropy.double(), entropy, **tol)
+    torch.testing.assert_close(out.loss.double(), loss, **tol)
+    weights = torch.tensor([0.7, 1.1], dtype=accumulate_dtype(dtype))
+    want = fp64_grad(z, targets, adv, valid, weights, params)
+    coef = coefficients(z, targets, adv, valid, weights, params)
+    buffer = z.clone() if out_layout == "fresh" else base.clone()[:, 1:]
+    grad = torch.empty_like(z) if out_layout == "fresh" else buffer
+    rows.token_pass(
+        buffer,
+        targets,
+        adv,
+        mask,
+        params,
+        tokens_per_advantage=1,
+        with_stats=False,
+        grad_weights=weights,
+        grad_out=grad,
+    )
+    grad_close(grad, want, coef, logit_error=1e-6)
+    standalone = torch.empty_like(z) if out_layout == "fresh" else base.clone()[:, 1:]
+    rows.row_grad(
+        z if out_layout == "fresh" else standalone,
+        targets,
+        out.row_max,
+        out.sum_exp,
+        weights,
+        out.scale,
+        params,
+        standalone,
+    )
+    grad_close(standalone, want, coef, logit_error=1e-6)

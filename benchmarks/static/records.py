@@ -13,6 +13,7 @@ rule, as ``fn[grid](*args, **meta)`` would derive them on a device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -32,9 +33,22 @@ class AotTensor:
 
     dtype: torch.dtype
     aligned: bool = True
+    shape: Optional[Tuple[int, ...]] = None  # for launch code that asks (a peer's heuristics)
 
     def data_ptr(self) -> int:
         return 0 if self.aligned else 2
+
+    def numel(self) -> int:
+        if self.shape is None:
+            raise ValueError("AotTensor: numel() of a stand-in without a shape")
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return (
+            torch.finfo(self.dtype).bits // 8
+            if self.dtype.is_floating_point
+            else (torch.iinfo(self.dtype).bits // 8)
+        )
 
 
 @dataclass(frozen=True)
@@ -55,8 +69,17 @@ class HotLoop:
             the gradient walk without ``WRITE_GRAD``). A loop recorded as compiled that the
             SASS lacks, or one recorded as compiled out that the SASS has, fails the check.
         edge_blocks: masked blocks the walk runs outside its loop, each at a full block's
-            cost (2: an aligned head and a tail, as ``write_grad_row`` does); 0: a masked
+            cost (1: the tail and the head in one block, ``common.edge_columns``); 0: a masked
             loop of ``ceil(n / block)`` trips. Used by the whole-row ceilings.
+        macs_per_trip: for a loop of ``tl.dot`` products (a tensor-core loop), the
+            multiply-adds one trip of one program runs (``M x N x K`` per dot of an
+            ``(M, K) x (K, N)`` tile): the SASS must run exactly these, and the loop is
+            held to the GEMM model (:func:`benchmarks.static.machines.mma_ceiling`), not
+            to HBM bandwidth (``bytes_per_element`` None). None: no dot.
+        per_tile: trips per output tile (``(BLOCK_M, BLOCK_N)`` logits) at the record's
+            shape, per copy of the loop (a function inlined twice has two): the K loop
+            ``hidden_size / BLOCK_K``, a loop over tiles 1. Set on every loop of a
+            kernel whose record has ``tiles_per_program``: the per-tile figures sum them.
     """
 
     name: str
@@ -67,6 +90,8 @@ class HotLoop:
     min_ceiling: Optional[float] = None
     compiled: bool = True
     edge_blocks: int = 0
+    macs_per_trip: Optional[int] = None
+    per_tile: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,11 @@ class KernelVariant:
             default; the library's launches name ``enable_fp_fusion`` explicitly).
         loops: every loop of ``fn`` and of the jit functions it calls (each described once,
             however many times it is inlined).
+        archs: the compute capabilities the launch is made for (None: every one the
+            check compiles), e.g. a peer's Hopper-only TMA path.
+        tiles_per_program: output tiles one program produces at the record's shape (a
+            tensor-core kernel; its code outside loops counts once per program); None:
+            not a tensor-core kernel.
     """
 
     kernel: str
@@ -99,6 +129,8 @@ class KernelVariant:
     loops: Tuple[HotLoop, ...]
     maxnreg: Optional[int] = None
     enable_fp_fusion: Optional[bool] = None
+    archs: Optional[Tuple[int, ...]] = None
+    tiles_per_program: Optional[float] = None
 
     def options(self) -> Dict[str, Any]:
         """The ``options`` dict for ``triton.compile``."""
@@ -122,6 +154,7 @@ class KernelVariant:
             self.num_stages,
             self.maxnreg,
             self.enable_fp_fusion,
+            self.archs,
         )
 
 
@@ -142,6 +175,8 @@ def launch_variant(
     args: Sequence[Any],
     meta: Mapping[str, Any],
     loops: Sequence[HotLoop],
+    archs: Optional[Sequence[int]] = None,
+    tiles_per_program: Optional[float] = None,
 ) -> KernelVariant:
     """Record what ``fn[grid](*args, **meta)`` compiles to.
 
@@ -149,7 +184,7 @@ def launch_variant(
     :class:`AotTensor`; ``meta`` holds the keyword constexprs and launch options
     (``num_warps``, ``num_stages``, ``maxnreg``). Specialisation (``i32``/``i64``, an
     integer equal to 1 becoming a constant, 16-divisibility) follows the installed
-    Triton's launcher.
+    Triton's launcher. ``archs`` and ``tiles_per_program``: see :class:`KernelVariant`.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -194,6 +229,8 @@ def launch_variant(
         loops=tuple(loops),
         maxnreg=meta.get("maxnreg"),
         enable_fp_fusion=meta.get("enable_fp_fusion"),
+        archs=tuple(archs) if archs is not None else None,
+        tiles_per_program=tiles_per_program,
     )
 
 

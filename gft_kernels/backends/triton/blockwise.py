@@ -18,10 +18,12 @@ from gft_kernels.backends.base import PartialStats, RowParams
 from gft_kernels.backends.token_terms import SEGMENTS, combine_partials
 from gft_kernels.backends.triton.head_grad import head_grad_kernel
 from gft_kernels.backends.triton.head_launch import (
+    GRAD_KERNELS,
     OWNER_ATOMIC,
     OWNER_COLUMNS,
     OWNER_ROWS,
     HeadOperands,
+    HeadTiles,
     head_grad_launch,
     head_stats_launch,
     head_tiles,
@@ -109,7 +111,7 @@ def blockwise_gradients(
     softmax mass is below ``filter_eps`` per row over the whole vocabulary, which holds
     this block and ``vocab_elsewhere = (columns, blocks)`` on other ranks; None: exact.
     """
-    tiles = head_tiles("grad", hidden.dtype, hidden.is_cuda)
+    on_gpu = hidden.is_cuda
     n_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
     need_h, need_w, need_b = need
@@ -119,25 +121,34 @@ def blockwise_gradients(
     grad_h = hidden.new_empty(n_rows, hidden_size) if need_h else None
     grad_w = torch.zeros(n_cols, hidden_size, **f32) if need_w else None
     grad_b = torch.zeros(n_cols, **f32) if need_b else None
-    ranges = token_ranges(n_rows, hidden_size, tiles.block_m, fp32_hidden)
+    if deterministic:
+        launches = [(OWNER_ROWS, (need_h, False, False)), (OWNER_COLUMNS, (False, need_w, need_b))]
+    else:
+        launches = [(OWNER_ATOMIC, (need_h, need_w, need_b))]
+    launches = [
+        (owner, wanted, head_tiles(GRAD_KERNELS[owner], hidden.dtype, on_gpu))
+        for owner, wanted in launches
+        if any(wanted)
+    ]
+    block_m = max((tiles.block_m for *_, tiles in launches), default=1)
+    ranges = token_ranges(n_rows, hidden_size, block_m, fp32_hidden)
     scratch = None
     if need_h and not fp32_hidden:
         scratch = torch.empty(max(r.stop - r.start for r in ranges), hidden_size, **f32)
     if n_rows == 0 or not (need_h or need_w or need_b):
         return grad_h, grad_w, grad_b
-    filter_mass = None
-    if filter_eps is not None:
+
+    def filter_mass(tiles: HeadTiles) -> Optional[float]:
+        if filter_eps is None:
+            return None
         other_columns, other_blocks = vocab_elsewhere
         # Each other block may end in a partial tile: at most one tile more per block.
         vocab_tiles = triton.cdiv(n_cols + other_columns, tiles.block_n) + other_blocks
-        filter_mass = filter_eps / vocab_tiles
+        return filter_eps / vocab_tiles
+
     row_max = row_max.to(torch.float32).contiguous()
     sum_exp = sum_exp.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).contiguous()
-    if deterministic:
-        launches = [(OWNER_ROWS, (need_h, False, False)), (OWNER_COLUMNS, (False, need_w, need_b))]
-    else:
-        launches = [(OWNER_ATOMIC, (need_h, need_w, need_b))]
     for rows in ranges:
         grad_h_rows = None
         if need_h:
@@ -148,9 +159,7 @@ def blockwise_gradients(
         # coef stands in for a gradient a launch does not write (never read or written).
         grads = tuple(coef if g is None else g for g in (grad_h_rows, grad_w, grad_b))
         ops = HeadOperands.of(hidden[rows], weight, bias)
-        for owner, wanted in launches:
-            if not any(wanted):
-                continue
+        for owner, wanted, tiles in launches:
             grid, args, meta = head_grad_launch(
                 ops,
                 hidden.dtype,
@@ -161,7 +170,7 @@ def blockwise_gradients(
                 grads,
                 wanted,
                 owner,
-                filter_mass,
+                filter_mass(tiles),
                 params,
                 tiles,
             )

@@ -33,26 +33,32 @@ class HeadTiles:
     upcast_dot: bool = False  # tl.dot on 16-bit operands converted to fp32 first
 
 
-# GPU tiles: 16-bit operands take K steps of 64 (128-byte rows of shared memory), fp32 of
-# 32 (the same bytes). The statistics kernel holds one fp32 logits tile and the running
-# statistics; the gradient kernel also holds G and a dot product per K step, so it takes
-# half the tokens per tile.
+# GPU tiles, per kernel (the gradient kernel per owner of its sums) and operand size,
+# each the largest that compiles without spills for sm_80 and sm_90 (``make aot``).
+# 16-bit operands take K steps of 64 or 32 (the statistics kernel holds one fp32 logits
+# tile and the running statistics; the gradient kernel also G and a product per K step).
+# The atomic gradient takes 128 tokens: at 64 on 8 warps, sm_80's mma layout computed the
+# dh product twice. fp32 operands (FFMA, no tensor cores) take small tiles; the dW owner's
+# 64 x 64 needs K steps of 16 to fit Triton 3.6's registers on sm_90.
 _GPU_TILES = {
-    ("stats", 2): HeadTiles(128, 128, 64, 8, 3),
-    ("stats", 4): HeadTiles(128, 128, 32, 8, 3),
-    ("grad", 2): HeadTiles(64, 128, 64, 8, 2),
-    ("grad", 4): HeadTiles(64, 128, 32, 8, 2),
+    ("stats", 2): HeadTiles(128, 64, 64, 8, 3),
+    ("stats", 4): HeadTiles(64, 128, 32, 8, 3),
+    ("grad-atomic", 2): HeadTiles(128, 128, 32, 8, 2),
+    ("grad-rows", 2): HeadTiles(64, 128, 32, 8, 2),
+    ("grad-columns", 2): HeadTiles(64, 128, 32, 8, 2),
+    ("grad-atomic", 4): HeadTiles(32, 32, 32, 4, 2),
+    ("grad-rows", 4): HeadTiles(32, 64, 32, 4, 2),
+    ("grad-columns", 4): HeadTiles(64, 64, 16, 8, 2),
 }
-# Under the interpreter (CPU tensors) tiles are the smallest tl.dot accepts, so that small
-# test shapes span several tiles in every direction. Its tl.dot gets 16-bit operands as
-# fp32 values: numpy has no bfloat16, and the interpreter's dot of bf16 tiles returns
-# garbage (Triton 3.9). A product of two 16-bit values is exact in fp32, so only the
-# order of the fp32 sums differs from the tensor cores'.
 INTERPRETER_TILES = HeadTiles(16, 32, 16, 1, 1, upcast_dot=True)
 
 
+GRAD_KERNELS = {OWNER_ATOMIC: "grad-atomic", OWNER_ROWS: "grad-rows", OWNER_COLUMNS: "grad-columns"}
+
+
 def head_tiles(kernel: str, dtype: torch.dtype, on_gpu: bool = True) -> HeadTiles:
-    """Tiles of ``kernel`` (``"stats"`` or ``"grad"``) for inputs of ``dtype``."""
+    """Tiles of ``kernel`` (``"stats"``, or a value of :data:`GRAD_KERNELS`) for inputs of
+    ``dtype``."""
     if not on_gpu:
         return INTERPRETER_TILES
     return _GPU_TILES[(kernel, torch.finfo(dtype).bits // 8)]

@@ -20,6 +20,10 @@ import triton.language as tl
 from gft_kernels.backends.triton.common import LOG2E
 from gft_kernels.backends.triton.head_tile import finite_or_zero, logits_tile
 
+# A token's target column that says its statistics are not needed (see head_stats_kernel).
+NOT_NEEDED_VALUE = -2
+NOT_NEEDED: tl.constexpr = tl.constexpr(NOT_NEEDED_VALUE)
+
 
 @triton.jit
 def _rescaled(total, factor):
@@ -60,13 +64,15 @@ def head_stats_kernel(
     """``stats_ptr``: fp32 ``(5, n_rows, splits)``, the split's ``row_max``, ``sum_exp``,
     ``sum_exp_1``, ``weighted`` (0 without entropy) and ``target_logit`` (0 where the
     target lies in another split). ``local_targets_ptr``: int64 ``(n_rows,)``, the target's
-    column or -1."""
+    column, -1 (in no column here) or :data:`NOT_NEEDED` (a token whose statistics nobody
+    reads: it gets ``m = 0``, ``S = 1``, and a block of such tokens forms no tile)."""
     block = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_rows
-    target = tl.load(local_targets_ptr + rows, mask=row_ok, other=-1)
+    target = tl.load(local_targets_ptr + rows, mask=row_ok, other=NOT_NEEDED)
+    needed = target != NOT_NEEDED
 
     row_max = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     sum_t = tl.zeros((BLOCK_M,), tl.float32)
@@ -78,6 +84,8 @@ def head_stats_kernel(
     n_tiles = tl.cdiv(n_cols, BLOCK_N)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, n_tiles)
+    if tl.max(needed.to(tl.int32), axis=0) == 0:
+        last = first  # masked, ignored or zero-advantage tokens only (a sync-free call)
     for tile in range(first, last):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         z = logits_tile(
@@ -124,6 +132,9 @@ def head_stats_kernel(
         row_max = new_max
     if UNIT_T:
         sum_1 = sum_t
+    row_max = tl.where(needed, row_max, 0.0)
+    sum_t = tl.where(needed, sum_t, 1.0)
+    sum_1 = tl.where(needed, sum_1, 1.0)
 
     plane = n_rows * splits
     out = stats_ptr + rows * splits + split
