@@ -42,8 +42,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from benchmarks.static import machines, report, worker
 
 DEFAULT_ARCHS = (80, 90)
-# The library's launches (benchmarks/static/variants.py); --modules names others (tests).
-DEFAULT_MODULES = ("benchmarks.static.variants",)
+# The library's launches (benchmarks/static/variants.py: the row kernels;
+# head_variants.py: the blockwise head's tensor-core kernels); --modules names others.
+DEFAULT_MODULES = ("benchmarks.static.variants", "benchmarks.static.head_variants")
 
 
 def load_variants(modules: Sequence[str]) -> List[Any]:
@@ -69,7 +70,12 @@ def run(
         for i, v in enumerate(variants)
         if not name_filters or any(f in f"{v.kernel}/{v.variant}" for f in name_filters)
     ]
-    tasks = [(i, arch) for i in chosen for arch in archs]
+    tasks = [
+        (i, arch)
+        for i in chosen
+        for arch in archs
+        if variants[i].archs is None or arch in variants[i].archs
+    ]
     # Batches amortise the disassembler's start-up; several per process balance the load.
     size = max(1, min(32, math.ceil(len(tasks) / (4 * max(1, jobs)))))
     batches = [tasks[i : i + size] for i in range(0, len(tasks), size)]
@@ -142,6 +148,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gate[report.GATED_ARCH] = machines.BY_NAME[args.gate_machine]
     machines.evaluate(rows, gate)
     print(report.table(rows, args.min_ceiling))
+    tensor = report.tensor_table(rows)
+    if tensor:
+        print(tensor)
     if args.breakdown:
         print(report.breakdown(rows))
     if not args.no_rows:

@@ -180,12 +180,10 @@ def loop_ceiling(
 
 
 def blocks_per_row(n_cols: int, block: int, edge_blocks: int) -> int:
-    """Blocks a walk runs over a row: the whole blocks of its loop plus its masked edge
-    blocks (``edge_blocks``, each at a full block's cost, run even when empty: one for the
-    tail and the head together, ``common.edge_columns``); a masked loop (``edge_blocks``
-    0) runs ``ceil(n_cols / block)``. Rows are taken as aligned (a head of 0 elements; an
-    unaligned row's head shares the tail's block, except in the rare row whose tail leaves
-    it no room)."""
+    """Blocks a walk runs over a row: the whole blocks of its loop plus its masked head and
+    tail (``edge_blocks``, each at a full block's cost, the tail run even when empty); a
+    masked loop (``edge_blocks`` 0) runs ``ceil(n_cols / block)``. Rows are taken as
+    aligned (a head of 0 elements)."""
     if edge_blocks:
         return n_cols // block + edge_blocks
     return -(-n_cols // block)

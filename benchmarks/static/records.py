@@ -69,7 +69,7 @@ class HotLoop:
             the gradient walk without ``WRITE_GRAD``). A loop recorded as compiled that the
             SASS lacks, or one recorded as compiled out that the SASS has, fails the check.
         edge_blocks: masked blocks the walk runs outside its loop, each at a full block's
-            cost (1: the tail and the head in one block, ``common.edge_columns``); 0: a masked
+            cost (2: an aligned head and a tail, as ``write_grad_row`` does); 0: a masked
             loop of ``ceil(n / block)`` trips. Used by the whole-row ceilings.
         macs_per_trip: for a loop of ``tl.dot`` products (a tensor-core loop), the
             multiply-adds one trip of one program runs (``M x N x K`` per dot of an

@@ -38,6 +38,27 @@ def _traffic(loop: Dict[str, Any]) -> Optional[str]:
     )
 
 
+def _mma(loop: Dict[str, Any]) -> Optional[str]:
+    """Why a measured tensor-core loop does not run the multiply-adds its record says;
+    None if it does (or it is no such loop). A dot on the FMA pipe (fp32 ``ieee``) has no
+    tensor-core opcode and needs at least that many ``FFMA`` lanes."""
+    if loop.get("macs_per_trip") is None or "histogram" not in loop or loop.get("note"):
+        return None
+    expected = loop["macs_per_trip"]
+    if loop.get("mma_ops"):
+        found = loop.get("macs_sass", 0.0)
+        if math.isclose(found, expected):
+            return None
+    else:
+        found = loop["histogram"].get("FFMA", 0.0) * loop["threads"]
+        if found >= expected:
+            return None
+    return (
+        f"mma: loop {loop['name']!r} ({loop['source']}) runs {found:g} multiply-adds per "
+        f"trip, its record {expected:g}"
+    )
+
+
 def failures(row: Dict[str, Any], min_ceiling: float) -> List[str]:
     """Why a compiled (variant, arch) fails the check; empty when it passes.
 
@@ -62,9 +83,10 @@ def failures(row: Dict[str, Any], min_ceiling: float) -> List[str]:
                 f"missing loop: {loop['name']!r} ({loop['source']}) is recorded as compiled "
                 f"out but the SASS has {loop['sass_loops']}"
             )
-        traffic = _traffic(loop)
-        if traffic:
-            why.append(traffic)
+        for check in (_traffic, _mma):
+            found = check(loop)
+            if found:
+                why.append(found)
     if row["arch"] == GATED_ARCH and row["dtype"] in GATED_DTYPES:
         for loop in row["loops"]:
             # A loop record may carry its own bound (a documented, physics-set exception).
@@ -124,6 +146,77 @@ def table(rows: Sequence[Dict[str, Any]], min_ceiling: float) -> str:
                 f"{_models(loop):<28}  {status if first else ''}"
             )
     return "\n".join(out)
+
+
+def _mma_name(opcodes: Sequence[str]) -> str:
+    """``HGMMA.64x256x16``: the tensor-core opcodes without their type suffixes."""
+    names = sorted({".".join(op.split(".")[:2]) for op in opcodes})
+    return "+".join(names) or "FFMA (no MMA)"
+
+
+def _mma_cells(models: Dict[str, Any]) -> str:
+    """``H100 100% tensor (issue 41%)``: the ceiling, what binds, and the busiest other
+    pipe's time as a share of the tensor pipe's (how far the loop is from binding on it)."""
+    cells = []
+    for name, model in models.items():
+        pipe = min(model["pipes"], key=lambda p: model["pipes"][p])
+        load = 1.0 / model["pipes"][pipe] if model["pipes"][pipe] else math.inf
+        cells.append(f"{name} {model['ceiling']:.0%} {model['bound']} ({pipe} {load:.0%})")
+    return ", ".join(cells) or "-"
+
+
+def tensor_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Tensor-core kernels: per loop with ``tl.dot`` products, the tensor-core and other
+    instructions per thread and trip and the fraction of the GEMM's peak they allow per
+    machine; per kernel with tiles, the same per output tile (every loop's trips per
+    tile, the code outside loops once per program). Empty when no row has such a loop."""
+    lines = []
+    for row in rows:
+        tensor = [lp for lp in row.get("loops") or [] if lp.get("macs_per_trip") is not None]
+        if not tensor and "tile" not in row:
+            continue
+        if row.get("error"):
+            continue
+        spill = row["spill_stores"] + row["spill_loads"]
+        head = f"{row['kernel'] + '/' + row['variant']:<58} sm_{row['arch']} {row['registers']:>4}"
+        head += f" {spill:>5} {row['shared']:>6}"
+        pad = " " * len(head)
+        first = True
+        for loop in tensor:
+            if "mma_per_trip" not in loop:
+                cells = f"{loop['name']:<12} (not in the SASS)"
+            else:
+                cells = (
+                    f"{loop['name']:<12} {_mma_name(loop.get('mma_ops', {})):<33} "
+                    f"{loop['mma_per_trip']:>6.4g} {loop['other_per_trip']:>7.0f}  "
+                    f"{_mma_cells(loop['mma_models'])}"
+                )
+            lines.append(f"{head if first else pad}  {cells}")
+            first = False
+        tile = row.get("tile")
+        if tile:
+            cells = (
+                f"{'per tile':<12} {_mma_name(tile['mma_ops']):<33} {tile['mma']:>6.4g} "
+                f"{tile['other']:>7.0f}  {_mma_cells(tile['models'])}"
+            )
+            lines.append(f"{head if first else pad}  {cells}")
+    if not lines:
+        return ""
+    title = (
+        f"{'kernel/variant':<58} {'arch':<5} {'regs':>4} {'spill':>5} {'smem':>6}  "
+        f"{'loop':<12} {'tensor op':<33} {'mma':>6} {'other':>7}  "
+        "fraction of the GEMM's peak (binding pipe)"
+    )
+    return "\n".join(
+        [
+            "",
+            "Tensor-core loops (instructions per thread, per trip and per output tile; "
+            "static count: no latency, occupancy, shared memory or pipelining):",
+            title,
+            "-" * len(title),
+        ]
+        + lines
+    )
 
 
 def summary(rows: Sequence[Dict[str, Any]], min_ceiling: float) -> str:

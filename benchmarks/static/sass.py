@@ -8,7 +8,10 @@ Pure text processing (no Triton, no GPU), used by :mod:`benchmarks.static.aot`:
   their source lines, and the loops (backward branches) among them;
 - :func:`source_loops` / :func:`attribute_loop`: which ``for`` statement of the kernel's
   source a SASS loop compiles;
-- :func:`memory_bytes`: the bytes a loop body's global loads and stores move per thread.
+- :func:`memory_bytes`: the bytes a loop body's global loads and stores move per thread;
+- :func:`mma_shape` / :func:`mma_ops`: the tensor-core instructions (``HMMA`` on sm_80,
+  ``HGMMA`` or ``HMMA`` on sm_90) of a loop and the multiply-adds each runs per warp;
+- :func:`straight_line`: the instructions outside every loop (once per program).
 
 What a loop's counts allow on a given GPU is :mod:`benchmarks.static.machines`' business:
 this module knows no machine, so a change of the model does not invalidate cached counts.
@@ -39,6 +42,7 @@ class Instruction:
     text: str
     file: Optional[str]
     line: Optional[int]
+    predicated: bool = False  # under a guard predicate (``@P0``): a branch may fall through
 
     @property
     def family(self) -> str:
@@ -82,9 +86,13 @@ def parse_sass(text: str) -> List[Instruction]:
         m = _INSTR_RE.match(raw)
         if not m:
             continue
-        body = _PRED_RE.sub("", m.group("text").strip())
+        text = m.group("text").strip()
+        body = _PRED_RE.sub("", text)
         opcode = body.split()[0] if body else ""
-        instructions.append(Instruction(int(m.group("addr"), 16), opcode, body, file, line))
+        predicated = body != text and not text.startswith("@PT")
+        instructions.append(
+            Instruction(int(m.group("addr"), 16), opcode, body, file, line, predicated)
+        )
     return instructions
 
 
@@ -118,13 +126,51 @@ def _label_target(labels: Dict[str, int], family: str, target_re: re.Pattern):
     return target_of
 
 
-def _loops(instructions: Sequence[Instruction], target_of) -> List[Loop]:
-    """Loops formed by backward branches; ``target_of(ins)`` is a branch's target or None."""
+_ENDS_BLOCK = ("EXIT", "RET", "BRA", "JMP", "BRX", "JMX", "KILL")
+
+
+def _bypasses(
+    instructions: Sequence[Instruction], index: Dict[int, int], target_of, header: int, branch: int
+) -> bool:
+    """Whether control reaches the instruction at ``branch`` from the kernel's entry without
+    passing ``header``: then the backward branch does not close a loop (its target does
+    not dominate it). ptxas lays rarely taken code out of line, after the kernel's exit
+    (e.g. the retry of a Hopper barrier wait), and jumps back from there into the loop
+    it left: a backward branch that is no loop. ``index``: address -> position."""
+    if header not in index or branch not in index:
+        return False
+    seen = {index[header]}
+    pending = [0]
+    while pending:
+        i = pending.pop()
+        if i in seen or i >= len(instructions):
+            continue
+        seen.add(i)
+        if instructions[i].addr == branch:
+            return True
+        ins = instructions[i]
+        target = target_of(ins)
+        if target is not None and target in index:
+            pending.append(index[target])
+        if ins.predicated or ins.family not in _ENDS_BLOCK:
+            pending.append(i + 1)
+    return False
+
+
+def _loops(
+    instructions: Sequence[Instruction], target_of, natural_only: bool = False
+) -> List[Loop]:
+    """Loops formed by backward branches; ``target_of(ins)`` is a branch's target or None.
+    ``natural_only``: a backward branch that control can reach without passing its target
+    is no loop (:func:`_bypasses`; SASS listings, whose guards are known)."""
     spans: List[Tuple[int, int]] = []
+    index = {ins.addr: i for i, ins in enumerate(instructions)}
     for ins in instructions:
         target = target_of(ins)
         # A branch to itself is the trap after the kernel's last EXIT, not a loop.
         if target is not None and target < ins.addr:
+            if natural_only and _bypasses(instructions, index, target_of, target, ins.addr):
+                continue
             spans.append((target, ins.addr))
     # Several backward branches to one label (a `continue`) form one loop: keep the last.
     by_start: Dict[int, int] = {}
@@ -151,7 +197,7 @@ def find_loops(text: str) -> List[Loop]:
     each instruction counts towards its innermost loop only.
     """
     labels = _labels(text, _INSTR_RE, _LABEL_RE)
-    return _loops(parse_sass(text), _label_target(labels, "BRA", _TARGET_RE))
+    return _loops(parse_sass(text), _label_target(labels, "BRA", _TARGET_RE), natural_only=True)
 
 
 _RAW_TARGET_RE = re.compile(r"\bBRA\s+(?:`\()?0x(?P<addr>[0-9a-fA-F]+)")
@@ -265,20 +311,97 @@ def global_memory_ops(loop: Loop) -> int:
 
 def unroll_factor(sass_loop: Loop, ptx_loops: Sequence[Loop]) -> Optional[int]:
     """How many source-loop trips one trip of ``sass_loop`` runs (ptxas unrolls simple
-    loops): its global loads over those of the PTX loop(s) it compiles, and likewise its
-    stores. None unless both ratios are the same whole number (or there is no memory
-    operation): a SASS loop whose loads and stores do not scale together is not the
-    compiled form of those PTX loops."""
+    loops): its global loads over those of the PTX loop(s) it compiles, likewise its
+    stores, and its tensor-core multiply-adds (``mma`` / ``wgmma`` in PTX, ``HMMA`` /
+    ``HGMMA`` in SASS; a tensor-core loop fetches its tiles with asynchronous copies,
+    which are neither). None unless every ratio is the same whole number (or there is
+    none of these operations): a SASS loop whose operations do not scale together is not
+    the compiled form of those PTX loops."""
     ratios = set()
-    for kind in (_is_load, _is_store):
-        ptx = sum(1 for lp in ptx_loops for i in lp.body if kind(i))
-        ops = sum(1 for i in sass_loop.body if kind(i))
+    for kind in (_is_load, _is_store, _mma_macs):
+        ptx = sum(_count(kind, i) for lp in ptx_loops for i in lp.body)
+        ops = sum(_count(kind, i) for i in sass_loop.body)
         if ptx == ops == 0:
             continue
         if not ptx or not ops or ops % ptx:
             return None
         ratios.add(ops // ptx)
     return ratios.pop() if len(ratios) == 1 else None
+
+
+def _count(kind, ins: Instruction) -> int:
+    """1 per load or store, the multiply-adds of a tensor-core instruction."""
+    return int(kind(ins))
+
+
+# Multiply-adds per warp of an HMMA shape (``HMMA.16816``: m16 n8 k16); HGMMA names its
+# warpgroup's shape (``HGMMA.64x256x16``), which the group's four warps issue together.
+_HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4), "16832": (16, 8, 32)}
+_HGMMA_RE = re.compile(r"^HGMMA\.(?P<m>\d+)x(?P<n>\d+)x(?P<k>\d+)")
+_PTX_MMA_RE = re.compile(
+    r"^(?P<op>wgmma\.mma_async|mma)\.sync\.aligned\.m(?P<m>\d+)n(?P<n>\d+)k(?P<k>\d+)"
+)
+WARPGROUP = 4
+
+
+def mma_kind(opcode: str) -> str:
+    """The tensor pipe's rate an MMA opcode runs at: ``tf32``, ``16bit`` (bf16 / fp16) or
+    ``other`` (integer, fp8: not modelled)."""
+    parts = set(opcode.upper().split("."))
+    if "TF32" in parts:
+        return "tf32"
+    if parts & {"E4M3", "E5M2", "E2M1", "S8", "U8", "S4", "U4", "B1"}:
+        return "other"
+    return "16bit"  # BF16, F16 (SASS names no input type for fp16)
+
+
+def mma_shape(ins: Instruction) -> Optional[Tuple[int, str]]:
+    """``(multiply-adds per warp, kind)`` of a tensor-core instruction (SASS ``HMMA`` /
+    ``HGMMA``, PTX ``mma.sync`` / ``wgmma.mma_async``); None for any other."""
+    if ins.family == "HMMA":
+        parts = ins.opcode.split(".")
+        shape = _HMMA_SHAPES.get(parts[1]) if len(parts) > 1 else None
+        if shape is None:
+            return None
+        m, n, k = shape
+        return m * n * k, mma_kind(ins.opcode)
+    if ins.family == "HGMMA":
+        found = _HGMMA_RE.match(ins.opcode)
+        if found is None:
+            return None
+        m, n, k = (int(found.group(x)) for x in "mnk")
+        return m * n * k // WARPGROUP, mma_kind(ins.opcode)
+    found = _PTX_MMA_RE.match(ins.opcode)
+    if found is not None:
+        m, n, k = (int(found.group(x)) for x in "mnk")
+        macs = m * n * k // (WARPGROUP if found.group("op") != "mma" else 1)
+        return macs, mma_kind(ins.opcode)
+    return None
+
+
+def _mma_macs(ins: Instruction) -> int:
+    shape = mma_shape(ins)
+    return shape[0] if shape else 0
+
+
+def mma_ops(instructions: Sequence[Instruction]) -> Dict[str, int]:
+    """Tensor-core instructions by full opcode (e.g. ``HMMA.16816.F32.BF16``)."""
+    return dict(Counter(i.opcode for i in instructions if mma_shape(i) is not None))
+
+
+def straight_line(text: str) -> List[Instruction]:
+    """Instructions of a kernel's SASS outside every loop: what a program runs once (both
+    sides of a branch; the alignment NOPs and the trap after the last EXIT left out)."""
+    instructions = parse_sass(text)
+    target_of = _label_target(_labels(text, _INSTR_RE, _LABEL_RE), "BRA", _TARGET_RE)
+    spans = [(lp.start, lp.end) for lp in find_loops(text)]
+    return [
+        ins
+        for ins in instructions
+        if ins.family != "NOP"
+        and target_of(ins) != ins.addr
+        and not any(s <= ins.addr <= e for s, e in spans)
+    ]
 
 
 _WIDTH_RE = re.compile(r"\.(?:(?P<bits>128|64)|[US](?P<small>8|16))\b")

@@ -71,13 +71,13 @@ def _stats_loops(
     fixed = fixed_reference(params, dtype)
     if fixed:
         running_max = HotLoop(
-            "stats-fallback", None, cfg.block_v, "_summarize_running_max", edge_blocks=1
+            "stats-fallback", None, cfg.block_v, "_summarize_running_max", edge_blocks=2
         )
     else:
         running_max = HotLoop(
-            "stats", size, cfg.block_v, "_summarize_running_max", min_ceiling=gate, edge_blocks=1
+            "stats", size, cfg.block_v, "_summarize_running_max", min_ceiling=gate, edge_blocks=2
         )
-    walk = HotLoop("stats", size, cfg.block_v, "_walk", compiled=fixed, edge_blocks=1)
+    walk = HotLoop("stats", size, cfg.block_v, "_walk", compiled=fixed, edge_blocks=2)
     return [running_max, walk]
 
 
@@ -137,7 +137,7 @@ def aot_variants() -> List[Any]:
                                         grad_block,
                                         "write_grad_row",
                                         compiled=write,
-                                        edge_blocks=1,
+                                        edge_blocks=2,
                                     ),
                                 ]
                                 switches = [
@@ -201,7 +201,7 @@ def aot_variants() -> List[Any]:
                                         2 * size,
                                         meta["BLOCK_V"],
                                         "write_grad_row",
-                                        edge_blocks=1,
+                                        edge_blocks=2,
                                     ),
                                 ],
                             )

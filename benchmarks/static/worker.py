@@ -28,6 +28,7 @@ import sys
 import tempfile
 import textwrap
 import warnings
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.static import sass
@@ -133,10 +134,13 @@ def analyse_batch(tasks: Sequence[Task]) -> List[Dict[str, Any]]:
         else:
             compiled.append(((index, arch), variant, row, kernel, cache))
     for task, variant, row, kernel, cache in compiled:
+        text = _disassemble_with_lines(kernel)
         try:
-            row["loops"] = loop_entries(variant, _disassemble_with_lines(kernel), kernel)
+            row["loops"] = loop_entries(variant, text, kernel)
         except ValueError as err:  # a record that does not describe its kernel
             row["error"] = str(err)
+        if variant.tiles_per_program is not None:
+            row.update(tiles_per_program=variant.tiles_per_program, straight=straight_counts(text))
         if _WORKER["dump_dir"]:
             _dump(variant, task, kernel)
         if cache is not None:
@@ -287,6 +291,14 @@ def pair_by_line(text: str, ptx_loops: Sequence[sass.Loop], declared) -> Tuple[F
 WARP_SIZE = 32
 
 
+def straight_counts(sass_text: str) -> Dict[str, Any]:
+    """Opcode families and tensor-core opcodes of the code outside every loop (a
+    tensor-core kernel's once-per-program part: set-up, the last tile's epilogue...)."""
+    instructions = sass.straight_line(sass_text)
+    histogram = Counter(i.family for i in instructions)
+    return {"histogram": dict(histogram.most_common()), "mma_ops": sass.mma_ops(instructions)}
+
+
 def loop_entries(variant: Any, sass_text: str, kernel: Any) -> List[Dict[str, Any]]:
     """One entry per loop record of ``variant`` (see :func:`measure_loops`)."""
     threads = variant.num_warps * WARP_SIZE
@@ -319,6 +331,8 @@ def measure_loops(
             "edge_blocks": spec.edge_blocks,
             "sass_loops": len(loops),
             "min_ceiling": spec.min_ceiling,
+            "macs_per_trip": spec.macs_per_trip,
+            "per_tile": spec.per_tile,
         }
         entries.append(entry)
         if not loops:
@@ -339,7 +353,19 @@ def measure_loops(
             histogram={k: v / unroll for k, v in main.histogram().most_common()},
             instructions_per_element=per_trip / entry["elements_per_thread"],
             memory_bytes=sass.memory_bytes(main) / unroll,
+            mma_ops={k: v / unroll for k, v in sass.mma_ops(main.body).items()},
         )
+        if spec.per_tile is not None:
+            # Per tile every copy runs (a function inlined twice: both), each per source
+            # trip; a copy is a SASS loop whose unroll factor is known (a barrier's retry
+            # loop that carries the line of the same `for` is none), or the one measured.
+            copies = [(lp, u) for lp, u in loops if u is not None] or [(main, unroll)]
+            histogram: Counter = Counter()
+            mma: Counter = Counter()
+            for loop, factor in copies:
+                histogram.update({k: v / factor for k, v in loop.histogram().items()})
+                mma.update({k: v / factor for k, v in sass.mma_ops(loop.body).items()})
+            entry.update(copies=len(copies), copies_histogram=dict(histogram), copies_mma=dict(mma))
     for loop in unmatched:
         entries.append(
             {

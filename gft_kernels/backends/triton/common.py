@@ -1,5 +1,5 @@
 """Shared pieces of the Triton kernels: constants, the logit transforms and their slope,
-and the aligned walk's edges (its head length, and the one masked block for head and tail).
+and the aligned walk's head length.
 
 The transforms are the one definition of ``z' = cap * tanh(z * scale / cap)`` (or
 ``z * scale``) on the GPU; the token pass, the fixed-reference walk and the gradient rows
@@ -112,22 +112,3 @@ def aligned_head(row_ptr, VEC: tl.constexpr):
     bytes), read from the address itself: right for any base address and row stride."""
     misaligned = (row_ptr.to(tl.int64, bitcast=True) % 16) // (16 // VEC)
     return (VEC - misaligned) % VEC
-
-
-@triton.jit
-def edge_columns(positions, head, tail_start, n_cols, BLOCK_V: tl.constexpr):
-    """The walk's one masked block: ``(columns, in_block, head_alone)``.
-
-    A row walk runs whole aligned blocks from column ``head`` (the ``< VEC`` elements before
-    the first 16-byte boundary) to ``tail_start``; the tail ``[tail_start, n_cols)`` and the
-    head ``[0, head)`` then share one masked block: positions below the tail's length read
-    the tail, the next ``head`` positions the head. An aligned row (``head`` 0) thus costs
-    its whole blocks plus one, not two. ``head_alone`` is true in the rare row whose tail
-    leaves no room for its head (a tail longer than ``BLOCK_V - head``): that row's head
-    needs a masked block of its own, which the walk runs only then.
-    """
-    tail = n_cols - tail_start
-    head_alone = tail + head > BLOCK_V
-    shared_head = tl.where(head_alone, 0, head)
-    columns = tl.where(positions < tail, tail_start + positions, positions - tail)
-    return columns, positions < tail + shared_head, head_alone

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gft_kernels.backends.triton.common import LN2, LOG2E, aligned_head, edge_columns
+from gft_kernels.backends.triton.common import LN2, LOG2E, aligned_head
 from gft_kernels.backends.triton.fma_math import exp2_poly, reciprocal
 
 HEADROOM: tl.constexpr = tl.constexpr(96.0)
@@ -119,6 +119,21 @@ def _walk(
     base_t, slope_t = c_t - ref_t, -2.0 * c_t
     base_1, slope_1 = c_1 - ref_1, -2.0 * c_1
     head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
+    in_head = slots < head
+    z = tl.load(logits_ptr + row_offset + slots, mask=in_head, other=0.0).to(tl.float32)
+    sum_t, sum_1, acc_w = _fold(
+        tanh_reciprocal(z, VEC, tanh_slope),
+        in_head,
+        sum_t,
+        sum_1,
+        acc_w,
+        base_t,
+        slope_t,
+        base_1,
+        slope_1,
+        WITH_ENTROPY,
+        True,
+    )
     n_full = (n_cols - head) // BLOCK_V
     for k in range(0, n_full):
         block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
@@ -136,14 +151,12 @@ def _walk(
             WITH_ENTROPY,
             False,
         )
-    # The tail and the head in one masked block (common.edge_columns).
-    columns, in_edge, head_alone = edge_columns(
-        slots, head, head + n_full * BLOCK_V, n_cols, BLOCK_V
-    )
-    z = tl.load(logits_ptr + row_offset + columns, mask=in_edge, other=0.0)
+    start = head + n_full * BLOCK_V
+    in_tail = start + slots < n_cols
+    z = tl.load(logits_ptr + row_offset + start + slots, mask=in_tail, other=0.0)
     sum_t, sum_1, acc_w = _fold(
         tanh_reciprocal(z.to(tl.float32), VEC, tanh_slope),
-        in_edge,
+        in_tail,
         sum_t,
         sum_1,
         acc_w,
@@ -154,22 +167,6 @@ def _walk(
         WITH_ENTROPY,
         True,
     )
-    if head_alone:
-        in_head = slots < head
-        z = tl.load(logits_ptr + row_offset + slots, mask=in_head, other=0.0)
-        sum_t, sum_1, acc_w = _fold(
-            tanh_reciprocal(z.to(tl.float32), VEC, tanh_slope),
-            in_head,
-            sum_t,
-            sum_1,
-            acc_w,
-            base_t,
-            slope_t,
-            base_1,
-            slope_1,
-            WITH_ENTROPY,
-            True,
-        )
     return tl.sum(sum_t, axis=0), tl.sum(sum_1, axis=0), tl.sum(tl.sum(acc_w, axis=1), axis=0)
 
 

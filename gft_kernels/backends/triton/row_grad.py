@@ -16,12 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gft_kernels.backends.triton.common import (
-    aligned_head,
-    edge_columns,
-    transform_logits,
-    transform_slope,
-)
+from gft_kernels.backends.triton.common import aligned_head, transform_logits, transform_slope
 
 
 @triton.jit
@@ -69,12 +64,28 @@ def write_grad_row(
     """Write one gradient row, reading ``logits_ptr[row_offset:]`` and writing
     ``grad_ptr[grad_offset:]``. Whole blocks start at the row's first element whose offset
     is a multiple of ``VEC`` (16 bytes), so their loads are unmasked vector loads; stores
-    are too when ``SAME_SKEW`` (both offsets agree modulo ``VEC``); the tail and the head
-    share one masked block."""
+    are too when ``SAME_SKEW`` (both offsets agree modulo ``VEC``)."""
     cols = tl.arange(0, BLOCK_V)
     coef_over_sum = coef / sum_exp
     out_ty = grad_ptr.dtype.element_ty
     head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
+    # The (< VEC) elements before the first aligned one.
+    in_head = cols < head
+    z = tl.load(logits_ptr + row_offset + cols, mask=in_head, other=0.0).to(tl.float32)
+    g = _grad_block(
+        z,
+        cols,
+        target,
+        row_max,
+        scaled_inv_t,
+        coef_over_sum,
+        coef,
+        TRANSFORM,
+        logit_scale,
+        cap,
+        tanh_slope,
+    )
+    tl.store(grad_ptr + grad_offset + cols, g.to(out_ty), mask=in_head)
     n_full = (n_cols - head) // BLOCK_V
     # The block pointers are carried through the loop and reused by the tail: recomputing
     # the tail's addresses from the row's base kept a 64-bit address live across the loop,
@@ -104,13 +115,12 @@ def write_grad_row(
         start += BLOCK_V
         z_block += BLOCK_V
         g_block += BLOCK_V
-    # The tail and the head in one masked block (common.edge_columns), addressed from the
-    # carried block pointers (the head lies before them).
-    columns, in_edge, head_alone = edge_columns(cols, head, start, n_cols, BLOCK_V)
-    z = tl.load(z_block + (columns - start), mask=in_edge, other=0.0).to(tl.float32)
+    offs = start + cols
+    in_tail = offs < n_cols
+    z = tl.load(z_block + cols, mask=in_tail, other=0.0).to(tl.float32)
     g = _grad_block(
         z,
-        columns,
+        offs,
         target,
         row_max,
         scaled_inv_t,
@@ -121,24 +131,7 @@ def write_grad_row(
         cap,
         tanh_slope,
     )
-    tl.store(g_block + (columns - start), g.to(out_ty), mask=in_edge)
-    if head_alone:
-        in_head = cols < head
-        z = tl.load(z_block + (cols - start), mask=in_head, other=0.0).to(tl.float32)
-        g = _grad_block(
-            z,
-            cols,
-            target,
-            row_max,
-            scaled_inv_t,
-            coef_over_sum,
-            coef,
-            TRANSFORM,
-            logit_scale,
-            cap,
-            tanh_slope,
-        )
-        tl.store(g_block + (cols - start), g.to(out_ty), mask=in_head)
+    tl.store(g_block + cols, g.to(out_ty), mask=in_tail)
 
 
 @triton.jit

@@ -21,13 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gft_kernels.backends.triton.common import (
-    LN2,
-    LOG2E,
-    aligned_head,
-    edge_columns,
-    transform_logits,
-)
+from gft_kernels.backends.triton.common import LN2, LOG2E, aligned_head, transform_logits
 from gft_kernels.backends.triton.fixed_reference import summarize_fixed
 from gft_kernels.backends.triton.row_grad import write_grad_row, zero_row
 
@@ -131,24 +125,11 @@ def _summarize_running_max(
     else:
         rcp_on_mufu = column % 8 == 0
     head = tl.minimum(aligned_head(logits_ptr + row_offset, VEC), n_cols)
-    n_full = (n_cols - head) // BLOCK_V
-    for k in range(0, n_full):
-        block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
-        z = _load_slots(
-            block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, tanh_slope, rcp_on_mufu, False
-        )
-        m, sum_t, sum_1, acc_w = _fold_slots(
-            z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
-        )
-    # The tail and the head in one masked block (common.edge_columns).
-    columns, in_edge, head_alone = edge_columns(
-        slots, head, head + n_full * BLOCK_V, n_cols, BLOCK_V
-    )
     z = _load_slots(
         logits_ptr,
         row_offset,
-        columns,
-        in_edge,
+        slots,
+        slots < head,
         TRANSFORM,
         logit_scale,
         cap,
@@ -159,22 +140,31 @@ def _summarize_running_max(
     m, sum_t, sum_1, acc_w = _fold_slots(
         z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
     )
-    if head_alone:
+    n_full = (n_cols - head) // BLOCK_V
+    for k in range(0, n_full):
+        block_ptr = tl.multiple_of(logits_ptr + row_offset + head + k * BLOCK_V, 16)
         z = _load_slots(
-            logits_ptr,
-            row_offset,
-            slots,
-            slots < head,
-            TRANSFORM,
-            logit_scale,
-            cap,
-            tanh_slope,
-            rcp_on_mufu,
-            True,
+            block_ptr, 0, slots, None, TRANSFORM, logit_scale, cap, tanh_slope, rcp_on_mufu, False
         )
         m, sum_t, sum_1, acc_w = _fold_slots(
             z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
         )
+    start = head + n_full * BLOCK_V
+    z = _load_slots(
+        logits_ptr,
+        row_offset + start,
+        slots,
+        start + slots < n_cols,
+        TRANSFORM,
+        logit_scale,
+        cap,
+        tanh_slope,
+        rcp_on_mufu,
+        True,
+    )
+    m, sum_t, sum_1, acc_w = _fold_slots(
+        z, m, sum_t, sum_1, acc_w, scaled_inv_t, UNIT_T, WITH_ENTROPY
+    )
     # Combine the slots once per row (the same algebra as blocks on different ranks).
     row_max = tl.max(m, axis=0)
     shift = tl.where(tl.abs(row_max) == float("inf"), 0.0, row_max)  # as in _fold_slots
@@ -214,8 +204,8 @@ def summarize_row(
     ``x = (z' - m) / T`` (natural units).
 
     The row is walked from its first 16-byte-aligned element in whole unmasked blocks
-    (vector loads whatever the vocabulary size or row stride), and one masked block for
-    the elements before that point and the tail (``common.edge_columns``).
+    (vector loads whatever the vocabulary size or row stride), with one masked block for
+    the elements before that point and one for the tail.
     """
     if FIXED_REF:
         # fixed_reference forms its exponents from the fast tanh's reciprocal, which cancels
