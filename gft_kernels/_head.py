@@ -134,7 +134,7 @@ def _carries_loss(
     return keep
 
 
-def compact_index(inputs: HeadInputs, per_token_adv: torch.Tensor, vocab: int) -> torch.Tensor:
+def _compact_index(inputs: HeadInputs, per_token_adv: torch.Tensor, vocab: int) -> torch.Tensor:
     """Tokens that can carry loss, plus any holding a bad value (so that the kernels still
     see and report it); the call's one host synchronisation."""
     p = inputs.params
@@ -142,6 +142,52 @@ def compact_index(inputs: HeadInputs, per_token_adv: torch.Tensor, vocab: int) -
     tokens = TokenInputs(inputs.targets, per_token_adv, inputs.mask, 1)
     bad = value_flags(tokens, vocab, p.ignore_index)
     return (keep | (bad != 0)).nonzero().squeeze(1)
+
+
+@dataclass
+class KeptTokens:
+    """The tokens a head computes: all of them, or (compacted) those that can carry loss,
+    ``index`` then holding their rows among the call's ``n_tokens``. ``advantages`` is one
+    per token; ``weights`` the kept ``grad_weights`` (None: none given)."""
+
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    advantages: torch.Tensor
+    mask: Optional[torch.Tensor]
+    weights: Optional[torch.Tensor]
+    index: Optional[torch.Tensor]
+    n_tokens: int
+
+    def scatter(self, values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Per-kept-token ``values`` (``(kept, ...)``) back among all tokens, 0 elsewhere."""
+        if values is None or self.index is None:
+            return values
+        full = values.new_zeros((self.n_tokens, *values.shape[1:]))
+        return full.index_copy_(0, self.index, values)
+
+
+def keep_tokens(
+    inputs: HeadInputs,
+    grad_weights: Optional[torch.Tensor],
+    *,
+    compact: bool,
+    with_stats: bool,
+    vocab: int,
+) -> KeptTokens:
+    """The token inputs a head runs on: every token, or when ``compact`` (without stats,
+    and unless :func:`must_not_sync`) only those that can carry loss (one host sync)."""
+    hidden, targets, mask, weights = inputs.hidden, inputs.targets, inputs.mask, grad_weights
+    n_tokens = hidden.shape[0]
+    adv = inputs.advantages
+    if inputs.tokens_per_advantage > 1:
+        adv = adv.repeat_interleave(inputs.tokens_per_advantage)
+    index = None
+    if compact and not with_stats and not must_not_sync(hidden.device):
+        index = _compact_index(inputs, adv, vocab)
+        hidden, targets, adv = hidden.index_select(0, index), targets[index], adv[index]
+        mask = None if mask is None else mask[index]
+        weights = None if weights is None else weights[index]
+    return KeptTokens(hidden, targets, adv, mask, weights, index, n_tokens)
 
 
 def chunked_head(
@@ -159,20 +205,12 @@ def chunked_head(
     gradient per token) the gradients in ``need_grads`` (hidden, weight, bias) are
     computed in the same pass; rows that carry no loss are skipped when ``compact``
     (unless :func:`must_not_sync`)."""
-    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
-    n_tokens = hidden.shape[0]
-    acc = accumulate_dtype(hidden.dtype)
-    adv = inputs.advantages
-    if inputs.tokens_per_advantage > 1:
-        adv = adv.repeat_interleave(inputs.tokens_per_advantage)
-    targets, mask, weights = inputs.targets, inputs.mask, grad_weights
-    index = None
-    if compact and not with_stats and not must_not_sync(hidden.device):
-        vocab = weight.shape[0] if shard is None else shard.total
-        index = compact_index(inputs, adv, vocab)
-        hidden, targets, adv = hidden.index_select(0, index), targets[index], adv[index]
-        mask = None if mask is None else mask[index]
-        weights = None if weights is None else weights[index]
+    weight, bias = inputs.weight, inputs.bias
+    acc = accumulate_dtype(inputs.hidden.dtype)
+    vocab = weight.shape[0] if shard is None else shard.total
+    tokens = keep_tokens(inputs, grad_weights, compact=compact, with_stats=with_stats, vocab=vocab)
+    hidden, targets, adv, mask = tokens.hidden, tokens.targets, tokens.advantages, tokens.mask
+    weights, index = tokens.weights, tokens.index
     kept = hidden.shape[0]
     want = weights is not None and any(need_grads)
     need_h, need_w, need_b = need_grads if want else (False, False, False)
@@ -238,16 +276,13 @@ def chunked_head(
         if i == 3 and not with_stats:
             return None
         values = torch.cat([p[i] for p in parts]) if parts else hidden.new_empty(0, dtype=acc)
-        if index is None:
-            return values
-        return values.new_zeros(n_tokens).index_copy_(0, index, values)
+        return tokens.scatter(values)
 
     if grad_h is not None and shard is not None:
         import torch.distributed as dist
 
         dist.all_reduce(grad_h, group=shard.group)  # dh = sum_r G_r W_r
-    if grad_h is not None and index is not None:
-        grad_h = grad_h.new_zeros(n_tokens, grad_h.shape[1]).index_copy_(0, index, grad_h)
+    grad_h = tokens.scatter(grad_h)
     return HeadOutputs(gather(0), gather(1), gather(2), gather(3), grad_h, grad_w, grad_b)
 
 

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from gft_kernels._head import HeadInputs, HeadOutputs, compact_index, must_not_sync
+from gft_kernels._head import HeadInputs, HeadOutputs, keep_tokens
 from gft_kernels._vocab_parallel import VocabShard, all_reduce
 from gft_kernels.backends import RowBackend
 from gft_kernels.backends.base import PartialStats, TokenInputs
@@ -70,21 +70,12 @@ def blockwise_head(
             "head: 'blockwise' runs Triton kernels: expected backend 'triton' (or 'auto' on "
             f"CUDA tensors; CPU tensors need TRITON_INTERPRET=1), got backend {rows.name!r}"
         )
-    hidden, weight, bias, params = inputs.hidden, inputs.weight, inputs.bias, inputs.params
-    n_tokens = hidden.shape[0]
-    adv = inputs.advantages
-    if inputs.tokens_per_advantage > 1:
-        adv = adv.repeat_interleave(inputs.tokens_per_advantage)
-    targets, mask, weights = inputs.targets, inputs.mask, grad_weights
+    weight, bias, params = inputs.weight, inputs.bias, inputs.params
     vocab = weight.shape[0] if shard is None else shard.total
-    index = None
-    if compact and not with_stats and not must_not_sync(hidden.device):
-        index = compact_index(inputs, adv, vocab)
-        hidden, targets, adv = hidden.index_select(0, index), targets[index], adv[index]
-        mask = None if mask is None else mask[index]
-        weights = None if weights is None else weights[index]
+    kept = keep_tokens(inputs, grad_weights, compact=compact, with_stats=with_stats, vocab=vocab)
+    hidden, weights = kept.hidden, kept.weights
 
-    tokens = TokenInputs(targets, adv, mask, 1)
+    tokens = TokenInputs(kept.targets, kept.advantages, kept.mask, 1)
     check_token_values(tokens, vocab, params.ignore_index, host=False)
     columns = ColumnBlock.whole(weight.shape[0]) if shard is None else shard
     token = token_targets(tokens, params.ignore_index, columns)
@@ -94,7 +85,7 @@ def blockwise_head(
     # Without stats only the tokens that carry loss need their statistics; without
     # compaction (sync-free) the others are marked so that their blocks form no tile.
     stats_targets = token.local
-    if not with_stats and index is None:
+    if not with_stats and kept.index is None:
         stats_targets = torch.where(active, token.local, NOT_NEEDED_VALUE)
     part = blockwise_statistics(hidden, weight, bias, stats_targets, params, with_stats)
     if shard is not None:
@@ -137,15 +128,9 @@ def blockwise_head(
         )
         if grad_h is not None and shard is not None:
             torch.distributed.all_reduce(grad_h, group=shard.group)  # dh = sum_r G_r W_r
-        if grad_h is not None:
-            if index is not None:
-                grad_h = grad_h.new_zeros(n_tokens, grad_h.shape[1]).index_copy_(0, index, grad_h)
+        grad_h = kept.scatter(grad_h)
 
-    def scatter(values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if values is None or index is None:
-            return values
-        return values.new_zeros(n_tokens).index_copy_(0, index, values)
-
+    scatter = kept.scatter
     return HeadOutputs(
         scatter(loss), scatter(logprobs), scatter(probs), scatter(entropy), grad_h, grad_w, grad_b
     )
