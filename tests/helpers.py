@@ -231,3 +231,20 @@ def run_entry(entry: str, backend: str, leaves: dict, targets, adv, mask=None, *
     loss, stats = out if isinstance(out, tuple) else (out, None)
     loss.backward()
     return loss.detach().cpu(), {k: v.grad.cpu() for k, v in leaves.items()}, stats
+
+
+def assert_all_close(ours, ref, rtol, atol):
+    """The fused head's ``(loss, dh, dW, db)`` against the fp64 ``ref`` (None: not
+    computed, skipped); ``atol`` relative to each reference's largest magnitude."""
+    names = ("loss", "hidden grad", "weight grad", "bias grad")
+    for name, got, want in zip(names, ours, ref):
+        if got is None:
+            continue
+        scale = max(want.abs().max().item(), 1e-12)
+        torch.testing.assert_close(
+            got.detach().cpu().double(),
+            want,
+            rtol=rtol,
+            atol=atol * scale,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gft_kernels import FusedLinearGFTLoss, fused_linear_gft_loss
-from tests.helpers import BACKENDS, CPU, MODES, device_for, reference_fp64
+from tests.helpers import BACKENDS, CPU, MODES, assert_all_close, device_for, reference_fp64
 
 
 def head_case(
@@ -55,21 +55,6 @@ def run_both(backend, h, w, b, targets, adv, mask, *, use_bias=True, **kw):
     ref = reference_fp64(logits, targets.cpu(), adv.cpu(), mask.cpu(), **kw_ref)
     (ref * upstream.cpu().double()).sum().backward()
     return (loss, hh.grad, ww.grad, bb.grad if use_bias else None), (ref, hr.grad, wr.grad, br.grad)
-
-
-def assert_all_close(ours, ref, rtol, atol):
-    names = ("loss", "hidden grad", "weight grad", "bias grad")
-    for name, got, want in zip(names, ours, ref):
-        if got is None:
-            continue
-        scale = max(want.abs().max().item(), 1e-12)
-        torch.testing.assert_close(
-            got.detach().cpu().double(),
-            want,
-            rtol=rtol,
-            atol=atol * scale,
-            msg=lambda m, n=name: f"{n}: {m}",
-        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
